@@ -1,0 +1,24 @@
+//! Spine's gRPC contract, generated from `proto/spine/**/v1/*.proto`.
+//!
+//! The `.proto` files are the contract for every frontend, in any language;
+//! this crate is only their Rust form. It must never hold logic beyond the
+//! codec: services, not the contract, decide behaviour.
+//!
+//! Features: `client` generates clients, `server` generates server traits.
+
+pub mod codec;
+
+/// Encoded `FileDescriptorSet` of every Spine proto, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/spine_descriptor.bin"));
+
+pub mod common {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/spine.common.v1.rs"));
+    }
+}
+
+pub mod identity {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/spine.identity.v1.rs"));
+    }
+}

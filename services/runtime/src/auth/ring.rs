@@ -1,0 +1,210 @@
+//! Every node's in-memory mirror of `/spine/sys/auth/`: published
+//! verification keys, revoked devices, tenant and operator credential hashes.
+//! It verifies every credential locally, with no store round trip.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use ed25519_dalek::VerifyingKey;
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use super::records::{self, OperatorCredential, PublishedKey, TenantCredential};
+use super::token::{self, TokenError};
+use super::{Principal, Scope};
+use crate::ids::{self, Kind, TenantId};
+use crate::store::{EventKind, Store, SystemStore};
+
+/// Why a credential was refused. Clients see only UNAUTHENTICATED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing credentials")]
+    Missing,
+    #[error("malformed credentials")]
+    Malformed,
+    #[error("unknown credential")]
+    Unknown,
+    #[error("wrong secret")]
+    WrongSecret,
+    #[error("device revoked")]
+    Revoked,
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+impl AuthError {
+    /// Stable label for metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed | AuthError::Token(TokenError::Malformed) => "malformed",
+            AuthError::Unknown | AuthError::Token(TokenError::UnknownKey) => "unknown",
+            AuthError::WrongSecret | AuthError::Token(TokenError::BadSignature) => "bad_secret",
+            AuthError::Revoked => "revoked",
+            AuthError::Token(TokenError::Expired) => "expired",
+            AuthError::Token(TokenError::NotYetValid) => "not_yet_valid",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Mirror {
+    keys: HashMap<String, VerifyingKey>,
+    revoked: HashSet<(String, String)>,
+    tenant_creds: HashMap<String, TenantCredential>,
+    operators: HashMap<String, OperatorCredential>,
+}
+
+impl Mirror {
+    fn apply(&mut self, rel: &str, value: Option<&[u8]>) {
+        if let Some(kid) = rel.strip_prefix(records::KEYS) {
+            let key = value
+                .and_then(|v| serde_json::from_slice::<PublishedKey>(v).ok())
+                .and_then(|k| B64.decode(k.public_key).ok())
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .and_then(|b| VerifyingKey::from_bytes(&b).ok());
+            match key {
+                Some(k) => self.keys.insert(kid.to_string(), k),
+                None => self.keys.remove(kid),
+            };
+        } else if let Some(rest) = rel.strip_prefix(records::REVOKED) {
+            if let Some((t, d)) = rest.split_once('/') {
+                let entry = (t.to_string(), d.to_string());
+                if value.is_some() {
+                    self.revoked.insert(entry);
+                } else {
+                    self.revoked.remove(&entry);
+                }
+            }
+        } else if let Some(id) = rel.strip_prefix(records::TENANT_CREDS) {
+            match value.and_then(|v| serde_json::from_slice(v).ok()) {
+                Some(c) => self.tenant_creds.insert(id.to_string(), c),
+                None => self.tenant_creds.remove(id),
+            };
+        } else if let Some(id) = rel.strip_prefix(records::OPERATORS) {
+            match value.and_then(|v| serde_json::from_slice(v).ok()) {
+                Some(c) => self.operators.insert(id.to_string(), c),
+                None => self.operators.remove(id),
+            };
+        }
+    }
+}
+
+/// The auth mirror. Share it as `Arc<AuthRing>`.
+pub struct AuthRing {
+    sys: SystemStore,
+    mirror: RwLock<Mirror>,
+    synced: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for AuthRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuthRing")
+    }
+}
+
+impl AuthRing {
+    /// A ring over `store`; call [`AuthRing::start`] to fill and follow it.
+    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self {
+            sys: SystemStore::new(store),
+            mirror: RwLock::new(Mirror::default()),
+            synced: watch::channel(false).0,
+        })
+    }
+
+    /// Starts mirroring: a full read, then a watch; on any watch failure it
+    /// reads again. Runs until the ring is dropped.
+    pub fn start(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(ring) = weak.upgrade() else { return };
+                if let Err(e) = ring.sync_once().await {
+                    tracing::warn!(error = %e, "auth mirror lost its watch; resyncing");
+                }
+                drop(ring);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    }
+
+    async fn sync_once(self: &Arc<Self>) -> Result<(), crate::store::StoreError> {
+        let store = self.sys.store().clone();
+        let rev = store.revision().await?;
+        let kvs = self.sys.range_all(records::AUTH_PREFIX).await?;
+        let mut fresh = Mirror::default();
+        for kv in &kvs {
+            fresh.apply(self.sys.relative(&kv.key), Some(&kv.value));
+        }
+        let mut events = store.watch(&self.sys.key(records::AUTH_PREFIX), rev + 1).await?;
+        *self.mirror.write().expect("auth mirror lock") = fresh;
+        self.synced.send_replace(true);
+        let weak = Arc::downgrade(self);
+        drop(kvs);
+        while let Some(ev) = events.next().await {
+            let ev = ev?;
+            let Some(ring) = weak.upgrade() else { return Ok(()) };
+            let value = (ev.kind == EventKind::Put).then_some(ev.value.as_slice());
+            ring.observe(ring.sys.relative(&ev.key), value);
+        }
+        Err(crate::store::StoreError::Unavailable("watch ended".into()))
+    }
+
+    /// Waits until the first full read has completed.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.subscribe();
+        // The sender lives as long as self.
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Applies a write the local node just made, so it takes effect here at
+    /// once rather than when the watch delivers it. `rel` is relative to
+    /// `/spine/sys/`; `None` is a delete.
+    pub fn observe(&self, rel: &str, value: Option<&[u8]>) {
+        self.mirror.write().expect("auth mirror lock").apply(rel, value);
+    }
+
+    /// Turns a bearer credential into a principal.
+    pub fn authenticate(&self, bearer: &str, now: i64) -> Result<Principal, AuthError> {
+        let mirror = self.mirror.read().expect("auth mirror lock");
+        if bearer.starts_with(token::PREFIX) {
+            let kid = token::key_id(bearer)?;
+            let key = mirror.keys.get(kid).ok_or(TokenError::UnknownKey)?;
+            let c = token::verify(bearer, key, now)?;
+            let tenant = TenantId::parse(&c.t).ok_or(AuthError::Malformed)?;
+            if ids::parse(Kind::Account, &c.a).is_none() || ids::parse(Kind::Device, &c.d).is_none() {
+                return Err(AuthError::Malformed);
+            }
+            if mirror.revoked.contains(&(c.t.clone(), c.d.clone())) {
+                return Err(AuthError::Revoked);
+            }
+            let scopes = c.s.iter().map(|s| Scope::parse(s).ok_or(AuthError::Malformed)).collect::<Result<_, _>>()?;
+            return Ok(Principal::Device { tenant, account_id: c.a, device_id: c.d, scopes });
+        }
+        let (id, secret) = bearer.split_once('.').ok_or(AuthError::Malformed)?;
+        if ids::parse(Kind::TenantCredential, id).is_some() {
+            let cred = mirror.tenant_creds.get(id).ok_or(AuthError::Unknown)?;
+            if !records::hashes_equal(&records::hash_secret(secret), &cred.secret_sha256) {
+                return Err(AuthError::WrongSecret);
+            }
+            let tenant = TenantId::parse(&cred.tenant_id).ok_or(AuthError::Malformed)?;
+            Ok(Principal::TenantServer { tenant, credential_id: id.to_string() })
+        } else if ids::parse(Kind::Operator, id).is_some() {
+            let cred = mirror.operators.get(id).ok_or(AuthError::Unknown)?;
+            if !records::hashes_equal(&records::hash_secret(secret), &cred.secret_sha256) {
+                return Err(AuthError::WrongSecret);
+            }
+            Ok(Principal::Operator { operator_id: id.to_string() })
+        } else {
+            Err(AuthError::Malformed)
+        }
+    }
+}

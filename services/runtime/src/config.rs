@@ -1,0 +1,194 @@
+//! Configuration: defaults, then a TOML file, then `SPINE_*` environment
+//! variables (`__` separates levels: `SPINE_STORE__BACKEND=etcd`), then
+//! command-line flags. Every field is in `docs/operations.md`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Which store backs the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// etcd, for every multi-node deployment.
+    Etcd,
+    /// The in-process store, for `spine dev` and single nodes.
+    Embedded,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    /// etcd client URLs.
+    pub etcd_endpoints: Vec<String>,
+    /// Where the embedded store persists; none keeps it in memory only.
+    pub data_dir: Option<PathBuf>,
+    /// How long to wait for etcd at start, in milliseconds.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Etcd,
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            data_dir: None,
+            connect_timeout_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Lifetime of a device token when the request asks for none.
+    pub default_token_ttl_secs: u32,
+    /// Longest device token lifetime.
+    pub max_token_ttl_secs: u32,
+    /// Delay between publishing a new signing key and signing with it, so
+    /// every node has it before any token it signed arrives.
+    pub key_activation_delay_secs: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { default_token_ttl_secs: 900, max_token_ttl_secs: 3600, key_activation_delay_secs: 10 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DrainConfig {
+    /// After SIGTERM, how long to keep serving while reporting not-ready, so
+    /// load balancers stop sending new work (milliseconds).
+    pub ready_delay_ms: u64,
+    /// Then, how long in-flight requests and streams get to finish.
+    pub grace_secs: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self { ready_delay_ms: 0, grace_secs: 20 }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Key for hashing ids in telemetry; set the same on every node so hashes
+    /// correlate. Random per process if unset.
+    pub id_hash_key: Option<String>,
+    /// Log as JSON lines instead of text.
+    pub json_logs: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request message in bytes; larger ones get RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_message_bytes: 64 * 1024 }
+    }
+}
+
+/// A node's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Services this node runs (`identity`, ...); empty means all.
+    pub services: Vec<String>,
+    pub store: StoreConfig,
+    pub tls: Option<TlsConfig>,
+    pub auth: AuthConfig,
+    pub drain: DrainConfig,
+    pub telemetry: TelemetryConfig,
+    pub limits: LimitsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:50051".parse().expect("valid default address"),
+            services: vec![],
+            store: StoreConfig::default(),
+            tls: None,
+            auth: AuthConfig::default(),
+            drain: DrainConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Layers defaults, `file` (if given), `SPINE_*` variables and `flags`
+    /// (a serializable struct whose `None` fields are skipped).
+    pub fn load(defaults: Config, file: Option<&Path>, flags: impl Serialize) -> Result<Config, Box<figment::Error>> {
+        let mut fig = Figment::from(Serialized::defaults(defaults));
+        if let Some(f) = file {
+            fig = fig.merge(Toml::file_exact(f));
+        }
+        fig.merge(Env::prefixed("SPINE_").split("__")).merge(Serialized::defaults(flags)).extract().map_err(Box::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Default)]
+    struct Flags {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        listen: Option<String>,
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "spine.toml",
+                "listen = \"127.0.0.1:1\"\n[store]\nbackend = \"embedded\"\n[drain]\ngrace_secs = 7\n",
+            )?;
+            jail.set_env("SPINE_DRAIN__GRACE_SECS", "9");
+            jail.set_env("SPINE_LISTEN", "127.0.0.1:2");
+            let path = jail.directory().join("spine.toml");
+            let c = Config::load(Config::default(), Some(&path), Flags::default()).unwrap();
+            assert_eq!(c.store.backend, Backend::Embedded); // file
+            assert_eq!(c.drain.grace_secs, 9); // env over file
+            assert_eq!(c.listen.port(), 2); // env over file
+            let c = Config::load(Config::default(), Some(&path), Flags { listen: Some("127.0.0.1:3".into()) }).unwrap();
+            assert_eq!(c.listen.port(), 3); // flag over env
+            assert_eq!(c.auth.max_token_ttl_secs, 3600); // default
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[store]\nbakend = \"etcd\"\n")?;
+            let path = jail.directory().join("bad.toml");
+            assert!(Config::load(Config::default(), Some(&path), Flags::default()).is_err());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,55 @@
+//! The account-data hook: how every service reports and deletes what it
+//! stores about an account.
+//!
+//! Identity owns `GetDataReport` and `DeleteAccount`. Each service that
+//! stores something about accounts registers an [`AccountData`] with the
+//! [`crate::Runtime`]; identity asks each for its section of the report and,
+//! on deletion, tells each to delete. Deletion is also recorded durably (a
+//! tombstone under `/spine/t/<tenant>/deleted/<account>`, see
+//! [`TOMBSTONES`]) so that services running in other processes, and holders
+//! that failed, finish the job from the store: [`pending_deletions`].
+
+use async_trait::async_trait;
+use spine_proto::common::v1::DataReportSection;
+
+use crate::store::{StoreError, TenantStore};
+
+/// Tenant-relative prefix of account-deletion tombstones:
+/// `deleted/<account>` holds a [`Tombstone`].
+pub const TOMBSTONES: &str = "deleted/";
+/// How long a tombstone is kept: long enough for every service to finish
+/// deleting, short enough to say nothing about the account for long.
+pub const TOMBSTONE_DAYS: i64 = 7;
+
+/// A durable record that an account was deleted.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Tombstone {
+    /// Unix seconds of deletion.
+    pub deleted_at: i64,
+    /// Services that have finished deleting their data.
+    pub done: Vec<String>,
+}
+
+/// What a service stores about accounts.
+#[async_trait]
+pub trait AccountData: Send + Sync + 'static {
+    /// The service's name in reports (`identity`, `groups`, ...).
+    fn service(&self) -> &'static str;
+    /// Everything the service stores about the account.
+    async fn report(&self, tenant: &TenantStore, account_id: &str) -> Result<DataReportSection, tonic::Status>;
+    /// Deletes everything the service stores about the account. Must be
+    /// idempotent: it may run again after a partial failure.
+    async fn delete(&self, tenant: &TenantStore, account_id: &str) -> Result<(), tonic::Status>;
+}
+
+/// Accounts of a tenant whose deletion `service` has not finished.
+pub async fn pending_deletions(tenant: &TenantStore, service: &str) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for kv in tenant.range_all(TOMBSTONES).await? {
+        let Ok(t) = serde_json::from_slice::<Tombstone>(&kv.value) else { continue };
+        if !t.done.iter().any(|s| s == service) {
+            out.push(tenant.relative(&kv.key).trim_start_matches(TOMBSTONES).to_string());
+        }
+    }
+    Ok(out)
+}

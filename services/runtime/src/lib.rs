@@ -1,0 +1,103 @@
+//! spine-runtime: what every Spine service stands on.
+//!
+//! - [`config`]: layered configuration (defaults, file, environment, flags).
+//! - [`auth`]: credentials to [`auth::Caller`], as a layer before every service.
+//! - [`store`]: the storage trait, its etcd and embedded implementations, and
+//!   the tenant-scoped handles handlers must use.
+//! - [`telemetry`]: logs, OTLP traces and metrics, keyed hashing of ids.
+//! - [`server`]: the gRPC server with health, reflection and graceful drain.
+//! - [`error`]: shared shapes for mapping domain errors to gRPC statuses.
+//! - [`data`]: the hook through which services report and delete account data.
+//!
+//! This crate must never know any service's domain: no accounts, calls or
+//! groups here beyond the ids that auth carries.
+
+pub mod auth;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod ids;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+pub use auth::{Caller, Principal, Scope};
+pub use config::Config;
+
+use crate::auth::AuthRing;
+use crate::config::Backend;
+use crate::data::AccountData;
+use crate::store::{EmbeddedStore, EtcdStore, Store, StoreError, SystemStore};
+
+/// Unix seconds now.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A node's shared state: config, store, auth mirror, drain signal and the
+/// account-data hooks of the services it runs.
+pub struct Runtime {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub auth: Arc<AuthRing>,
+    /// Cancelled when the node starts draining: long-lived streams watch it
+    /// and tell their clients to reconnect elsewhere.
+    pub drain: tokio_util::sync::CancellationToken,
+    data: RwLock<Vec<Arc<dyn AccountData>>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("listen", &self.config.listen).finish()
+    }
+}
+
+impl Runtime {
+    /// Opens the configured store and starts the auth mirror.
+    pub async fn start(config: Config) -> Result<Arc<Self>, StoreError> {
+        let store: Arc<dyn Store> = match config.store.backend {
+            Backend::Etcd => Arc::new(
+                EtcdStore::connect(
+                    &config.store.etcd_endpoints,
+                    Duration::from_millis(config.store.connect_timeout_ms),
+                )
+                .await?,
+            ),
+            Backend::Embedded => match &config.store.data_dir {
+                Some(dir) => Arc::new(EmbeddedStore::open(dir)?),
+                None => Arc::new(EmbeddedStore::in_memory()),
+            },
+        };
+        Ok(Self::with_store(config, store))
+    }
+
+    /// A runtime over an existing store (tests, several nodes on one store).
+    pub fn with_store(config: Config, store: Arc<dyn Store>) -> Arc<Self> {
+        if let Some(k) = &config.telemetry.id_hash_key {
+            telemetry::set_hash_key(k.as_bytes());
+        }
+        let auth = AuthRing::new(store.clone());
+        auth.start();
+        Arc::new(Self { config, store, auth, drain: Default::default(), data: RwLock::new(Vec::new()) })
+    }
+
+    /// The control-plane handle.
+    pub fn system_store(&self) -> SystemStore {
+        SystemStore::new(self.store.clone())
+    }
+
+    /// Registers a service's account-data hook.
+    pub fn register_account_data(&self, holder: Arc<dyn AccountData>) {
+        self.data.write().expect("data hooks lock").push(holder);
+    }
+
+    /// Every registered account-data hook, in registration order.
+    pub fn account_data(&self) -> Vec<Arc<dyn AccountData>> {
+        self.data.read().expect("data hooks lock").clone()
+    }
+}

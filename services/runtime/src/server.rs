@@ -1,0 +1,144 @@
+//! The gRPC server every Spine node runs: the services of the node behind
+//! metrics and auth layers, plus grpc.health.v1 and server reflection, with
+//! graceful drain.
+//!
+//! Health: the service name `liveness` is SERVING while the process runs;
+//! `readiness` (and the empty name, which Kubernetes' gRPC probe uses by
+//! default) is SERVING once the auth mirror is loaded and until draining
+//! starts; each Spine service's own name follows readiness.
+//!
+//! Drain, on the future passed to [`serve`] (SIGTERM in the binary): report
+//! not-ready, cancel [`crate::Runtime::drain`] so streams tell clients to
+//! reconnect elsewhere, keep serving for `drain.ready_delay_ms`, stop
+//! accepting, give in-flight work `drain.grace_secs`, then close what is
+//! left (tonic alone would wait forever on open streams).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tonic::transport::{Identity, ServerTlsConfig};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::Runtime;
+use crate::auth::AuthLayer;
+use crate::telemetry::MetricsLayer;
+
+/// Health service name that reports liveness.
+pub const LIVENESS: &str = "liveness";
+/// Health service name that reports readiness.
+pub const READINESS: &str = "readiness";
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot bind {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("reflection: {0}")]
+    Reflection(String),
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Binds the configured address.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|e| ServeError::Bind(addr, e))
+}
+
+async fn set_all(health: &HealthReporter, names: &[&'static str], status: ServingStatus) {
+    for n in ["", READINESS].iter().chain(names) {
+        health.set_service_status(*n, status).await;
+    }
+}
+
+/// Serves `routes` (whose fully-qualified service names are `names`) on
+/// `listener` until `shutdown` resolves, then drains.
+pub async fn serve(
+    rt: Arc<Runtime>,
+    routes: Routes,
+    names: Vec<&'static str>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status(LIVENESS, ServingStatus::Serving).await;
+    set_all(&health, &names, ServingStatus::NotServing).await;
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(spine_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(tls) = &rt.config.tls {
+        let cert = std::fs::read(&tls.cert).map_err(|e| ServeError::Tls(format!("{}: {e}", tls.cert.display())))?;
+        let key = std::fs::read(&tls.key).map_err(|e| ServeError::Tls(format!("{}: {e}", tls.key.display())))?;
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    let stack = tower::ServiceBuilder::new()
+        // Outermost: every request is measured, including refused ones.
+        .layer(MetricsLayer)
+        // Then authentication, before any routing to a service: no handler
+        // runs without a Caller.
+        .layer(AuthLayer::new(rt.auth.clone(), rt.store.clone()))
+        .into_inner();
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = builder
+        .layer(stack)
+        .add_routes(routes)
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
+    let mut server = tokio::spawn(server);
+
+    // Ready once credentials can be verified.
+    let ready = {
+        let rt = rt.clone();
+        let health = health.clone();
+        let names = names.clone();
+        tokio::spawn(async move {
+            rt.auth.wait_synced().await;
+            set_all(&health, &names, ServingStatus::Serving).await;
+        })
+    };
+
+    tokio::select! {
+        res = &mut server => {
+            ready.abort();
+            return res.map_err(|e| ServeError::Reflection(format!("server task: {e}")))?.map_err(ServeError::from);
+        }
+        _ = shutdown => {}
+    }
+    ready.abort();
+    tracing::info!("draining");
+    set_all(&health, &names, ServingStatus::NotServing).await;
+    rt.drain.cancel();
+    tokio::time::sleep(Duration::from_millis(rt.config.drain.ready_delay_ms)).await;
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(rt.config.drain.grace_secs), &mut server).await {
+        Ok(res) => {
+            tracing::info!("drained");
+            res.map_err(|e| ServeError::Reflection(format!("server task: {e}")))?.map_err(ServeError::from)
+        }
+        Err(_) => {
+            tracing::warn!(grace_secs = rt.config.drain.grace_secs, "grace period over; closing remaining connections");
+            server.abort();
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Handles that confine a caller to its own part of the key space.
+//!
+//! Every key Spine writes lives under `/spine/`:
+//! - `/spine/t/<tenant>/...` holds one tenant's data. A [`TenantStore`] is
+//!   made only from an authenticated tenant (see `auth::Caller`), and it
+//!   builds only keys under that tenant's prefix.
+//! - `/spine/sys/...` holds the control plane (tenants, credentials hashes,
+//!   signing keys, revocations, the interop handle index). Only code that
+//!   must cross tenants (auth, the tenant admin service, handle resolution)
+//!   gets a [`SystemStore`].
+
+use std::sync::Arc;
+
+use super::{KeyValue, RangePage, Store, StoreError, Txn, TxnOutcome};
+use crate::ids::TenantId;
+
+/// Root of every key Spine writes.
+pub const ROOT: &str = "/spine/";
+/// Prefix of the control plane.
+pub const SYS_PREFIX: &str = "/spine/sys/";
+
+fn tenant_prefix(tenant: &TenantId) -> String {
+    format!("/spine/t/{}/", tenant.as_str())
+}
+
+/// Shared operations of a handle rooted at a prefix.
+#[derive(Clone)]
+struct Rooted {
+    store: Arc<dyn Store>,
+    prefix: String,
+}
+
+impl Rooted {
+    fn key(&self, rel: &str) -> String {
+        debug_assert!(!rel.starts_with('/'), "relative keys do not start with /");
+        format!("{}{}", self.prefix, rel)
+    }
+}
+
+macro_rules! rooted_ops {
+    ($t:ty) => {
+        impl $t {
+            /// The absolute key for a key relative to this handle's root.
+            pub fn key(&self, rel: &str) -> String {
+                self.0.key(rel)
+            }
+            /// The key relative to this handle's root.
+            pub fn relative<'a>(&self, key: &'a str) -> &'a str {
+                key.strip_prefix(self.0.prefix.as_str()).unwrap_or(key)
+            }
+            pub async fn get(&self, rel: &str) -> Result<Option<KeyValue>, StoreError> {
+                self.0.store.get(&self.0.key(rel)).await
+            }
+            pub async fn range(
+                &self,
+                rel_prefix: &str,
+                start_after_rel: Option<&str>,
+                limit: usize,
+            ) -> Result<RangePage, StoreError> {
+                let after = start_after_rel.map(|a| self.0.key(a));
+                self.0.store.range(&self.0.key(rel_prefix), after.as_deref(), limit).await
+            }
+            pub async fn range_all(&self, rel_prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+                self.0.store.range_all(&self.0.key(rel_prefix)).await
+            }
+            /// Runs a transaction. Its keys come from [`Self::key`] (or from
+            /// another handle the caller legitimately holds).
+            pub async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+                self.0.store.txn(txn).await
+            }
+        }
+    };
+}
+
+/// A store handle confined to one tenant's keys.
+#[derive(Clone)]
+pub struct TenantStore(Rooted, TenantId);
+
+impl std::fmt::Debug for TenantStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TenantStore({})", self.1.as_str())
+    }
+}
+
+rooted_ops!(TenantStore);
+
+impl TenantStore {
+    /// Only the auth layer's `Caller` and the account-deletion machinery
+    /// construct tenant handles; handlers get theirs from the caller.
+    pub(crate) fn new(store: Arc<dyn Store>, tenant: TenantId) -> Self {
+        let prefix = tenant_prefix(&tenant);
+        Self(Rooted { store, prefix }, tenant)
+    }
+
+    pub fn tenant(&self) -> &TenantId {
+        &self.1
+    }
+}
+
+/// A store handle on the control plane (`/spine/sys/`).
+#[derive(Clone)]
+pub struct SystemStore(Rooted);
+
+impl std::fmt::Debug for SystemStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SystemStore")
+    }
+}
+
+rooted_ops!(SystemStore);
+
+impl SystemStore {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self(Rooted { store, prefix: SYS_PREFIX.to_string() })
+    }
+
+    /// The underlying store, for watches and leases on control-plane keys.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.0.store
+    }
+
+    /// The tenant handle for work the control plane does on a tenant's
+    /// behalf with no caller of that tenant present (tenant creation, the
+    /// account-deletion sweep). Never use it to serve a caller's request.
+    pub fn tenant_for_maintenance(&self, tenant: &TenantId) -> TenantStore {
+        TenantStore::new(self.0.store.clone(), tenant.clone())
+    }
+}

@@ -1,0 +1,203 @@
+//! Logs, traces and metrics.
+//!
+//! Logs go to stderr (`RUST_LOG` filters them). When
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, traces and metrics are also exported
+//! over OTLP/gRPC, configured by the standard `OTEL_*` variables.
+//!
+//! Privacy rules, enforced here and by tests: account, device and call ids
+//! appear only as keyed hashes ([`redact`]); tokens, secrets, IP addresses,
+//! phone numbers and payloads never appear at all. The hash key comes from
+//! config (`telemetry.id_hash_key`, shared by all nodes so hashes correlate
+//! across them) or is random per process.
+
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use hmac::{Hmac, Mac};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
+use opentelemetry::trace::TracerProvider as _;
+use sha2::Sha256;
+use tower::{Layer, Service};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+static HASH_KEY: OnceLock<[u8; 32]> = OnceLock::new();
+
+fn hash_key() -> &'static [u8; 32] {
+    HASH_KEY.get_or_init(|| {
+        let mut k = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
+        k
+    })
+}
+
+/// Sets the key for [`redact`]. Only the first call has effect.
+pub fn set_hash_key(key: &[u8]) {
+    let mut k = [0u8; 32];
+    let digest = <Sha256 as sha2::Digest>::digest(key);
+    k.copy_from_slice(&digest);
+    let _ = HASH_KEY.set(k);
+}
+
+/// The keyed hash of an identifier, for logs, traces and metrics: 16 hex
+/// characters of HMAC-SHA256. Stable for a given key, useless without it.
+pub fn redact(id: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(hash_key()).expect("hmac takes any key length");
+    mac.update(id.as_bytes());
+    hex::encode(&mac.finalize().into_bytes()[..8])
+}
+
+/// Spine's metric instruments.
+pub struct Metrics {
+    /// RPC latency in seconds, by method and gRPC code.
+    pub rpc_duration: Histogram<f64>,
+    /// Requests refused by the auth layer, by reason.
+    pub auth_failures: Counter<u64>,
+    /// Open server streams, by method.
+    pub open_streams: UpDownCounter<i64>,
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// The instruments, created from the global meter provider on first use
+/// (after [`init`], which installs the OTLP provider if configured).
+pub fn metrics() -> &'static Metrics {
+    METRICS.get_or_init(|| {
+        let m = opentelemetry::global::meter("spine");
+        Metrics {
+            rpc_duration: m.f64_histogram("spine.rpc.duration").with_unit("s").with_description("RPC latency").build(),
+            auth_failures: m
+                .u64_counter("spine.auth.failures")
+                .with_description("Requests refused by authentication")
+                .build(),
+            open_streams: m
+                .i64_up_down_counter("spine.rpc.open_streams")
+                .with_description("Open server streams")
+                .build(),
+        }
+    })
+}
+
+/// Shuts exporters down (flushing them) when dropped.
+#[derive(Default)]
+pub struct TelemetryGuard {
+    tracer: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    meter: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
+}
+
+impl std::fmt::Debug for TelemetryGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelemetryGuard").field("otlp", &self.tracer.is_some()).finish()
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(t) = self.tracer.take() {
+            let _ = t.shutdown();
+        }
+        if let Some(m) = self.meter.take() {
+            let _ = m.shutdown();
+        }
+    }
+}
+
+/// Installs logging, and OTLP export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+pub fn init(service_name: &str, json_logs: bool) -> Result<TelemetryGuard, String> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json_logs { fmt.json().boxed() } else { fmt.compact().boxed() };
+    let mut guard = TelemetryGuard::default();
+    let otel_layer = if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name.to_string()).build();
+        let spans = opentelemetry_otlp::SpanExporter::builder().with_tonic().build().map_err(|e| e.to_string())?;
+        let tracer = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(spans)
+            .with_resource(resource.clone())
+            .build();
+        let metrics = opentelemetry_otlp::MetricExporter::builder().with_tonic().build().map_err(|e| e.to_string())?;
+        let meter = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+            .with_periodic_exporter(metrics)
+            .with_resource(resource)
+            .build();
+        opentelemetry::global::set_meter_provider(meter.clone());
+        let layer = tracing_opentelemetry::layer().with_tracer(tracer.tracer("spine"));
+        guard.tracer = Some(tracer);
+        guard.meter = Some(meter);
+        Some(layer)
+    } else {
+        None
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).with(otel_layer).try_init().map_err(|e| e.to_string())?;
+    Ok(guard)
+}
+
+use tracing_subscriber::Layer as _;
+
+/// Records latency and outcome of every RPC, labelled by method only.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsLayer;
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService { inner }
+    }
+}
+
+/// See [`MetricsLayer`].
+#[derive(Clone, Debug)]
+pub struct MetricsService<S> {
+    inner: S,
+}
+
+impl<S, B, RB> Service<http::Request<B>> for MetricsService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let method = req.uri().path().to_string();
+        let start = Instant::now();
+        Box::pin(async move {
+            let resp = inner.call(req).await?;
+            // Errors are sent trailers-only, so their code is in the headers;
+            // a response without one started normally.
+            let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_string();
+            metrics().rpc_duration.record(
+                start.elapsed().as_secs_f64(),
+                &[KeyValue::new("rpc.method", method), KeyValue::new("rpc.grpc.status_code", code)],
+            );
+            Ok(resp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_is_stable_and_hides_the_id() {
+        let a = redact("ac_abcdefghijklmnopqrstuvwxyz");
+        assert_eq!(a, redact("ac_abcdefghijklmnopqrstuvwxyz"));
+        assert_ne!(a, redact("ac_abcdefghijklmnopqrstuvwxy2"));
+        assert_eq!(a.len(), 16);
+        assert!(!a.contains("ac_"));
+    }
+}

@@ -1,0 +1,110 @@
+//! Test support: a real etcd server on free loopback ports, started per test
+//! and stopped when dropped.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::store::{EtcdStore, Store};
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
+}
+
+/// A running etcd with a temporary data directory.
+#[derive(Debug)]
+pub struct EtcdServer {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    /// Starts `etcd` (from `$ETCD_BIN` or `PATH`) and waits until it answers.
+    pub async fn start() -> Self {
+        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        // Two free ports can collide with another test's choice between
+        // release and bind; retry with fresh ports if etcd exits at once.
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (client, peer) = (free_port(), free_port());
+            let endpoint = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let child = Command::new(&bin)
+                .arg("--name=spine-test")
+                .arg(format!("--data-dir={}", dir.path().display()))
+                .arg(format!("--listen-client-urls={endpoint}"))
+                .arg(format!("--advertise-client-urls={endpoint}"))
+                .arg(format!("--listen-peer-urls={peer_url}"))
+                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+                .arg(format!("--initial-cluster=spine-test={peer_url}"))
+                .arg("--log-level=error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {bin} (install etcd-server, or run scripts/test): {e}"));
+            let mut server = EtcdServer { child, endpoint, _dir: dir };
+            if server.wait_ready().await {
+                return server;
+            }
+        }
+        panic!("etcd did not start");
+    }
+
+    /// Polls until etcd serves requests; false if the process died.
+    async fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if let Ok(store) =
+                EtcdStore::connect(std::slice::from_ref(&self.endpoint), Duration::from_millis(500)).await
+                && store.revision().await.is_ok()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("etcd at {} not ready after 30 s", self.endpoint);
+    }
+
+    /// The client URL.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// A new client connection.
+    pub async fn store(&self) -> Arc<dyn Store> {
+        Arc::new(
+            EtcdStore::connect(&[self.endpoint.clone()], Duration::from_secs(5)).await.expect("connect to test etcd"),
+        )
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` until it holds (every 20 ms, for at most `within`).
+pub async fn eventually<F, Fut>(within: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

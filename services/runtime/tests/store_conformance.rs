@@ -1,0 +1,253 @@
+//! One conformance suite, two backends: every body runs against the embedded
+//! store and against a real etcd server started for the test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use spine_runtime::store::{Compare, EmbeddedStore, EventKind, MAX_TXN_OPS, Op, Store, StoreError, Txn};
+use spine_runtime::testing::{EtcdServer, eventually};
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let store: std::sync::Arc<dyn spine_runtime::store::Store> =
+                        std::sync::Arc::new(spine_runtime::store::EmbeddedStore::in_memory());
+                    super::$name(store).await;
+                }
+            )*
+        }
+        mod etcd {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let server = spine_runtime::testing::EtcdServer::start().await;
+                    super::$name(server.store().await).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    get_put_delete_and_revisions,
+    range_pages_in_key_order_within_prefix,
+    txn_compares_choose_the_branch,
+    txn_limits_are_the_same_everywhere,
+    compare_and_swap_has_exactly_one_winner,
+    leases_expire_and_take_their_keys,
+    keep_alive_and_revoke,
+    watch_sees_changes_in_order_and_from_the_past,
+    delete_prefix_removes_only_the_prefix,
+);
+
+async fn get_put_delete_and_revisions(s: Arc<dyn Store>) {
+    assert_eq!(s.get("/t/a").await.unwrap(), None);
+    let r1 = s.put("/t/a", b"1".to_vec()).await.unwrap();
+    let kv = s.get("/t/a").await.unwrap().unwrap();
+    assert_eq!((kv.value.as_slice(), kv.mod_revision, kv.create_revision, kv.version), (&b"1"[..], r1, r1, 1));
+    let r2 = s.put("/t/a", b"2".to_vec()).await.unwrap();
+    assert!(r2 > r1);
+    let kv = s.get("/t/a").await.unwrap().unwrap();
+    assert_eq!((kv.value.as_slice(), kv.mod_revision, kv.create_revision, kv.version), (&b"2"[..], r2, r1, 2));
+    assert_eq!(s.revision().await.unwrap(), r2);
+    s.delete("/t/a").await.unwrap();
+    assert_eq!(s.get("/t/a").await.unwrap(), None);
+    // Deleting an absent key changes nothing.
+    let before = s.revision().await.unwrap();
+    s.delete("/t/absent").await.unwrap();
+    assert_eq!(s.revision().await.unwrap(), before);
+}
+
+async fn range_pages_in_key_order_within_prefix(s: Arc<dyn Store>) {
+    for k in ["/p/c", "/p/a", "/p/b", "/pz", "/o"] {
+        s.put(k, k.as_bytes().to_vec()).await.unwrap();
+    }
+    let page = s.range("/p/", None, 2).await.unwrap();
+    let keys: Vec<_> = page.kvs.iter().map(|k| k.key.as_str()).collect();
+    assert_eq!(keys, ["/p/a", "/p/b"]);
+    assert!(page.more);
+    let page = s.range("/p/", Some("/p/b"), 2).await.unwrap();
+    let keys: Vec<_> = page.kvs.iter().map(|k| k.key.as_str()).collect();
+    assert_eq!(keys, ["/p/c"]);
+    assert!(!page.more);
+    let all: Vec<_> = s.range_all("/p").await.unwrap().into_iter().map(|k| k.key).collect();
+    assert_eq!(all, ["/p/a", "/p/b", "/p/c", "/pz"]);
+    assert!(s.range("/nothing/", None, 0).await.unwrap().kvs.is_empty());
+}
+
+async fn txn_compares_choose_the_branch(s: Arc<dyn Store>) {
+    let ok = s
+        .txn(Txn::new().when(Compare::Absent("/x".into())).then(Op::put("/x", "1")).otherwise(Op::put("/lost", "1")))
+        .await
+        .unwrap();
+    assert!(ok.succeeded);
+    let again = s
+        .txn(Txn::new().when(Compare::Absent("/x".into())).then(Op::put("/x", "2")).otherwise(Op::put("/lost", "1")))
+        .await
+        .unwrap();
+    assert!(!again.succeeded);
+    assert_eq!(s.get("/x").await.unwrap().unwrap().value, b"1");
+    assert!(s.get("/lost").await.unwrap().is_some());
+    let rev = s.get("/x").await.unwrap().unwrap().mod_revision;
+    assert!(
+        s.txn(Txn::new().when(Compare::ModRevision("/x".into(), rev)).then(Op::put("/x", "3")))
+            .await
+            .unwrap()
+            .succeeded
+    );
+    assert!(
+        !s.txn(Txn::new().when(Compare::ModRevision("/x".into(), rev)).then(Op::put("/x", "4")))
+            .await
+            .unwrap()
+            .succeeded
+    );
+    assert!(s.txn(Txn::new().when(Compare::Present("/x".into())).then(Op::delete("/x"))).await.unwrap().succeeded);
+    assert!(
+        s.txn(Txn::new().when(Compare::ModRevision("/x".into(), 0)).then(Op::put("/x", "5"))).await.unwrap().succeeded
+    );
+}
+
+async fn txn_limits_are_the_same_everywhere(s: Arc<dyn Store>) {
+    let too_many = Txn::new().then_all((0..=MAX_TXN_OPS).map(|i| Op::put(format!("/m/{i}"), "v")));
+    assert!(matches!(s.txn(too_many).await, Err(StoreError::InvalidTxn(_))));
+    let twice = Txn::new().then(Op::put("/d", "1")).then(Op::put("/d", "2"));
+    assert!(matches!(s.txn(twice).await, Err(StoreError::InvalidTxn(_))));
+    let big = Txn::new().then(Op::put("/big", vec![0u8; spine_runtime::store::MAX_VALUE_BYTES + 1]));
+    assert!(matches!(s.txn(big).await, Err(StoreError::TooLarge)));
+    // Nothing of the refused transactions was written.
+    assert!(s.range_all("/m/").await.unwrap().is_empty());
+    assert!(s.get("/d").await.unwrap().is_none());
+    assert!(s.get("/big").await.unwrap().is_none());
+    let exact = Txn::new().then_all((0..MAX_TXN_OPS).map(|i| Op::put(format!("/m/{i:03}"), "v")));
+    assert!(s.txn(exact).await.unwrap().succeeded);
+    assert_eq!(s.range_all("/m/").await.unwrap().len(), MAX_TXN_OPS);
+}
+
+async fn compare_and_swap_has_exactly_one_winner(s: Arc<dyn Store>) {
+    s.put("/cas", b"0".to_vec()).await.unwrap();
+    for round in 0..10 {
+        let rev = s.get("/cas").await.unwrap().unwrap().mod_revision;
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    s.txn(
+                        Txn::new()
+                            .when(Compare::ModRevision("/cas".into(), rev))
+                            .then(Op::put("/cas", format!("{round}:{i}"))),
+                    )
+                    .await
+                    .unwrap()
+                    .succeeded
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for t in tasks {
+            winners += t.await.unwrap() as usize;
+        }
+        assert_eq!(winners, 1, "round {round}");
+    }
+}
+
+async fn leases_expire_and_take_their_keys(s: Arc<dyn Store>) {
+    let lease = s.grant_lease(Duration::from_secs(1)).await.unwrap();
+    s.txn(Txn::new().then(Op::put_leased("/l/a", "1", lease)).then(Op::put("/l/b", "1"))).await.unwrap();
+    assert!(s.get("/l/a").await.unwrap().unwrap().lease == lease);
+    let gone = eventually(Duration::from_secs(10), || {
+        let s = s.clone();
+        async move { s.get("/l/a").await.unwrap().is_none() }
+    })
+    .await;
+    assert!(gone, "leased key outlived its lease");
+    assert!(s.get("/l/b").await.unwrap().is_some(), "unleased key must stay");
+    assert!(!s.keep_alive(lease).await.unwrap());
+    // A put on an unknown lease fails and writes nothing.
+    assert!(s.txn(Txn::new().then(Op::put_leased("/l/c", "1", lease))).await.is_err());
+    assert!(s.get("/l/c").await.unwrap().is_none());
+}
+
+async fn keep_alive_and_revoke(s: Arc<dyn Store>) {
+    let lease = s.grant_lease(Duration::from_secs(2)).await.unwrap();
+    s.txn(Txn::new().then(Op::put_leased("/k/a", "1", lease))).await.unwrap();
+    assert!(s.keep_alive(lease).await.unwrap());
+    s.revoke_lease(lease).await.unwrap();
+    assert!(s.get("/k/a").await.unwrap().is_none());
+    assert!(!s.keep_alive(lease).await.unwrap());
+    s.revoke_lease(lease).await.unwrap();
+}
+
+async fn watch_sees_changes_in_order_and_from_the_past(s: Arc<dyn Store>) {
+    let r1 = s.put("/w/a", b"1".to_vec()).await.unwrap();
+    s.put("/other", b"x".to_vec()).await.unwrap();
+    let mut live = s.watch("/w/", 0).await.unwrap();
+    let mut past = s.watch("/w/", r1).await.unwrap();
+    s.put("/w/b", b"2".to_vec()).await.unwrap();
+    s.delete("/w/a").await.unwrap();
+    let e = next(&mut past).await;
+    assert_eq!((e.kind, e.key.as_str(), e.value.as_slice(), e.revision), (EventKind::Put, "/w/a", &b"1"[..], r1));
+    for w in [&mut past, &mut live] {
+        let e = next(w).await;
+        assert_eq!((e.kind, e.key.as_str(), e.value.as_slice()), (EventKind::Put, "/w/b", &b"2"[..]));
+        let e = next(w).await;
+        assert_eq!((e.kind, e.key.as_str()), (EventKind::Delete, "/w/a"));
+    }
+}
+
+async fn next(w: &mut spine_runtime::store::WatchStream) -> spine_runtime::store::WatchEvent {
+    tokio::time::timeout(Duration::from_secs(10), w.next()).await.expect("watch event").unwrap().unwrap()
+}
+
+async fn delete_prefix_removes_only_the_prefix(s: Arc<dyn Store>) {
+    for k in ["/dp/a/1", "/dp/a/2", "/dp/ab", "/dp/b/1"] {
+        s.put(k, b"v".to_vec()).await.unwrap();
+    }
+    s.txn(Txn::new().then(Op::delete_prefix("/dp/a/"))).await.unwrap();
+    let left: Vec<_> = s.range_all("/dp/").await.unwrap().into_iter().map(|k| k.key).collect();
+    assert_eq!(left, ["/dp/ab", "/dp/b/1"]);
+}
+
+/// The embedded store's log survives a restart; leased keys do not.
+#[tokio::test]
+async fn embedded_store_persists_unleased_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.put("/keep", b"1".to_vec()).await.unwrap();
+        s.put("/gone", b"1".to_vec()).await.unwrap();
+        s.delete("/gone").await.unwrap();
+        let lease = s.grant_lease(Duration::from_secs(60)).await.unwrap();
+        s.txn(Txn::new().then(Op::put_leased("/soft", "1", lease))).await.unwrap();
+        s.put("/keep", b"2".to_vec()).await.unwrap();
+    }
+    let s = EmbeddedStore::open(dir.path()).unwrap();
+    let kv = s.get("/keep").await.unwrap().unwrap();
+    assert_eq!(kv.value, b"2");
+    assert!(s.get("/gone").await.unwrap().is_none());
+    assert!(s.get("/soft").await.unwrap().is_none());
+    let rev = s.revision().await.unwrap();
+    assert!(rev >= kv.mod_revision);
+    // Revisions keep increasing across restarts.
+    assert!(s.put("/new", b"1".to_vec()).await.unwrap() > rev);
+}
+
+/// A watcher that starts before the oldest kept revision is told so.
+#[tokio::test]
+async fn etcd_watch_from_compacted_revision_is_an_error() {
+    let server = EtcdServer::start().await;
+    let s = server.store().await;
+    let r1 = s.put("/c/a", b"1".to_vec()).await.unwrap();
+    s.put("/c/a", b"2".to_vec()).await.unwrap();
+    let mut c = etcd_client::Client::connect([server.endpoint()], None).await.unwrap();
+    c.compact(r1 + 1, None).await.unwrap();
+    // Either at once or as the stream's first item, as the trait documents.
+    let err = match s.watch("/c/", r1).await {
+        Ok(mut w) => w.next().await.expect("an item").expect_err("compacted start must fail"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, StoreError::Compacted { .. }), "{err:?}");
+}
