@@ -108,3 +108,55 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A Spine gRPC server on a free loopback port, for tests.
+#[derive(Debug)]
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), crate::server::ServeError>>,
+}
+
+impl TestServer {
+    /// Serves `routes` through the full runtime stack (auth, metrics,
+    /// health, reflection) and returns once credentials can be verified.
+    pub async fn start(rt: Arc<crate::Runtime>, routes: tonic::service::Routes, names: Vec<&'static str>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(crate::server::serve(rt.clone(), routes, names, listener, async {
+            let _ = rx.await;
+        }));
+        rt.auth.wait_synced().await;
+        Self { addr, stop: Some(tx), task }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A connected channel.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.endpoint())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to test server")
+    }
+
+    /// Drains and stops the server (as on SIGTERM).
+    pub async fn stop(mut self) -> Result<(), crate::server::ServeError> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.expect("server task")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if self.stop.is_some() {
+            self.task.abort();
+        }
+    }
+}

@@ -76,6 +76,8 @@ async fn range_pages_in_key_order_within_prefix(s: Arc<dyn Store>) {
     assert!(!page.more);
     let all: Vec<_> = s.range_all("/p").await.unwrap().into_iter().map(|k| k.key).collect();
     assert_eq!(all, ["/p/a", "/p/b", "/p/c", "/pz"]);
+    assert_eq!(s.count("/p/").await.unwrap(), 3);
+    assert_eq!(s.count("/nothing/").await.unwrap(), 0);
     assert!(s.range("/nothing/", None, 0).await.unwrap().kvs.is_empty());
 }
 

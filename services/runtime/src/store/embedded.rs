@@ -393,4 +393,9 @@ impl Store for EmbeddedStore {
     async fn revision(&self) -> Result<i64, StoreError> {
         Ok(self.inner.state.lock().expect("store lock").revision)
     }
+
+    async fn count(&self, prefix: &str) -> Result<u64, StoreError> {
+        let st = self.inner.state.lock().expect("store lock");
+        Ok(st.kv.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).count() as u64)
+    }
 }

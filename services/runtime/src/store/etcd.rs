@@ -217,4 +217,10 @@ impl Store for EtcdStore {
             self.client.kv_client().get("/", Some(etcd::GetOptions::new().with_count_only())).await.map_err(map_err)?;
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
+
+    async fn count(&self, prefix: &str) -> Result<u64, StoreError> {
+        let opts = etcd::GetOptions::new().with_range(prefix_end(prefix)).with_count_only();
+        let resp = self.client.kv_client().get(prefix, Some(opts)).await.map_err(map_err)?;
+        Ok(resp.count().max(0) as u64)
+    }
 }

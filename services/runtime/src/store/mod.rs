@@ -243,6 +243,8 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchStream, StoreError>;
     /// Current revision of the store.
     async fn revision(&self) -> Result<i64, StoreError>;
+    /// Number of keys under `prefix`.
+    async fn count(&self, prefix: &str) -> Result<u64, StoreError>;
 
     /// Writes one key unconditionally.
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64, StoreError> {
@@ -263,6 +265,50 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
             if !page.more {
                 return Ok(out);
             }
+        }
+    }
+}
+
+/// One lease shared by many short-lived records that expire at about the
+/// same age (idempotency answers, revocation entries): a new lease every
+/// `renew_every`, each lasting `ttl`, so a record attached to it lives
+/// between `ttl - renew_every` and `ttl`. One lease per node and period,
+/// instead of one per record.
+#[derive(Debug)]
+pub struct SharedLease {
+    store: std::sync::Arc<dyn Store>,
+    ttl: Duration,
+    renew_every: Duration,
+    current: tokio::sync::Mutex<Option<(LeaseId, std::time::Instant)>>,
+}
+
+impl SharedLease {
+    pub fn new(store: std::sync::Arc<dyn Store>, ttl: Duration, renew_every: Duration) -> Self {
+        Self { store, ttl, renew_every, current: tokio::sync::Mutex::new(None) }
+    }
+
+    async fn get(&self, fresh: bool) -> Result<LeaseId, StoreError> {
+        let mut cur = self.current.lock().await;
+        match *cur {
+            Some((id, at)) if !fresh && at.elapsed() < self.renew_every => Ok(id),
+            _ => {
+                let id = self.store.grant_lease(self.ttl).await?;
+                *cur = Some((id, std::time::Instant::now()));
+                Ok(id)
+            }
+        }
+    }
+
+    /// Runs the transaction `build(lease)`; if the lease vanished (expired,
+    /// or the embedded store restarted), once more with a new lease.
+    pub async fn txn(&self, build: impl Fn(LeaseId) -> Txn) -> Result<TxnOutcome, StoreError> {
+        let lease = self.get(false).await?;
+        match self.store.txn(build(lease)).await {
+            Err(StoreError::LeaseNotFound) => {
+                let lease = self.get(true).await?;
+                self.store.txn(build(lease)).await
+            }
+            other => other,
         }
     }
 }

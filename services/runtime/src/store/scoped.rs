@@ -60,6 +60,9 @@ macro_rules! rooted_ops {
                 let after = start_after_rel.map(|a| self.0.key(a));
                 self.0.store.range(&self.0.key(rel_prefix), after.as_deref(), limit).await
             }
+            pub async fn count(&self, rel_prefix: &str) -> Result<u64, StoreError> {
+                self.0.store.count(&self.0.key(rel_prefix)).await
+            }
             pub async fn range_all(&self, rel_prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
                 self.0.store.range_all(&self.0.key(rel_prefix)).await
             }
@@ -117,6 +120,13 @@ impl SystemStore {
     /// The underlying store, for watches and leases on control-plane keys.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.0.store
+    }
+
+    /// The handle of the tenant a live interop handle points into. Use it
+    /// only to read what interop needs (the target's reachability setting),
+    /// after the handle has been resolved for the caller.
+    pub fn tenant_for_interop(&self, tenant: &TenantId) -> TenantStore {
+        TenantStore::new(self.0.store.clone(), tenant.clone())
     }
 
     /// The tenant handle for work the control plane does on a tenant's

@@ -1,0 +1,172 @@
+//! Device-token signing keys: creation, rotation without downtime, retirement.
+//!
+//! A key's public half is published under `/spine/sys/auth/keys/<kid>` (every
+//! node verifies with it); its private half lives under
+//! `/spine/sys/signing/<kid>` (read only by identity). Rotation publishes a
+//! new key that starts signing only after `key_activation_delay_secs`, so
+//! every node has it before any token it signed arrives; older keys are
+//! withdrawn once every token they signed has expired.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use ed25519_dalek::SigningKey;
+use spine_runtime::auth::AuthRing;
+use spine_runtime::auth::records::{self, PublishedKey, SigningSecret};
+use spine_runtime::auth::token::CLOCK_SKEW_SECS;
+use spine_runtime::config::AuthConfig;
+use spine_runtime::ids::{self, Kind};
+use spine_runtime::now_secs;
+use spine_runtime::store::{Op, SystemStore, Txn};
+
+use crate::error::{IdentityError, Result};
+
+/// How long a node trusts its cached view of the keys.
+const CACHE_FOR: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+struct Key {
+    id: String,
+    published: PublishedKey,
+    secret: Option<SigningKey>,
+}
+
+/// The token signer of one identity node.
+pub struct Signer {
+    sys: SystemStore,
+    ring: Arc<AuthRing>,
+    cfg: AuthConfig,
+    cache: Mutex<Option<(Instant, Vec<Key>)>>,
+}
+
+impl Signer {
+    pub fn new(sys: SystemStore, ring: Arc<AuthRing>, cfg: AuthConfig) -> Self {
+        Self { sys, ring, cfg, cache: Mutex::new(None) }
+    }
+
+    async fn load(&self, fresh: bool) -> Result<Vec<Key>> {
+        if !fresh
+            && let Some((at, keys)) = &*self.cache.lock().expect("signer cache")
+            && at.elapsed() < CACHE_FOR
+        {
+            return Ok(keys.clone());
+        }
+        let published = self.sys.range_all(records::KEYS).await?;
+        let secrets = self.sys.range_all(records::SIGNING).await?;
+        let mut keys = Vec::new();
+        for kv in published {
+            let id = self.sys.relative(&kv.key).trim_start_matches(records::KEYS).to_string();
+            let published: PublishedKey =
+                serde_json::from_slice(&kv.value).map_err(|e| IdentityError::Internal(format!("key {id}: {e}")))?;
+            let secret = secrets
+                .iter()
+                .find(|s| self.sys.relative(&s.key).trim_start_matches(records::SIGNING) == id)
+                .and_then(|s| serde_json::from_slice::<SigningSecret>(&s.value).ok())
+                .and_then(|s| B64.decode(s.seed).ok())
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .map(|seed| SigningKey::from_bytes(&seed));
+            keys.push(Key { id, published, secret });
+        }
+        keys.sort_by(|a, b| (a.published.activates_at, &a.id).cmp(&(b.published.activates_at, &b.id)));
+        *self.cache.lock().expect("signer cache") = Some((Instant::now(), keys.clone()));
+        Ok(keys)
+    }
+
+    /// Longest a token can outlive the key that signed it.
+    fn retirement_after_secs(&self) -> i64 {
+        i64::from(self.cfg.max_token_ttl_secs) + CLOCK_SKEW_SECS
+    }
+
+    /// The key to sign with now, creating the first key if there is none.
+    pub async fn current(&self) -> Result<(String, SigningKey)> {
+        for fresh in [false, true] {
+            let now = now_secs();
+            let keys = self.load(fresh).await?;
+            let usable = keys.iter().rev().find(|k| {
+                k.secret.is_some() && k.published.activates_at <= now && k.published.retires_at.is_none_or(|r| r > now)
+            });
+            if let Some(k) = usable {
+                return Ok((k.id.clone(), k.secret.clone().expect("filtered on secret")));
+            }
+        }
+        // No usable key at all: the very first one starts signing at once
+        // (no token exists yet that another node could be missing a key for).
+        let (id, secret, _) = self.create(0).await?;
+        Ok((id, secret))
+    }
+
+    async fn create(&self, delay_secs: i64) -> Result<(String, SigningKey, PublishedKey)> {
+        let now = now_secs();
+        let secret = SigningKey::generate(&mut rand::rngs::OsRng);
+        let id = ids::new(Kind::SigningKey);
+        let published = PublishedKey {
+            public_key: B64.encode(secret.verifying_key().to_bytes()),
+            created_at: now,
+            activates_at: now + delay_secs,
+            retires_at: None,
+        };
+        let mut txn =
+            Txn::new().then(Op::put(self.sys.key(&format!("{}{id}", records::KEYS)), json(&published))).then(Op::put(
+                self.sys.key(&format!("{}{id}", records::SIGNING)),
+                json(&SigningSecret { seed: B64.encode(secret.to_bytes()) }),
+            ));
+        let mut retiring = Vec::new();
+        for k in self.load(true).await? {
+            if k.published.retires_at.is_none() {
+                let mut p = k.published.clone();
+                p.retires_at = Some(published.activates_at + self.retirement_after_secs());
+                txn = txn.then(Op::put(self.sys.key(&format!("{}{}", records::KEYS, k.id)), json(&p)));
+                retiring.push((k.id, p));
+            }
+        }
+        self.sys.txn(txn).await?;
+        // Take effect on this node at once; other nodes learn by watch.
+        self.ring.observe(&format!("{}{id}", records::KEYS), Some(&json(&published)));
+        for (kid, p) in retiring {
+            self.ring.observe(&format!("{}{kid}", records::KEYS), Some(&json(&p)));
+        }
+        *self.cache.lock().expect("signer cache") = None;
+        Ok((id, secret, published))
+    }
+
+    /// Starts a rotation: see the module docs.
+    pub async fn rotate(&self) -> Result<(String, PublishedKey)> {
+        let (id, _, published) = self.create(i64::from(self.cfg.key_activation_delay_secs)).await?;
+        tracing::info!(key_id = %id, activates_at = published.activates_at, "signing key rotation started");
+        Ok((id, published))
+    }
+
+    /// Published keys, oldest first.
+    pub async fn list(&self) -> Result<Vec<(String, PublishedKey)>> {
+        Ok(self.load(true).await?.into_iter().map(|k| (k.id, k.published)).collect())
+    }
+
+    /// Withdraws keys whose every token has expired.
+    pub async fn sweep(&self) -> Result<usize> {
+        let now = now_secs();
+        let mut removed = 0;
+        for k in self.load(true).await? {
+            if k.published.retires_at.is_some_and(|r| r <= now) {
+                self.sys
+                    .txn(
+                        Txn::new()
+                            .then(Op::delete(self.sys.key(&format!("{}{}", records::KEYS, k.id))))
+                            .then(Op::delete(self.sys.key(&format!("{}{}", records::SIGNING, k.id)))),
+                    )
+                    .await?;
+                self.ring.observe(&format!("{}{}", records::KEYS, k.id), None);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            *self.cache.lock().expect("signer cache") = None;
+        }
+        Ok(removed)
+    }
+}
+
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}

@@ -1,0 +1,157 @@
+//! Test support: an identity server on a free loopback port over either
+//! store, with an operator credential and helpers to make tenants, accounts
+//! and devices through the public API.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use spine_proto::identity::v1 as pb;
+use spine_proto::identity::v1::identity_client::IdentityClient;
+use spine_proto::identity::v1::tenant_admin_client::TenantAdminClient;
+use spine_runtime::Runtime;
+use spine_runtime::config::{Backend, Config};
+use spine_runtime::store::{EmbeddedStore, Store};
+use spine_runtime::testing::{EtcdServer, TestServer};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+pub struct Env {
+    pub rt: Arc<Runtime>,
+    pub server: TestServer,
+    pub operator: String,
+    pub channel: Channel,
+    pub etcd: Option<EtcdServer>,
+}
+
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.auth.key_activation_delay_secs = 0;
+    c
+}
+
+pub async fn start(backend: Backend) -> Env {
+    start_with(backend, test_config()).await
+}
+
+pub async fn start_with(backend: Backend, config: Config) -> Env {
+    let (store, etcd): (Arc<dyn Store>, _) = match backend {
+        Backend::Embedded => (Arc::new(EmbeddedStore::in_memory()), None),
+        Backend::Etcd => {
+            let e = EtcdServer::start().await;
+            (e.store().await, Some(e))
+        }
+    };
+    start_on(store, etcd, config).await
+}
+
+pub async fn start_on(store: Arc<dyn Store>, etcd: Option<EtcdServer>, config: Config) -> Env {
+    let rt = Runtime::with_store(config, store);
+    let mut routes = tonic::service::RoutesBuilder::default();
+    let names = spine_identity::install(&rt, &mut routes);
+    let server = TestServer::start(rt.clone(), routes.routes(), names).await;
+    let operator = spine_identity::bootstrap_operator(&rt, "test").await.unwrap();
+    let channel = server.channel().await;
+    Env { rt, server, operator, channel, etcd }
+}
+
+/// A request carrying `Bearer <cred>`.
+pub fn req<T>(msg: T, cred: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert("authorization", format!("Bearer {cred}").parse().unwrap());
+    r
+}
+
+pub struct Tenant {
+    pub id: String,
+    pub cred: String,
+}
+
+pub struct Device {
+    pub tenant: String,
+    pub account: String,
+    pub device: String,
+    pub key: SigningKey,
+    pub token: String,
+}
+
+impl Env {
+    pub fn admin(&self) -> TenantAdminClient<Channel> {
+        TenantAdminClient::new(self.channel.clone())
+    }
+
+    pub fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel.clone())
+    }
+
+    pub async fn tenant(&self, name: &str) -> Tenant {
+        let r = self
+            .admin()
+            .create_tenant(req(
+                pb::CreateTenantRequest { request_id: format!("t-{name}"), display_name: name.into() },
+                &self.operator,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        Tenant { id: r.tenant.unwrap().tenant_id, cred: r.credential.unwrap().secret }
+    }
+
+    pub async fn account(&self, t: &Tenant) -> String {
+        let rid = spine_runtime::ids::new(spine_runtime::ids::Kind::Account);
+        self.identity()
+            .create_account(req(pb::CreateAccountRequest { request_id: rid }, &t.cred))
+            .await
+            .unwrap()
+            .into_inner()
+            .account_id
+    }
+
+    pub async fn device_of(&self, t: &Tenant, account: &str) -> Device {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let d = self
+            .identity()
+            .register_device(req(
+                pb::RegisterDeviceRequest {
+                    request_id: format!("d-{}", rand::random::<u64>()),
+                    account_id: account.into(),
+                    signature_scheme: pb::SignatureScheme::Ed25519 as i32,
+                    signature_public_key: key.verifying_key().to_bytes().to_vec(),
+                },
+                &t.cred,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let token = self
+            .identity()
+            .issue_device_token(req(
+                pb::IssueDeviceTokenRequest {
+                    account_id: account.into(),
+                    device_id: d.device_id.clone(),
+                    scopes: vec![],
+                    ttl_seconds: 0,
+                },
+                &t.cred,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        Device { tenant: t.id.clone(), account: account.into(), device: d.device_id, key, token }
+    }
+
+    pub async fn device(&self, t: &Tenant) -> Device {
+        let a = self.account(t).await;
+        self.device_of(t, &a).await
+    }
+}
+
+/// Asserts a call failed with `code`.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, code: Code) {
+    match r {
+        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+        Err(s) => assert_eq!(s.code(), code, "message: {}", s.message()),
+    }
+}
