@@ -63,7 +63,7 @@ pub fn install(rt: &Arc<Runtime>, routes: &mut RoutesBuilder) -> Vec<&'static st
             Duration::from_secs(300),
         ),
     });
-    let max = rt.config.limits.max_message_bytes;
+    let max = spine_proto::codec::TRANSPORT_MAX_MESSAGE_BYTES;
     routes.add_service(
         TenantAdminServer::new(admin::Admin(node.clone()))
             .max_decoding_message_size(max)

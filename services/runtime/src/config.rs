@@ -98,7 +98,7 @@ pub struct TelemetryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Largest request message in bytes; larger ones get RESOURCE_EXHAUSTED.
+    /// Largest request message in bytes; larger ones get INVALID_ARGUMENT.
     pub max_message_bytes: usize,
 }
 

@@ -78,6 +78,7 @@ impl Runtime {
 
     /// A runtime over an existing store (tests, several nodes on one store).
     pub fn with_store(config: Config, store: Arc<dyn Store>) -> Arc<Self> {
+        spine_proto::codec::set_max_message_bytes(config.limits.max_message_bytes);
         if let Some(k) = &config.telemetry.id_hash_key {
             telemetry::set_hash_key(k.as_bytes());
         }
