@@ -1,1 +1,217 @@
-fn main() {}
+//! `spine`: serve, dev and admin. Flag parsing only; the work is in the
+//! library (`spine::node`, `spine::dev`, `spine::admin`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use spine::{admin, dev, node};
+use spine_runtime::Config;
+
+#[derive(Parser)]
+#[command(name = "spine", version, about = "Spine: the shared, private call backbone")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+/// Flags that override config (file, then SPINE_* environment).
+#[derive(clap::Args, Serialize, Default, Clone)]
+struct NodeFlags {
+    /// Config file (TOML).
+    #[arg(long, short)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    /// Services to run, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    services: Option<Vec<String>>,
+    #[command(flatten)]
+    #[serde(skip_serializing_if = "StoreFlags::is_empty")]
+    store: StoreFlags,
+}
+
+#[derive(clap::Args, Serialize, Default, Clone)]
+struct StoreFlags {
+    /// Store backend: etcd or embedded.
+    #[arg(long = "store")]
+    #[serde(rename = "backend", skip_serializing_if = "Option::is_none")]
+    backend: Option<String>,
+    /// etcd endpoints, comma-separated.
+    #[arg(long = "etcd", value_delimiter = ',')]
+    #[serde(rename = "etcd_endpoints", skip_serializing_if = "Option::is_none")]
+    etcd_endpoints: Option<Vec<String>>,
+    /// Directory of the embedded store.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+}
+
+impl StoreFlags {
+    fn is_empty(&self) -> bool {
+        self.backend.is_none() && self.etcd_endpoints.is_none() && self.data_dir.is_none()
+    }
+}
+
+impl NodeFlags {
+    fn load(&self) -> anyhow::Result<Config> {
+        Config::load(Config::default(), self.config.as_deref(), self.clone())
+            .map_err(|e| anyhow::anyhow!("config: {e}"))
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Every service in one process on the embedded store, for development.
+    Dev {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// Keep the store here across restarts (default: in memory).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Where to write the demo operator credential.
+        #[arg(long, default_value = ".spine-dev")]
+        state_dir: PathBuf,
+    },
+    /// Run services on etcd (config: file, SPINE_* environment, flags).
+    Serve(NodeFlags),
+    /// Operator commands.
+    Admin {
+        /// Node to talk to.
+        #[arg(long, default_value = "http://127.0.0.1:50051", global = true)]
+        endpoint: String,
+        /// File holding the operator credential (SPINE_OPERATOR_TOKEN wins).
+        #[arg(long, default_value = ".spine-dev/operator-token", global = true)]
+        token_file: PathBuf,
+        /// CA certificate (PEM) for an https endpoint.
+        #[arg(long, global = true)]
+        ca_cert: Option<PathBuf>,
+        #[command(subcommand)]
+        what: AdminCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Tenants.
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Tenant credentials.
+    #[command(subcommand)]
+    Credential(CredentialCmd),
+    /// Device-token signing keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Operator credentials (writes to the store directly: bootstrap).
+    #[command(subcommand)]
+    Operator(OperatorCmd),
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// Create a tenant and its first credential.
+    Create {
+        name: String,
+        /// Idempotency key, to retry safely.
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// List tenants.
+    List,
+    /// Show a tenant.
+    Get { tenant_id: String },
+}
+
+#[derive(Subcommand)]
+enum CredentialCmd {
+    /// Issue another credential for a tenant.
+    Issue {
+        tenant_id: String,
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// List a tenant's credentials (never their secrets).
+    List { tenant_id: String },
+    /// Revoke a credential.
+    Revoke { tenant_id: String, credential_id: String },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Start a signing key rotation.
+    Rotate,
+    /// List published keys.
+    List,
+}
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// Create an operator credential in the configured store.
+    Create {
+        #[arg(long)]
+        label: String,
+        #[command(flatten)]
+        node: NodeFlags,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Dev { listen, data_dir, state_dir } => {
+            let _telemetry = spine_runtime::telemetry::init("spine-dev", false).map_err(anyhow::Error::msg)?;
+            node::run(dev::config(listen, data_dir), node::shutdown_signal(), |rt, addr| async move {
+                let token = spine_identity::bootstrap_operator(&rt, "spine dev").await?;
+                let path = dev::write_token(&state_dir, &token)?;
+                rt.auth.wait_synced().await;
+                println!("{}", dev::banner(addr, &path));
+                Ok(())
+            })
+            .await
+        }
+        Cmd::Serve(flags) => {
+            let config = flags.load()?;
+            let _telemetry =
+                spine_runtime::telemetry::init("spine", config.telemetry.json_logs).map_err(anyhow::Error::msg)?;
+            node::run(config, node::shutdown_signal(), |_, addr| async move {
+                tracing::info!(%addr, "serving");
+                Ok(())
+            })
+            .await
+        }
+        Cmd::Admin { endpoint, token_file, ca_cert, what } => {
+            let cmd = match what {
+                AdminCmd::Operator(OperatorCmd::Create { label, node }) => {
+                    let token = admin::create_operator(node.load()?, &label).await?;
+                    println!("operator credential (shown once): {token}");
+                    return Ok(());
+                }
+                AdminCmd::Tenant(TenantCmd::Create { name, request_id }) => {
+                    admin::Command::TenantCreate { name, request_id }
+                }
+                AdminCmd::Tenant(TenantCmd::List) => admin::Command::TenantList,
+                AdminCmd::Tenant(TenantCmd::Get { tenant_id }) => admin::Command::TenantGet { tenant_id },
+                AdminCmd::Credential(CredentialCmd::Issue { tenant_id, label }) => {
+                    admin::Command::CredentialIssue { tenant_id, label }
+                }
+                AdminCmd::Credential(CredentialCmd::List { tenant_id }) => admin::Command::CredentialList { tenant_id },
+                AdminCmd::Credential(CredentialCmd::Revoke { tenant_id, credential_id }) => {
+                    admin::Command::CredentialRevoke { tenant_id, credential_id }
+                }
+                AdminCmd::Keys(KeysCmd::Rotate) => admin::Command::KeysRotate,
+                AdminCmd::Keys(KeysCmd::List) => admin::Command::KeysList,
+            };
+            let token = admin::read_token(std::env::var("SPINE_OPERATOR_TOKEN").ok(), &token_file)?;
+            let target = admin::Target { endpoint, token, ca_cert };
+            print!("{}", admin::run(&target, cmd).await.context("admin command failed")?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The `spine` binary as operators use it: `serve` on a real etcd configured
+//! by file, environment and flags; admin commands; `dev`; drain on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use spine_runtime::testing::{EtcdServer, free_port};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_spine");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn health(endpoint: &str, service: &str) -> Option<i32> {
+    let ch = tonic::transport::Endpoint::from_shared(endpoint.to_string()).ok()?.connect().await.ok()?;
+    let r = HealthClient::new(ch).check(HealthCheckRequest { service: service.into() }).await.ok()?;
+    Some(r.into_inner().status)
+}
+
+async fn wait_ready(endpoint: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if health(endpoint, "readiness").await == Some(ServingStatus::Serving as i32) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{endpoint} not ready");
+}
+
+fn admin(endpoint: &str, token: &str, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(["admin", "--endpoint", endpoint])
+        .args(args)
+        .env("SPINE_OPERATOR_TOKEN", token)
+        .output()
+        .expect("run spine admin");
+    assert!(out.status.success(), "spine admin {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn serve_on_etcd_with_layered_config_admin_and_drain() {
+    let etcd = EtcdServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    // File says embedded on a wrong port; environment says etcd; flags give
+    // the port: each layer overrides the one before.
+    let file = dir.path().join("spine.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:1\"\nservices = [\"identity\"]\n[store]\nbackend = \"embedded\"\n[drain]\nready_delay_ms = 1500\ngrace_secs = 5\n",
+    )
+    .unwrap();
+
+    // Bootstrap an operator straight into etcd.
+    let out = Command::new(BIN)
+        .args(["admin", "operator", "create", "--label", "ops", "--store", "etcd", "--etcd", etcd.endpoint()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().rsplit(' ').next().unwrap().trim().to_string();
+    assert!(token.starts_with("op_"));
+
+    let child = Command::new(BIN)
+        .args(["serve", "--config", file.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .env("SPINE_STORE__BACKEND", "etcd")
+        .env("SPINE_STORE__ETCD_ENDPOINTS", format!("[{}]", etcd.endpoint()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut proc = Proc(child);
+    wait_ready(&endpoint).await;
+    assert_eq!(health(&endpoint, "liveness").await, Some(ServingStatus::Serving as i32));
+    assert_eq!(health(&endpoint, "spine.identity.v1.Identity").await, Some(ServingStatus::Serving as i32));
+
+    let created = admin(&endpoint, &token, &["tenant", "create", "messenger"]);
+    let tenant = created.lines().find_map(|l| l.strip_prefix("tenant_id: ")).unwrap().to_string();
+    assert!(created.contains("credential: tc_"));
+    let listed = admin(&endpoint, &token, &["tenant", "list"]);
+    assert!(listed.contains(&tenant) && listed.contains("messenger"));
+    let issued = admin(&endpoint, &token, &["credential", "issue", &tenant, "--label", "rotation"]);
+    let cred_id = issued.lines().find_map(|l| l.strip_prefix("credential_id: ")).unwrap().to_string();
+    assert!(admin(&endpoint, &token, &["credential", "list", &tenant]).contains(&cred_id));
+    admin(&endpoint, &token, &["credential", "revoke", &tenant, &cred_id]);
+    assert!(!admin(&endpoint, &token, &["credential", "list", &tenant]).contains(&cred_id));
+    // The data is in etcd, not in an embedded store.
+    let store = etcd.store().await;
+    assert!(store.get(&format!("/spine/sys/tenants/{tenant}")).await.unwrap().is_some());
+
+    // SIGTERM: not ready at once, still answering during the ready delay,
+    // then a clean exit within the grace period.
+    let pid = proc.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut saw_not_serving = false;
+    while Instant::now() < deadline {
+        if health(&endpoint, "readiness").await == Some(ServingStatus::NotServing as i32) {
+            saw_not_serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_not_serving, "readiness never went NOT_SERVING while draining");
+    assert_eq!(health(&endpoint, "liveness").await, Some(ServingStatus::Serving as i32));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = proc.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not exit after drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success());
+    let mut log = String::new();
+    std::io::Read::read_to_string(proc.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(log.contains("draining") && log.contains("drained"), "{log}");
+}
+
+#[tokio::test]
+async fn dev_prints_where_to_start_and_writes_a_private_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Command::new(BIN)
+        .args(["dev", "--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut proc = Proc(child);
+    let started = Instant::now();
+    let mut banner = String::new();
+    let mut lines = BufReader::new(proc.0.stdout.take().unwrap()).lines();
+    while let Some(Ok(l)) = lines.next() {
+        banner.push_str(&l);
+        banner.push('\n');
+        if l.contains("Ctrl-C") {
+            break;
+        }
+    }
+    let ready_in = started.elapsed();
+    assert!(banner.contains(&format!("http://127.0.0.1:{port}")), "{banner}");
+    assert!(banner.contains("tenant create"), "{banner}");
+    let token_path = dir.path().join("operator-token");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777, 0o600);
+    let token = std::fs::read_to_string(&token_path).unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    assert!(admin(&endpoint, token.trim(), &["tenant", "list"]).contains("no tenants"));
+    eprintln!("spine dev was ready in {ready_in:?}");
+}
