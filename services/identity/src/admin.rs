@@ -147,6 +147,7 @@ impl Admin {
         }
         let (cred_id, cred, answer) = Self::new_credential(&tenant, label);
         let cred_key = format!("{}{cred_id}", records::TENANT_CREDS);
+        let remembered = pb::TenantCredential { secret: String::new(), ..answer.clone() };
         let out = self
             .0
             .idem_lease
@@ -155,7 +156,7 @@ impl Admin {
                     .when(Compare::Absent(sys.key(&idem)))
                     .when(Compare::Present(sys.key(&model::tenant_key(tenant.as_str()))))
                     .then(Op::put(sys.key(&cred_key), json(&cred)))
-                    .then(record(sys.key(&idem), &fp, &answer, lease))
+                    .then(record(sys.key(&idem), &fp, &remembered, lease))
             })
             .await?;
         if !out.succeeded {

@@ -106,7 +106,7 @@ async fn report(t: &TenantStore, account: &str) -> Result<DataReportSection> {
         oldest,
     ));
     let (s, _) = load_settings(t, account).await?;
-    let dnd = s.do_not_disturb.clone().unwrap_or_default();
+    let dnd = s.do_not_disturb.unwrap_or_default();
     items.push(item(
         "settings",
         "Privacy settings (defaults until first changed).",

@@ -152,6 +152,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail API returns figment::Error
 mod tests {
     use super::*;
 

@@ -70,10 +70,17 @@ pub async fn serve(
     health.set_service_status(LIVENESS, ServingStatus::Serving).await;
     set_all(&health, &names, ServingStatus::NotServing).await;
 
+    // Reflection in both versions: v1, and v1alpha that many tools
+    // (grpcurl, grpcio-reflection) still speak.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(spine_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(spine_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let mut builder = tonic::transport::Server::builder()
@@ -101,6 +108,7 @@ pub async fn serve(
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });

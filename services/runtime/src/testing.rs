@@ -79,7 +79,9 @@ impl EtcdServer {
     /// A new client connection.
     pub async fn store(&self) -> Arc<dyn Store> {
         Arc::new(
-            EtcdStore::connect(&[self.endpoint.clone()], Duration::from_secs(5)).await.expect("connect to test etcd"),
+            EtcdStore::connect(std::slice::from_ref(&self.endpoint), Duration::from_secs(5))
+                .await
+                .expect("connect to test etcd"),
         )
     }
 }

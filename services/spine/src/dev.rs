@@ -9,8 +9,7 @@ use spine_runtime::config::Backend;
 
 /// Config for `spine dev`: loopback, embedded store, quick drain.
 pub fn config(listen: std::net::SocketAddr, data_dir: Option<PathBuf>) -> Config {
-    let mut c = Config::default();
-    c.listen = listen;
+    let mut c = Config { listen, ..Config::default() };
     c.store.backend = Backend::Embedded;
     c.store.data_dir = data_dir;
     c.auth.key_activation_delay_secs = 0;
