@@ -26,7 +26,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::Runtime;
 use crate::auth::AuthLayer;
-use crate::telemetry::MetricsLayer;
+use crate::telemetry::TelemetryLayer;
 
 /// Health service name that reports liveness.
 pub const LIVENESS: &str = "liveness";
@@ -94,8 +94,8 @@ pub async fn serve(
             .map_err(|e| ServeError::Tls(e.to_string()))?;
     }
     let stack = tower::ServiceBuilder::new()
-        // Outermost: every request is measured, including refused ones.
-        .layer(MetricsLayer)
+        // Outermost: every request is traced and measured, refused ones too.
+        .layer(TelemetryLayer)
         // Then authentication, before any routing to a service: no handler
         // runs without a Caller.
         .layer(AuthLayer::new(rt.auth.clone(), rt.store.clone()))

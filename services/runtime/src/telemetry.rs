@@ -125,6 +125,7 @@ pub fn init(service_name: &str, json_logs: bool) -> Result<TelemetryGuard, Strin
             .with_resource(resource)
             .build();
         opentelemetry::global::set_meter_provider(meter.clone());
+        opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
         let layer = tracing_opentelemetry::layer().with_tracer(tracer.tracer("spine"));
         guard.tracer = Some(tracer);
         guard.meter = Some(meter);
@@ -138,24 +139,38 @@ pub fn init(service_name: &str, json_logs: bool) -> Result<TelemetryGuard, Strin
 
 use tracing_subscriber::Layer as _;
 
-/// Records latency and outcome of every RPC, labelled by method only.
-#[derive(Clone, Debug, Default)]
-pub struct MetricsLayer;
+/// Reads W3C trace context from request headers.
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
-impl<S> Layer<S> for MetricsLayer {
-    type Service = MetricsService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        MetricsService { inner }
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
     }
 }
 
-/// See [`MetricsLayer`].
+/// One server span per RPC (continuing the caller's W3C trace context) and
+/// its latency and outcome as metrics, labelled by method and code only: no
+/// peer address, no identifiers.
+#[derive(Clone, Debug, Default)]
+pub struct TelemetryLayer;
+
+impl<S> Layer<S> for TelemetryLayer {
+    type Service = TelemetryService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        TelemetryService { inner }
+    }
+}
+
+/// See [`TelemetryLayer`].
 #[derive(Clone, Debug)]
-pub struct MetricsService<S> {
+pub struct TelemetryService<S> {
     inner: S,
 }
 
-impl<S, B, RB> Service<http::Request<B>> for MetricsService<S>
+impl<S, B, RB> Service<http::Request<B>> for TelemetryService<S>
 where
     S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -174,17 +189,30 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let method = req.uri().path().to_string();
         let start = Instant::now();
-        Box::pin(async move {
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %method,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+        // Without an OTLP exporter there is no OpenTelemetry layer to parent to.
+        let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+        let fut = async move {
             let resp = inner.call(req).await?;
             // Errors are sent trailers-only, so their code is in the headers;
             // a response without one started normally.
             let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_string();
+            tracing::Span::current().record("rpc.grpc.status_code", code.as_str());
             metrics().rpc_duration.record(
                 start.elapsed().as_secs_f64(),
                 &[KeyValue::new("rpc.method", method), KeyValue::new("rpc.grpc.status_code", code)],
             );
             Ok(resp)
-        })
+        };
+        Box::pin(tracing::Instrument::instrument(fut, span))
     }
 }
 

@@ -1,0 +1,198 @@
+//! Telemetry export: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, a node sends a
+//! span per RPC and its metrics to a real OTLP/gRPC receiver, and nothing it
+//! exports carries an account or device id, a token, a secret, a public key
+//! or an IP address.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use spine_proto::identity::v1 as pb;
+use spine_proto::identity::v1::identity_client::IdentityClient;
+use spine_proto::identity::v1::tenant_admin_client::TenantAdminClient;
+use spine_runtime::testing::free_port;
+use tonic::{Request, Response, Status};
+
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        r: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        self.spans.lock().unwrap().push(r.into_inner());
+        Ok(Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Collector {
+    async fn export(
+        &self,
+        r: Request<ExportMetricsServiceRequest>,
+    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        self.metrics.lock().unwrap().push(r.into_inner());
+        Ok(Response::new(ExportMetricsServiceResponse { partial_success: None }))
+    }
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn req<T>(m: T, cred: &str) -> Request<T> {
+    let mut r = Request::new(m);
+    r.metadata_mut().insert("authorization", format!("Bearer {cred}").parse().unwrap());
+    // A caller's trace context, which the server span must continue.
+    r.metadata_mut().insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn spans_and_metrics_reach_an_otlp_receiver_without_identifiers() {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = listener.local_addr().unwrap();
+    let c = collector.clone();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(c.clone()))
+            .add_service(MetricsServiceServer::new(c))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let _node = Proc(
+        Command::new(env!("CARGO_BIN_EXE_spine"))
+            .args(["dev", "--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
+            .arg(dir.path())
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+            .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let token_file = dir.path().join("operator-token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let channel = loop {
+        if token_file.exists()
+            && let Ok(ch) = tonic::transport::Endpoint::from_shared(endpoint.clone()).unwrap().connect().await
+        {
+            break ch;
+        }
+        assert!(Instant::now() < deadline, "spine dev did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let operator = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+
+    let created = TenantAdminClient::new(channel.clone())
+        .create_tenant(req(
+            pb::CreateTenantRequest { request_id: "otel".into(), display_name: "otel".into() },
+            &operator,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let cred = created.credential.unwrap().secret;
+    let mut id = IdentityClient::new(channel);
+    let account = id
+        .create_account(req(pb::CreateAccountRequest { request_id: "a".into() }, &cred))
+        .await
+        .unwrap()
+        .into_inner()
+        .account_id;
+    let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng).verifying_key().to_bytes().to_vec();
+    let device = id
+        .register_device(req(
+            pb::RegisterDeviceRequest {
+                request_id: "d".into(),
+                account_id: account.clone(),
+                signature_scheme: 1,
+                signature_public_key: key.clone(),
+            },
+            &cred,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .device_id;
+    let token = id
+        .issue_device_token(req(
+            pb::IssueDeviceTokenRequest {
+                account_id: account.clone(),
+                device_id: device.clone(),
+                ..Default::default()
+            },
+            &cred,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    id.get_account(req(pb::GetAccountRequest::default(), &token)).await.unwrap();
+    let _ = id.get_account(req(pb::GetAccountRequest { account_id: account.clone() }, "sdt1.bad.token.x")).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans = format!("{:?}", collector.spans.lock().unwrap());
+        let metrics = format!("{:?}", collector.metrics.lock().unwrap());
+        if spans.contains("/spine.identity.v1.Identity/GetAccount")
+            && metrics.contains("spine.rpc.duration")
+            && metrics.contains("spine.auth.failures")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "telemetry did not arrive: {} span batches, {} metric batches",
+            collector.spans.lock().unwrap().len(),
+            collector.metrics.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spans = collector.spans.lock().unwrap().clone();
+    // The server span continues the caller's trace.
+    let trace_id = hex::decode("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+    assert!(
+        spans
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .any(|s| s.trace_id == trace_id)
+    );
+    let exported = format!("{spans:?} {:?}", collector.metrics.lock().unwrap());
+    let b64_key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &key);
+    for (what, needle) in [
+        ("account id", account.as_str()),
+        ("device id", device.as_str()),
+        ("device token", token.as_str()),
+        ("tenant secret", cred.split('.').nth(1).unwrap()),
+        ("operator secret", operator.split('.').nth(1).unwrap()),
+        ("public key", b64_key.as_str()),
+        ("loopback IP", "127.0.0.1"),
+    ] {
+        assert!(!exported.contains(needle), "{what} exported in telemetry");
+    }
+}
