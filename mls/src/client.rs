@@ -30,6 +30,11 @@ pub fn decode(bytes: &[u8]) -> Result<MlsMessageIn> {
     Ok(m)
 }
 
+/// Whether the bytes are a Welcome message.
+pub fn is_welcome(bytes: &[u8]) -> bool {
+    decode(bytes).is_ok_and(|m| matches!(m.extract(), MlsMessageBodyIn::Welcome(_)))
+}
+
 /// A device: its provider (key store), signature key and credential.
 pub struct Client {
     provider: OpenMlsRustCrypto,
@@ -67,11 +72,38 @@ pub enum Incoming {
     Removed,
 }
 
+/// A device's signature key before the device has an id: generate it,
+/// register its public half with identity, then make the [`Client`] with the
+/// id identity assigned.
+pub struct DeviceKey(SignatureKeyPair);
+
+impl std::fmt::Debug for DeviceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceKey")
+    }
+}
+
+impl DeviceKey {
+    pub fn generate() -> Result<Self> {
+        Ok(Self(SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(lib)?))
+    }
+
+    /// The raw Ed25519 public key to register.
+    pub fn public_key(&self) -> Vec<u8> {
+        self.0.public().to_vec()
+    }
+}
+
 impl Client {
     /// A new device with a fresh Ed25519 signature key.
     pub fn new(name: DeviceName) -> Result<Self> {
+        Self::from_key(DeviceKey::generate()?, name)
+    }
+
+    /// The device whose key was generated (and registered) first.
+    pub fn from_key(key: DeviceKey, name: DeviceName) -> Result<Self> {
         let provider = OpenMlsRustCrypto::default();
-        let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).map_err(lib)?;
+        let signer = key.0;
         signer.store(provider.storage()).map_err(lib)?;
         let credential = CredentialWithKey {
             credential: BasicCredential::new(name.to_identity()).into(),
@@ -92,9 +124,27 @@ impl Client {
     /// `n` single-use key packages, serialized as MLS messages; with
     /// `last_resort`, one more marked last-resort (reusable) at the end.
     pub fn key_packages(&self, n: usize, last_resort: bool) -> Result<Vec<Vec<u8>>> {
+        self.key_packages_valid(n, last_resort, None)
+    }
+
+    /// As [`Client::key_packages`], valid from `not_before` to `not_after`
+    /// (Unix seconds; openmls's default, about three months from an hour
+    /// ago, if `None`).
+    pub fn key_packages_valid(&self, n: usize, last_resort: bool, window: Option<(u64, u64)>) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::with_capacity(n + usize::from(last_resort));
         for i in 0..n + usize::from(last_resort) {
-            let mut b = KeyPackage::builder();
+            // Every package advertises the last-resort extension, so a
+            // device's leaves look the same whichever package added it.
+            let mut b = KeyPackage::builder().leaf_node_capabilities(Capabilities::new(
+                None,
+                None,
+                Some(&[ExtensionType::LastResort]),
+                None,
+                None,
+            ));
+            if let Some((not_before, not_after)) = window {
+                b = b.key_package_lifetime(Lifetime::init(not_before, not_after));
+            }
             if i == n {
                 b = b.mark_as_last_resort();
             }

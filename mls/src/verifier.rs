@@ -381,3 +381,45 @@ impl DeliveryService {
         }
     }
 }
+
+/// What the key-package directory learns from a validated key package.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPackageInfo {
+    /// Who it is for, from its credential.
+    pub name: DeviceName,
+    /// The leaf's signature key (must be the device's registered key).
+    pub signature_key: Vec<u8>,
+    /// Hex of its hash reference: a stable id for the package.
+    pub reference: String,
+    /// Validity, Unix seconds.
+    pub not_before: u64,
+    pub not_after: u64,
+    /// Marked last-resort (reusable).
+    pub last_resort: bool,
+}
+
+/// Validates a key package (an MLS message holding one): signatures,
+/// protocol version, Spine's ciphersuite, a basic credential naming a Spine
+/// device, a lifetime that holds now.
+pub fn validate_key_package(bytes: &[u8]) -> Result<KeyPackageInfo> {
+    let kp = match decode(bytes)?.extract() {
+        MlsMessageBodyIn::KeyPackage(kp) => kp,
+        _ => return Err(MlsError::Malformed("not a KeyPackage".into())),
+    };
+    let crypto = RustCrypto::default();
+    let kp = kp.validate(&crypto, ProtocolVersion::Mls10).map_err(invalid)?;
+    if kp.ciphersuite() != crate::CIPHERSUITE {
+        return Err(MlsError::Invalid(format!("ciphersuite {:?} is not Spine's", kp.ciphersuite())));
+    }
+    let leaf = kp.leaf_node();
+    let name = name_of(leaf.credential())?;
+    let reference = kp.hash_ref(&crypto).map_err(lib)?;
+    Ok(KeyPackageInfo {
+        name,
+        signature_key: leaf.signature_key().as_slice().to_vec(),
+        reference: reference.as_slice().iter().map(|b| format!("{b:02x}")).collect(),
+        not_before: kp.life_time().not_before(),
+        not_after: kp.life_time().not_after(),
+        last_resort: kp.last_resort(),
+    })
+}

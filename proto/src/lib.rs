@@ -17,6 +17,12 @@ pub mod common {
     }
 }
 
+pub mod groups {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/spine.groups.v1.rs"));
+    }
+}
+
 pub mod identity {
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/spine.identity.v1.rs"));

@@ -73,6 +73,11 @@ impl AccountData for IdentityData {
         // Identity deletes its data atomically inside DeleteAccount itself.
         Ok(())
     }
+
+    async fn delete_device(&self, _t: &TenantStore, _account: &str, _device: &str) -> std::result::Result<(), Status> {
+        // ... and a device's inside RevokeDevice.
+        Ok(())
+    }
 }
 
 async fn report(t: &TenantStore, account: &str) -> Result<DataReportSection> {

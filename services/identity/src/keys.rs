@@ -84,9 +84,17 @@ impl Signer {
         for fresh in [false, true] {
             let now = now_secs();
             let keys = self.load(fresh).await?;
-            let usable = keys.iter().rev().find(|k| {
-                k.secret.is_some() && k.published.activates_at <= now && k.published.retires_at.is_none_or(|r| r > now)
-            });
+            // The newest active key: a rotation's successor is the one key
+            // without a retirement date (activation times can tie within a
+            // second, so they alone cannot order keys).
+            let usable = keys
+                .iter()
+                .filter(|k| {
+                    k.secret.is_some()
+                        && k.published.activates_at <= now
+                        && k.published.retires_at.is_none_or(|r| r > now)
+                })
+                .max_by_key(|k| (k.published.retires_at.is_none(), k.published.activates_at, k.published.created_at));
             if let Some(k) = usable {
                 return Ok((k.id.clone(), k.secret.clone().expect("filtered on secret")));
             }

@@ -14,6 +14,8 @@ pub mod error;
 mod keys;
 mod model;
 mod service;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod validate;
 
 use std::sync::{Arc, Weak};

@@ -4,22 +4,10 @@
 //! change both together.
 
 use serde::{Deserialize, Serialize};
+pub use spine_runtime::directory::{
+    DeviceRec, HandleIndex, account_key, device_key, devices_prefix, handle_index_key, settings_key, tenant_key,
+};
 
-/// Tenant: `accounts/<account>`.
-pub fn account_key(account: &str) -> String {
-    format!("accounts/{account}")
-}
-/// Tenant: `devices/<account>/<device>`.
-pub fn device_key(account: &str, device: &str) -> String {
-    format!("devices/{account}/{device}")
-}
-pub fn devices_prefix(account: &str) -> String {
-    format!("devices/{account}/")
-}
-/// Tenant: `settings/<account>` (absent until first changed).
-pub fn settings_key(account: &str) -> String {
-    format!("settings/{account}")
-}
 /// Tenant: `contacts/<account>/<peer>` and `blocks/<account>/<peer>`.
 pub fn peers_prefix(list: PeerList, account: &str) -> String {
     format!("{}/{account}/", list.as_str())
@@ -35,14 +23,6 @@ pub fn idem_key(scope: &str, request_id: &str) -> String {
 }
 pub fn idem_prefix(scope: &str) -> String {
     format!("idem/{scope}/")
-}
-/// Control plane: `tenants/<tenant>`.
-pub fn tenant_key(tenant: &str) -> String {
-    format!("tenants/{tenant}")
-}
-/// Control plane: `handles/<handle>`: the index interop resolution reads.
-pub fn handle_index_key(handle: &str) -> String {
-    format!("handles/{handle}")
 }
 /// Control plane: `idem/admin/<request id>`.
 pub fn admin_idem_key(request_id: &str) -> String {
@@ -84,26 +64,9 @@ pub struct AccountRec {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeviceRec {
-    /// `SignatureScheme` number.
-    pub scheme: i32,
-    /// Base64 raw public key.
-    pub public_key: String,
-    pub created_at: i64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HandleRec {
     pub allowed: Vec<String>,
     pub created_at: i64,
-}
-
-/// The control-plane index entry of an interop handle.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HandleIndex {
-    pub tenant_id: String,
-    pub account_id: String,
-    pub allowed: Vec<String>,
 }
 
 /// A stored answer to an idempotent write.

@@ -231,6 +231,14 @@ impl IdentityApi {
             if out.succeeded {
                 self.node().rt.auth.observe(&revoked, Some(b"{}"));
                 tracing::info!(account = %redact(&s.account), device = %redact(&device), "device revoked");
+                // Other services drop what they hold for the device; what
+                // fails here, their own upkeep finishes (groups sweeps
+                // rosters for devices that no longer exist).
+                for holder in self.node().rt.account_data() {
+                    if let Err(e) = holder.delete_device(&s.store, &s.account, &device).await {
+                        tracing::warn!(service = holder.service(), error = %e.message(), "device cleanup incomplete");
+                    }
+                }
                 return Ok(());
             }
         }
@@ -353,8 +361,8 @@ impl IdentityApi {
                 Ok(())
             }
             Peer::Interop { tenant, handle } => {
-                let idx = self.resolve(handle, s.store.tenant().as_str()).await?;
-                if idx.tenant_id != tenant.as_str() {
+                let target = self.resolve(handle, s.store.tenant()).await?;
+                if &target != tenant {
                     return Err(IdentityError::NotFound("peer"));
                 }
                 Ok(())
@@ -364,19 +372,16 @@ impl IdentityApi {
 
     /// Resolves a handle for a caller of `caller_tenant`. Unknown, revoked,
     /// not-for-you and unreachable all look the same: NOT_FOUND.
-    async fn resolve(&self, handle: &str, caller_tenant: &str) -> Result<HandleIndex> {
+    async fn resolve(
+        &self,
+        handle: &str,
+        caller_tenant: &spine_runtime::ids::TenantId,
+    ) -> Result<spine_runtime::ids::TenantId> {
         let sys = self.node().rt.system_store();
-        let kv = sys.get(&model::handle_index_key(handle)).await?.ok_or(IdentityError::NotFound("handle"))?;
-        let idx: HandleIndex = parse(&kv)?;
-        if !idx.allowed.iter().any(|t| t == caller_tenant) {
-            return Err(IdentityError::NotFound("handle"));
+        match spine_runtime::directory::resolve_handle(&sys, handle, caller_tenant).await? {
+            Some((tenant, _account)) => Ok(tenant),
+            None => Err(IdentityError::NotFound("handle")),
         }
-        let target = spine_runtime::ids::TenantId::parse(&idx.tenant_id).ok_or(IdentityError::NotFound("handle"))?;
-        let (settings, _) = load_settings(&sys.tenant_for_interop(&target), &idx.account_id).await?;
-        if settings.cross_app == pb::CrossAppReachability::Off as i32 {
-            return Err(IdentityError::NotFound("handle"));
-        }
-        Ok(idx)
     }
 
     async fn add_peer(
@@ -692,12 +697,11 @@ impl Identity for IdentityApi {
         req: Request<pb::ResolveInteropHandleRequest>,
     ) -> std::result::Result<Response<pb::ResolveInteropHandleResponse>, Status> {
         let caller = Caller::of(&req)?;
-        let tenant =
-            caller.tenant().ok_or(IdentityError::Authz(spine_runtime::auth::AuthzError::TenantOnly))?.to_string();
+        let tenant = caller.tenant().ok_or(IdentityError::Authz(spine_runtime::auth::AuthzError::TenantOnly))?.clone();
         let handle = validate::id("handle", Kind::InteropHandle, &req.get_ref().handle)?;
-        let idx = self.resolve(handle, &tenant).await?;
+        let target = self.resolve(handle, &tenant).await?;
         wire(Ok(pb::ResolveInteropHandleResponse {
-            r#ref: Some(InteropRef { tenant_id: idx.tenant_id, handle: handle.to_string() }),
+            r#ref: Some(InteropRef { tenant_id: target.to_string(), handle: handle.to_string() }),
         }))
     }
 

@@ -106,8 +106,8 @@ impl Peer {
 
     pub fn key(&self) -> String {
         match self {
-            Peer::Account(a) => format!("a.{a}"),
-            Peer::Interop { tenant, handle } => format!("i.{tenant}.{handle}"),
+            Peer::Account(a) => spine_runtime::directory::peer_account(a),
+            Peer::Interop { tenant, handle } => spine_runtime::directory::peer_interop(tenant.as_str(), handle),
         }
     }
 

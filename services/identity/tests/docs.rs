@@ -1,10 +1,8 @@
 //! Keeps the documents true: every RPC has its error table in docs/api.md,
 //! and every kind of item in the data report is listed in docs/privacy.md.
 
-mod common;
-
-use common::{req, start};
 use prost::Message;
+use spine_identity::testing::{req, start};
 use spine_proto::identity::v1 as pb;
 use spine_runtime::config::Backend;
 

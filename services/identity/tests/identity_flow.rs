@@ -1,9 +1,7 @@
 //! The identity service end to end over gRPC, on both stores.
 
-mod common;
-
-use common::{Env, assert_code, req, start};
 use prost_types::FieldMask;
+use spine_identity::testing::{Env, assert_code, req, start};
 use spine_proto::common::v1::{PeerRef, peer_ref, retention};
 use spine_proto::identity::v1 as pb;
 use spine_runtime::config::Backend;
@@ -521,7 +519,7 @@ async fn tenant_credentials_rotate(env: Env) {
         .into_inner();
     // Both work during rotation.
     env.account(&t).await;
-    env.account(&common::Tenant { id: t.id.clone(), cred: new.secret.clone() }).await;
+    env.account(&spine_identity::testing::Tenant { id: t.id.clone(), cred: new.secret.clone() }).await;
     let creds = admin
         .list_tenant_credentials(req(pb::ListTenantCredentialsRequest { tenant_id: t.id.clone() }, &env.operator))
         .await
@@ -542,7 +540,7 @@ async fn tenant_credentials_rotate(env: Env) {
         env.identity().create_account(req(pb::CreateAccountRequest { request_id: "z".into() }, &t.cred)).await,
         Code::Unauthenticated,
     );
-    env.account(&common::Tenant { id: t.id.clone(), cred: new.secret }).await;
+    env.account(&spine_identity::testing::Tenant { id: t.id.clone(), cred: new.secret }).await;
     // The stored record holds a hash, never the secret.
     let stored: Vec<String> = env
         .rt
@@ -589,7 +587,7 @@ async fn a_second_node_verifies_and_revokes_from_the_store() {
     let t = env.tenant("messenger").await;
     let d = env.device(&t).await;
     let store2 = env.etcd.as_ref().unwrap().store().await;
-    let node2 = common::start_on(store2, None, common::test_config()).await;
+    let node2 = spine_identity::testing::start_on(store2, None, spine_identity::testing::test_config()).await;
     let mut id2 = node2.identity();
     id2.get_account(req(pb::GetAccountRequest::default(), &d.token)).await.unwrap();
     env.identity()

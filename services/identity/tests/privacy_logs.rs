@@ -2,13 +2,11 @@
 //! logged while the whole identity API is exercised, at debug level for
 //! every crate and trace level for Spine's own.
 
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use common::{req, start};
 use prost_types::FieldMask;
+use spine_identity::testing::{req, start};
 use spine_proto::common::v1::{PeerRef, peer_ref};
 use spine_proto::identity::v1 as pb;
 use spine_runtime::config::Backend;

@@ -4,15 +4,13 @@
 //! UNAUTHENTICATED; bad bytes and fields get INVALID_ARGUMENT (or
 //! RESOURCE_EXHAUSTED past the message limit) and nothing is half-written.
 
-mod common;
-
 use std::collections::BTreeMap;
 
 use base64::Engine;
 use bytes::{Buf, BufMut};
-use common::{Device, Env, Tenant, assert_code, req, start};
 use ed25519_dalek::SigningKey;
 use prost_types::FieldMask;
+use spine_identity::testing::{Device, Env, Tenant, assert_code, req, start};
 use spine_proto::common::v1::{InteropRef, PeerRef, peer_ref};
 use spine_proto::identity::v1 as pb;
 use spine_runtime::auth::token::{self, Claims};

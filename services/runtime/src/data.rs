@@ -40,6 +40,10 @@ pub trait AccountData: Send + Sync + 'static {
     /// Deletes everything the service stores about the account. Must be
     /// idempotent: it may run again after a partial failure.
     async fn delete(&self, tenant: &TenantStore, account_id: &str) -> Result<(), tonic::Status>;
+    /// Deletes what the service stores about one revoked device (and, for
+    /// groups, proposes its removal). Idempotent, like [`AccountData::delete`].
+    async fn delete_device(&self, tenant: &TenantStore, account_id: &str, device_id: &str)
+    -> Result<(), tonic::Status>;
 }
 
 /// Accounts of a tenant whose deletion `service` has not finished.

@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod config;
 pub mod data;
+pub mod directory;
 pub mod error;
 pub mod ids;
 pub mod server;

@@ -66,6 +66,23 @@ macro_rules! rooted_ops {
             pub async fn range_all(&self, rel_prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
                 self.0.store.range_all(&self.0.key(rel_prefix)).await
             }
+            /// Every key under the prefix strictly after `start_after_rel`.
+            pub async fn range_all_after(
+                &self,
+                rel_prefix: &str,
+                start_after_rel: Option<&str>,
+            ) -> Result<Vec<KeyValue>, StoreError> {
+                let mut out = Vec::new();
+                let mut after = start_after_rel.map(|a| self.0.key(a));
+                loop {
+                    let page = self.0.store.range(&self.0.key(rel_prefix), after.as_deref(), 512).await?;
+                    after = page.kvs.last().map(|kv| kv.key.clone());
+                    out.extend(page.kvs);
+                    if !page.more {
+                        return Ok(out);
+                    }
+                }
+            }
             /// Runs a transaction. Its keys come from [`Self::key`] (or from
             /// another handle the caller legitimately holds).
             pub async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
@@ -100,6 +117,29 @@ impl TenantStore {
     }
 }
 
+/// Prefix of the cross-tenant group space (MLS groups span tenants by
+/// policy; their members' mailboxes stay in each member's tenant).
+pub const GROUPS_PREFIX: &str = "/spine/g/";
+
+/// A store handle on the group space (`/spine/g/`), for the groups service
+/// only, which checks membership before touching a group.
+#[derive(Clone)]
+pub struct GroupSpace(Rooted);
+
+impl std::fmt::Debug for GroupSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupSpace")
+    }
+}
+
+rooted_ops!(GroupSpace);
+
+impl GroupSpace {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self(Rooted { store, prefix: GROUPS_PREFIX.to_string() })
+    }
+}
+
 /// A store handle on the control plane (`/spine/sys/`).
 #[derive(Clone)]
 pub struct SystemStore(Rooted);
@@ -126,6 +166,14 @@ impl SystemStore {
     /// only to read what interop needs (the target's reachability setting),
     /// after the handle has been resolved for the caller.
     pub fn tenant_for_interop(&self, tenant: &TenantId) -> TenantStore {
+        TenantStore::new(self.0.store.clone(), tenant.clone())
+    }
+
+    /// The handle of a tenant whose devices a service delivers to or checks
+    /// on behalf of a group (MLS fan-out, member validation): the group's
+    /// policy has admitted the tenant. Never for serving that tenant's
+    /// callers.
+    pub fn tenant_for_delivery(&self, tenant: &TenantId) -> TenantStore {
         TenantStore::new(self.0.store.clone(), tenant.clone())
     }
 

@@ -1,7 +1,7 @@
-//! Test support: an identity server on a free loopback port over either
-//! store, with an operator credential and helpers to make tenants, accounts
-//! and devices through the public API.
-#![allow(dead_code)]
+//! Test support (feature `testing`): an identity server, plus any other
+//! services a test installs, on a free loopback port over either store, with
+//! an operator credential and helpers that make tenants, accounts and
+//! devices through the public API.
 
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use spine_runtime::Runtime;
 use spine_runtime::config::{Backend, Config};
 use spine_runtime::store::{EmbeddedStore, Store};
 use spine_runtime::testing::{EtcdServer, TestServer};
+use tonic::service::RoutesBuilder;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
@@ -35,6 +36,15 @@ pub async fn start(backend: Backend) -> Env {
 }
 
 pub async fn start_with(backend: Backend, config: Config) -> Env {
+    start_with_services(backend, config, |_, r| async move { (r, vec![]) }).await
+}
+
+/// Identity plus the services `extra` installs.
+pub async fn start_with_services<F, Fut>(backend: Backend, config: Config, extra: F) -> Env
+where
+    F: FnOnce(Arc<Runtime>, RoutesBuilder) -> Fut,
+    Fut: std::future::Future<Output = (RoutesBuilder, Vec<&'static str>)>,
+{
     let (store, etcd): (Arc<dyn Store>, _) = match backend {
         Backend::Embedded => (Arc::new(EmbeddedStore::in_memory()), None),
         Backend::Etcd => {
@@ -42,15 +52,25 @@ pub async fn start_with(backend: Backend, config: Config) -> Env {
             (e.store().await, Some(e))
         }
     };
-    start_on(store, etcd, config).await
+    start_on_with(store, etcd, config, extra).await
 }
 
 pub async fn start_on(store: Arc<dyn Store>, etcd: Option<EtcdServer>, config: Config) -> Env {
+    start_on_with(store, etcd, config, |_, r| async move { (r, vec![]) }).await
+}
+
+pub async fn start_on_with<F, Fut>(store: Arc<dyn Store>, etcd: Option<EtcdServer>, config: Config, extra: F) -> Env
+where
+    F: FnOnce(Arc<Runtime>, RoutesBuilder) -> Fut,
+    Fut: std::future::Future<Output = (RoutesBuilder, Vec<&'static str>)>,
+{
     let rt = Runtime::with_store(config, store);
-    let mut routes = tonic::service::RoutesBuilder::default();
-    let names = spine_identity::install(&rt, &mut routes);
+    let mut routes = RoutesBuilder::default();
+    let mut names = crate::install(&rt, &mut routes);
+    let (routes, more) = extra(rt.clone(), routes).await;
+    names.extend(more);
     let server = TestServer::start(rt.clone(), routes.routes(), names).await;
-    let operator = spine_identity::bootstrap_operator(&rt, "test").await.unwrap();
+    let operator = crate::bootstrap_operator(&rt, "test").await.unwrap();
     let channel = server.channel().await;
     Env { rt, server, operator, channel, etcd }
 }
@@ -109,6 +129,13 @@ impl Env {
 
     pub async fn device_of(&self, t: &Tenant, account: &str) -> Device {
         let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let (device, token) = self.register(t, account, &key.verifying_key().to_bytes()).await;
+        Device { tenant: t.id.clone(), account: account.into(), device, key, token }
+    }
+
+    /// Registers a device with a given signature key (an MLS client's) and
+    /// issues its token: (device id, token).
+    pub async fn register(&self, t: &Tenant, account: &str, public_key: &[u8]) -> (String, String) {
         let d = self
             .identity()
             .register_device(req(
@@ -116,7 +143,7 @@ impl Env {
                     request_id: format!("d-{}", rand::random::<u64>()),
                     account_id: account.into(),
                     signature_scheme: pb::SignatureScheme::Ed25519 as i32,
-                    signature_public_key: key.verifying_key().to_bytes().to_vec(),
+                    signature_public_key: public_key.to_vec(),
                 },
                 &t.cred,
             ))
@@ -138,7 +165,7 @@ impl Env {
             .unwrap()
             .into_inner()
             .token;
-        Device { tenant: t.id.clone(), account: account.into(), device: d.device_id, key, token }
+        (d.device_id, token)
     }
 
     pub async fn device(&self, t: &Tenant) -> Device {

@@ -1,0 +1,474 @@
+//! The delivery service: groups, commits (one per epoch), application
+//! messages, GroupInfo for external joins, disputes, and removal of devices
+//! that no longer exist.
+
+use spine_mls::verifier::{Sender, Verified, Verifier};
+use spine_proto::groups::v1::{self as pb, EntryKind};
+use spine_runtime::directory;
+use spine_runtime::ids::TenantId;
+use spine_runtime::now_secs;
+use spine_runtime::store::{Compare, KeyValue, Op, TenantStore, Txn};
+use spine_runtime::telemetry::redact;
+
+use crate::error::{GroupsError, Result, invalid, mls};
+use crate::keypackages::registered_key;
+use crate::model::{self, Device, GroupMeta, LogEntry, RosterEntry, gid_hex, json, parse};
+use crate::{APPLICATION_EPOCH_WINDOW, Node};
+
+/// Most commit attempts before answering ABORTED (each re-verifies).
+const CAS_ATTEMPTS: usize = 8;
+/// Largest MLS message accepted (a commit adding hundreds of members).
+pub(crate) const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Most tenants one group's policy names.
+const MAX_POLICY_TENANTS: usize = 16;
+
+pub(crate) fn group_id(v: &[u8]) -> Result<String> {
+    if v.is_empty() || v.len() > 64 {
+        return Err(invalid("group_id", "1 to 64 bytes"));
+    }
+    Ok(gid_hex(v))
+}
+
+fn bytes_field(field: &'static str, v: &[u8]) -> Result<()> {
+    if v.is_empty() || v.len() > MAX_MESSAGE_BYTES {
+        return Err(invalid(field, format!("1 to {MAX_MESSAGE_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+struct Loaded {
+    meta: GroupMeta,
+    meta_kv: KeyValue,
+    verifier: Verifier,
+}
+
+async fn load_meta(node: &Node, g: &str) -> Result<Option<(GroupMeta, KeyValue)>> {
+    match node.groups.get(&model::meta_key(g)).await? {
+        Some(kv) => Ok(Some((parse(&kv)?, kv))),
+        None => Ok(None),
+    }
+}
+
+async fn load(node: &Node, g: &str) -> Result<Option<Loaded>> {
+    let Some((meta, meta_kv)) = load_meta(node, g).await? else { return Ok(None) };
+    let state = node
+        .groups
+        .get(&model::state_key(g))
+        .await?
+        .ok_or_else(|| GroupsError::Internal("group without state".into()))?;
+    let verifier =
+        Verifier::from_bytes(&state.value).map_err(|e| GroupsError::Internal(format!("group state: {e}")))?;
+    Ok(Some(Loaded { meta, meta_kv, verifier }))
+}
+
+/// The group, if the calling device is a member. Non-members learn nothing
+/// (NOT_FOUND), not even that the group exists.
+async fn load_for_member(node: &Node, g: &str, me: &Device) -> Result<Loaded> {
+    let l = load(node, g).await?.ok_or(GroupsError::NotFound("group"))?;
+    if l.meta.member(&me.tenant, &me.account, &me.device).is_none() {
+        return Err(GroupsError::NotFound("group"));
+    }
+    Ok(l)
+}
+
+fn tenant_store(node: &Node, caller: &TenantStore, tenant: &str) -> Result<TenantStore> {
+    if tenant == caller.tenant().as_str() {
+        return Ok(caller.clone());
+    }
+    let t = TenantId::parse(tenant)
+        .ok_or_else(|| GroupsError::Refused("a member's credential names no valid tenant".into()))?;
+    Ok(node.rt.system_store().tenant_for_delivery(&t))
+}
+
+/// Spine's rules for a device entering a group: its tenant is in the
+/// policy, it is a registered device whose key the leaf carries, and, for
+/// another tenant than the one adding it, its account allows other apps.
+async fn admit(node: &Node, caller: &TenantStore, meta_allowed: &[String], d: &Device, leaf_key: &[u8]) -> Result<()> {
+    if !meta_allowed.iter().any(|t| *t == d.tenant) {
+        return Err(GroupsError::Refused("a member's tenant is not allowed by the group's policy".into()));
+    }
+    let t = tenant_store(node, caller, &d.tenant)?;
+    match directory::device(&t, &d.account, &d.device).await? {
+        Some(rec) if rec.public_key_bytes().as_deref() == Some(leaf_key) => {}
+        _ => return Err(GroupsError::Refused("a member is not a registered device with that signature key".into())),
+    }
+    if d.tenant != caller.tenant().as_str()
+        && directory::cross_app(&t, &d.account).await? == spine_proto::identity::v1::CrossAppReachability::Off
+    {
+        return Err(GroupsError::Refused("a member's account does not accept other apps".into()));
+    }
+    Ok(())
+}
+
+fn roster(v: &Verifier) -> Vec<RosterEntry> {
+    v.members().into_iter().map(|m| RosterEntry { leaf: m.index, device: Device::of(&m.name) }).collect()
+}
+
+pub(crate) fn to_proto(g: &[u8], meta: &GroupMeta, disputes: Vec<pb::Dispute>) -> pb::Group {
+    pb::Group {
+        group_id: g.to_vec(),
+        epoch: meta.epoch,
+        members: meta
+            .roster
+            .iter()
+            .map(|r| pb::Member {
+                leaf_index: r.leaf,
+                tenant_id: r.device.tenant.clone(),
+                account_id: r.device.account.clone(),
+                device_id: r.device.device.clone(),
+            })
+            .collect(),
+        allowed_tenant_ids: meta.allowed.clone(),
+        created_at: Some(prost_types::Timestamp { seconds: meta.created_at, nanos: 0 }),
+        disputes,
+    }
+}
+
+pub(crate) async fn create(
+    node: &Node,
+    t: &TenantStore,
+    me: &Device,
+    req: pb::CreateGroupRequest,
+) -> Result<pb::Group> {
+    bytes_field("group_info", &req.group_info)?;
+    if req.allowed_tenant_ids.is_empty() || req.allowed_tenant_ids.len() > MAX_POLICY_TENANTS {
+        return Err(invalid("allowed_tenant_ids", format!("1 to {MAX_POLICY_TENANTS} tenant ids")));
+    }
+    let sys = node.rt.system_store();
+    let mut allowed: Vec<String> = Vec::new();
+    for a in &req.allowed_tenant_ids {
+        TenantId::parse(a).ok_or_else(|| invalid("allowed_tenant_ids", "not a tenant id"))?;
+        if sys.get(&directory::tenant_key(a)).await?.is_none() {
+            return Err(invalid("allowed_tenant_ids", format!("unknown tenant {a}")));
+        }
+        if !allowed.contains(a) {
+            allowed.push(a.clone());
+        }
+    }
+    if !allowed.iter().any(|a| *a == me.tenant) {
+        return Err(invalid("allowed_tenant_ids", "must include the creator's tenant"));
+    }
+    let v = Verifier::from_group_info(&req.group_info).map_err(mls("group_info"))?;
+    let g_raw = v.group_id();
+    let g = group_id(&g_raw)?;
+    if !v.ciphersuite_ok() {
+        return Err(invalid("group_info", "the group must use ciphersuite 0x0001"));
+    }
+    let ds_index = v
+        .external_sender_index(&node.ds.public_key())
+        .ok_or_else(|| invalid("group_info", "the delivery service must be one of the group's external senders"))?;
+    let members = v.members();
+    if members.iter().all(|m| Device::of(&m.name) != *me) {
+        return Err(invalid("group_info", "the calling device must be a member"));
+    }
+    for m in &members {
+        admit(node, t, &allowed, &Device::of(&m.name), &m.signature_key).await?;
+    }
+    let meta =
+        GroupMeta { epoch: v.epoch(), next_seq: 1, roster: roster(&v), allowed, created_at: now_secs(), ds_index };
+    let mut txn = Txn::new()
+        .when(Compare::Absent(node.groups.key(&model::meta_key(&g))))
+        .then(Op::put(node.groups.key(&model::meta_key(&g)), json(&meta)))
+        .then(Op::put(node.groups.key(&model::state_key(&g)), v.to_bytes()))
+        .then(Op::put(node.groups.key(&model::info_key(&g)), req.group_info.clone()));
+    for r in &meta.roster {
+        let ts = tenant_store(node, t, &r.device.tenant)?;
+        txn = txn.then(Op::put(ts.key(&model::gm_key(&r.device.account, &r.device.device, &g)), b"{}".to_vec()));
+    }
+    if !node.groups.txn(txn).await?.succeeded {
+        return Err(GroupsError::AlreadyExists);
+    }
+    tracing::info!(group = %redact(&g), members = meta.roster.len(), "group created");
+    Ok(to_proto(&g_raw, &meta, vec![]))
+}
+
+pub(crate) async fn get(node: &Node, me: &Device, raw: &[u8]) -> Result<pb::Group> {
+    let g = group_id(raw)?;
+    let (meta, _) = load_meta(node, &g).await?.ok_or(GroupsError::NotFound("group"))?;
+    if meta.member(&me.tenant, &me.account, &me.device).is_none() {
+        return Err(GroupsError::NotFound("group"));
+    }
+    let mut by_epoch: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
+    for kv in node.groups.range_all(&model::disputes_prefix(&g)).await? {
+        let rel = node.groups.relative(&kv.key);
+        if let Some(e) = rel.split('/').nth(2).and_then(|e| e.parse::<u64>().ok()) {
+            *by_epoch.entry(e).or_default() += 1;
+        }
+    }
+    let mut disputes = Vec::new();
+    for (epoch, reports) in by_epoch {
+        let committer = match node.groups.get(&model::committer_key(&g, epoch)).await? {
+            Some(kv) => String::from_utf8_lossy(&kv.value).parse().unwrap_or(u32::MAX),
+            None => u32::MAX,
+        };
+        disputes.push(pb::Dispute { epoch, committer_leaf_index: committer, reports });
+    }
+    Ok(to_proto(raw, &meta, disputes))
+}
+
+/// The GroupInfo for a member device, or for a new device of an account
+/// that has a device in the group (to join by external commit).
+pub(crate) async fn group_info(node: &Node, me: &Device, raw: &[u8]) -> Result<pb::GroupInfoResponse> {
+    let g = group_id(raw)?;
+    let (meta, _) = load_meta(node, &g).await?.ok_or(GroupsError::NotFound("group"))?;
+    if !meta.roster.iter().any(|r| r.device.tenant == me.tenant && r.device.account == me.account) {
+        return Err(GroupsError::NotFound("group"));
+    }
+    let info = node
+        .groups
+        .get(&model::info_key(&g))
+        .await?
+        .ok_or_else(|| GroupsError::Internal("group without info".into()))?;
+    Ok(pb::GroupInfoResponse { epoch: meta.epoch, group_info: info.value })
+}
+
+/// Accepts a commit bundle: verified, for the current epoch, within policy,
+/// and the one that wins the epoch.
+pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::SendCommitRequest) -> Result<u64> {
+    let g = group_id(&req.group_id)?;
+    bytes_field("commit", &req.commit)?;
+    bytes_field("group_info", &req.group_info)?;
+    if req.welcome.len() > MAX_MESSAGE_BYTES {
+        return Err(invalid("welcome", format!("at most {MAX_MESSAGE_BYTES} bytes")));
+    }
+    let my_key = registered_key(t, me).await?;
+    for _ in 0..CAS_ATTEMPTS {
+        let Some(mut l) = load(node, &g).await? else { return Err(GroupsError::NotFound("group")) };
+        let is_member = l.meta.member(&me.tenant, &me.account, &me.device).is_some();
+        let account_in_group =
+            l.meta.roster.iter().any(|r| r.device.tenant == me.tenant && r.device.account == me.account);
+        if !is_member && !account_in_group {
+            return Err(GroupsError::NotFound("group"));
+        }
+        let verdict = l.verifier.verify(&req.commit).map_err(mls("commit"))?;
+        let (sender, added, removed) = match verdict {
+            Verified::Commit { sender, added, removed, .. } => (sender, added, removed),
+            Verified::Proposal { .. } => return Err(invalid("commit", "a proposal, not a commit")),
+        };
+        // The commit is the calling device's own, signed with its
+        // registered key.
+        match &sender {
+            Sender::Member { name, signature_key, .. } | Sender::NewMember { name, signature_key } => {
+                if Device::of(name) != *me || *signature_key != my_key {
+                    return Err(GroupsError::Refused(
+                        "the commit is not signed by the calling device's registered key".into(),
+                    ));
+                }
+            }
+            Sender::External => return Err(invalid("commit", "commits by external senders are not accepted")),
+        }
+        if matches!(sender, Sender::NewMember { .. }) {
+            admit(node, t, &l.meta.allowed, me, &my_key).await?;
+        }
+        for a in &added {
+            admit(node, t, &l.meta.allowed, &Device::of(&a.name), &a.signature_key).await?;
+        }
+        if added.is_empty() != req.welcome.is_empty() && !matches!(sender, Sender::NewMember { .. }) {
+            return Err(invalid("welcome", "required exactly when the commit adds members"));
+        }
+        let from_epoch = l.meta.epoch;
+        let old_roster = l.meta.roster.clone();
+        l.verifier.apply().map_err(mls("commit"))?;
+        let signer = match &sender {
+            Sender::Member { index, .. } => *index,
+            _ => l
+                .verifier
+                .index_of(&spine_mls::DeviceName::new(&me.tenant, &me.account, &me.device))
+                .unwrap_or(u32::MAX),
+        };
+        l.verifier.check_group_info(&req.group_info, signer).map_err(mls("group_info"))?;
+        if !req.welcome.is_empty() && !spine_mls::client::is_welcome(&req.welcome) {
+            return Err(invalid("welcome", "not a Welcome message"));
+        }
+
+        let mut meta = l.meta.clone();
+        meta.epoch = l.verifier.epoch();
+        meta.roster = roster(&l.verifier);
+        let seq = meta.next_seq;
+        let recipients: Vec<Device> = old_roster.iter().map(|r| r.device.clone()).filter(|d| d != me).collect();
+        let mut entry = LogEntry::new(EntryKind::Commit, &req.commit, from_epoch, recipients);
+        entry.removed = removed.iter().map(|m| Device::of(&m.name)).collect();
+        let mut txn = Txn::new()
+            .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
+            .then(Op::put(node.groups.key(&model::state_key(&g)), l.verifier.to_bytes()))
+            .then(Op::put(node.groups.key(&model::info_key(&g)), req.group_info.clone()))
+            .then(Op::put(node.groups.key(&model::committer_key(&g, meta.epoch)), signer.to_string().into_bytes()));
+        let mut log = vec![(seq, entry)];
+        if !req.welcome.is_empty() {
+            let mut w = LogEntry::new(
+                EntryKind::Welcome,
+                &req.welcome,
+                meta.epoch,
+                added.iter().map(|m| Device::of(&m.name)).collect(),
+            );
+            w.joins = true;
+            log.push((seq + 1, w));
+        }
+        if matches!(sender, Sender::NewMember { .. }) {
+            // The joiner has no Welcome to receive: index its membership now.
+            txn = txn.then(Op::put(t.key(&model::gm_key(&me.account, &me.device, &g)), b"{}".to_vec()));
+        }
+        meta.next_seq = seq + log.len() as u64;
+        txn = txn.then(Op::put(l.meta_kv.key.clone(), json(&meta)));
+        let out = node
+            .mailbox_lease
+            .txn(|lease| {
+                let mut txn = txn.clone();
+                for (s, e) in &log {
+                    txn = txn.then(Op::put_leased(node.groups.key(&model::log_key(&g, *s)), json(e), lease));
+                }
+                txn
+            })
+            .await?;
+        if out.succeeded {
+            tracing::info!(group = %redact(&g), epoch = meta.epoch, added = added.len(), removed = removed.len(), "commit accepted");
+            spawn_fanout(node, g.clone());
+            return Ok(meta.epoch);
+        }
+        // Another write landed first. If it moved the epoch, this commit
+        // lost: say so with the epoch to catch up to.
+        if let Some((now, _)) = load_meta(node, &g).await?
+            && now.epoch != from_epoch
+        {
+            return Err(GroupsError::WrongEpoch { current: now.epoch });
+        }
+    }
+    Err(GroupsError::Conflict)
+}
+
+/// Accepts an application message from a member device, for fan-out.
+pub(crate) async fn application(node: &Node, me: &Device, req: pb::SendApplicationRequest) -> Result<()> {
+    let g = group_id(&req.group_id)?;
+    bytes_field("message", &req.message)?;
+    for _ in 0..CAS_ATTEMPTS {
+        let l = load_for_member(node, &g, me).await?;
+        let framing = l.verifier.check_application(&req.message).map_err(mls("message"))?;
+        if framing.epoch > l.meta.epoch || framing.epoch + APPLICATION_EPOCH_WINDOW < l.meta.epoch {
+            return Err(invalid(
+                "message",
+                format!("epoch {} is outside the accepted window (group at {})", framing.epoch, l.meta.epoch),
+            ));
+        }
+        let mut meta = l.meta.clone();
+        let seq = meta.next_seq;
+        meta.next_seq += 1;
+        let recipients = meta.roster.iter().map(|r| r.device.clone()).filter(|d| d != me).collect();
+        let entry = LogEntry::new(EntryKind::Application, &req.message, framing.epoch, recipients);
+        let out = node
+            .mailbox_lease
+            .txn(|lease| {
+                Txn::new()
+                    .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
+                    .then(Op::put(l.meta_kv.key.clone(), json(&meta)))
+                    .then(Op::put_leased(node.groups.key(&model::log_key(&g, seq)), json(&entry), lease))
+            })
+            .await?;
+        if out.succeeded {
+            spawn_fanout(node, g);
+            return Ok(());
+        }
+    }
+    Err(GroupsError::Conflict)
+}
+
+pub(crate) async fn dispute(node: &Node, me: &Device, req: pb::ReportDisputeRequest) -> Result<()> {
+    let g = group_id(&req.group_id)?;
+    let (meta, _) = load_meta(node, &g).await?.ok_or(GroupsError::NotFound("group"))?;
+    if meta.member(&me.tenant, &me.account, &me.device).is_none() {
+        return Err(GroupsError::NotFound("group"));
+    }
+    if req.epoch == 0 || req.epoch > meta.epoch {
+        return Err(invalid("epoch", format!("must name an epoch a commit created (1 to {})", meta.epoch)));
+    }
+    node.groups
+        .txn(
+            Txn::new().then(Op::put(
+                node.groups.key(&model::dispute_key(&g, req.epoch, &me.tenant, &me.device)),
+                b"{}".to_vec(),
+            )),
+        )
+        .await?;
+    tracing::warn!(group = %redact(&g), epoch = req.epoch, "commit disputed by a member");
+    Ok(())
+}
+
+/// Proposes the removal of a device from a group, as its external sender,
+/// and queues the proposal for the members (their next commit includes it).
+pub(crate) async fn propose_removal(node: &Node, g: &str, d: &Device) -> Result<bool> {
+    for _ in 0..CAS_ATTEMPTS {
+        let Some(mut l) = load(node, g).await? else { return Ok(false) };
+        let Some(entry) = l.meta.member(&d.tenant, &d.account, &d.device).cloned() else { return Ok(false) };
+        let proposal = node
+            .ds
+            .propose_remove(&mut l.verifier, entry.leaf, l.meta.ds_index)
+            .map_err(|e| GroupsError::Internal(e.to_string()))?;
+        let mut meta = l.meta.clone();
+        let seq = meta.next_seq;
+        meta.next_seq += 1;
+        let recipients = meta.roster.iter().map(|r| r.device.clone()).filter(|x| x != d).collect();
+        let mut log = LogEntry::new(EntryKind::Proposal, &proposal, meta.epoch, recipients);
+        log.removed = vec![d.clone()];
+        let out = node
+            .mailbox_lease
+            .txn(|lease| {
+                Txn::new()
+                    .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
+                    .then(Op::put(l.meta_kv.key.clone(), json(&meta)))
+                    .then(Op::put(node.groups.key(&model::state_key(g)), l.verifier.to_bytes()))
+                    .then(Op::put_leased(node.groups.key(&model::log_key(g, seq)), json(&log), lease))
+            })
+            .await?;
+        if out.succeeded {
+            tracing::info!(group = %redact(g), device = %redact(&d.device), "removal proposed for a deleted device");
+            spawn_fanout(node, g.to_string());
+            return Ok(true);
+        }
+    }
+    Err(GroupsError::Conflict)
+}
+
+pub(crate) fn spawn_fanout(node: &Node, g: String) {
+    let rt = node.rt.clone();
+    let groups = node.groups.clone();
+    let lease = node.mailbox_lease.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::mailbox::fanout(&rt, &groups, &lease, &g).await {
+            tracing::warn!(group = %redact(&g), error = %e, "fan-out incomplete; upkeep will finish it");
+        }
+    });
+}
+
+/// Upkeep: finishes fan-outs, and proposes the removal of members whose
+/// device no longer exists (revoked, or its account deleted) and who have
+/// no removal pending yet.
+pub(crate) async fn sweep(node: &Node) -> Result<()> {
+    let sys = node.rt.system_store();
+    let metas = node.groups.range_all("").await?;
+    for kv in metas.iter().filter(|kv| kv.key.ends_with("/meta")) {
+        let g = node.groups.relative(&kv.key).trim_end_matches("/meta").to_string();
+        crate::mailbox::fanout(&node.rt, &node.groups, &node.mailbox_lease, &g).await?;
+        let meta: GroupMeta = parse(kv)?;
+        for r in &meta.roster {
+            let Some(tenant) = TenantId::parse(&r.device.tenant) else { continue };
+            let t = sys.tenant_for_delivery(&tenant);
+            if directory::device(&t, &r.device.account, &r.device.device).await?.is_none()
+                && !removal_pending(node, &g, &meta, &r.device).await?
+            {
+                propose_removal(node, &g, &r.device).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a Remove proposal for `d` is queued in the current epoch (in
+/// the log since the last commit).
+async fn removal_pending(node: &Node, g: &str, meta: &GroupMeta, d: &Device) -> Result<bool> {
+    let entries = node.groups.range_all(&model::log_prefix(g)).await?;
+    Ok(entries
+        .iter()
+        .rev()
+        .filter_map(|kv| parse::<LogEntry>(kv).ok())
+        .take_while(|e| e.kind != EntryKind::Commit as i32)
+        .any(|e| e.kind == EntryKind::Proposal as i32 && e.epoch == meta.epoch && e.removed.contains(d)))
+}

@@ -1,0 +1,84 @@
+//! The groups service's errors and their one mapping to gRPC statuses.
+
+use spine_mls::MlsError;
+use spine_runtime::auth::AuthzError;
+use spine_runtime::error as wire;
+use spine_runtime::store::StoreError;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupsError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    /// MLS bytes that do not parse, or that MLS validation refuses.
+    #[error("{field}: {source}")]
+    Mls { field: &'static str, source: MlsError },
+    /// A commit for an epoch that is not the group's current one.
+    #[error("the group is at epoch {current}")]
+    WrongEpoch { current: u64 },
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("group already exists")]
+    AlreadyExists,
+    /// Allowed by MLS, refused by Spine's rules (policy, registered keys).
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Limit(String),
+    #[error(transparent)]
+    Authz(#[from] AuthzError),
+    #[error("concurrent update, retry")]
+    Conflict,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, GroupsError>;
+
+pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> GroupsError {
+    GroupsError::Invalid { field, reason: reason.into() }
+}
+
+pub(crate) fn mls(field: &'static str) -> impl FnOnce(MlsError) -> GroupsError {
+    move |source| match source {
+        MlsError::WrongEpoch { current, .. } => GroupsError::WrongEpoch { current },
+        source => GroupsError::Mls { field, source },
+    }
+}
+
+impl From<GroupsError> for Status {
+    fn from(e: GroupsError) -> Self {
+        match e {
+            GroupsError::Invalid { field, reason } => wire::invalid(field, reason),
+            GroupsError::Mls { field, source: MlsError::Library(detail) } => {
+                wire::internal(&format!("{field}: {detail}"))
+            }
+            GroupsError::Mls { field, source } => wire::invalid(field, source.to_string()),
+            GroupsError::WrongEpoch { current } => Status::with_error_details(
+                Code::FailedPrecondition,
+                format!("wrong epoch: the group is at epoch {current}"),
+                ErrorDetails::with_error_info(
+                    "WRONG_EPOCH",
+                    wire::DOMAIN,
+                    [("current_epoch".to_string(), current.to_string())]
+                        .into_iter()
+                        .collect::<std::collections::HashMap<_, _>>(),
+                ),
+            ),
+            GroupsError::NotFound(what) => Status::not_found(format!("{what} not found")),
+            GroupsError::AlreadyExists => Status::already_exists("group already exists"),
+            GroupsError::Refused(msg) => wire::with_reason(Code::PermissionDenied, msg, "POLICY_REFUSED"),
+            GroupsError::Limit(msg) => wire::with_reason(Code::ResourceExhausted, msg, "LIMIT_REACHED"),
+            GroupsError::Authz(a) => a.into(),
+            GroupsError::Conflict => Status::aborted("concurrent update, retry"),
+            GroupsError::Store(StoreError::TooLarge) => {
+                wire::with_reason(Code::ResourceExhausted, "group state too large for the store", "GROUP_TOO_LARGE")
+            }
+            GroupsError::Store(s) => wire::store(s),
+            GroupsError::Internal(detail) => wire::internal(&detail),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The key-package directory.
+
+use spine_mls::verifier::validate_key_package;
+use spine_proto::groups::v1 as pb;
+use spine_runtime::directory;
+use spine_runtime::ids::{self, Kind, TenantId};
+use spine_runtime::now_secs;
+use spine_runtime::store::{Compare, Op, TenantStore, Txn};
+
+use crate::error::{GroupsError, Result, invalid, mls};
+use crate::model::{self, Device, b64, json, parse, unb64};
+use crate::{MAX_KEY_PACKAGE_LIFETIME_SECS, MAX_KEY_PACKAGES, Node};
+
+/// Largest accepted key package.
+const MAX_KEY_PACKAGE_BYTES: usize = 16 * 1024;
+/// Most key packages per upload.
+const MAX_UPLOAD: usize = 100;
+/// Most targets per claim.
+const MAX_TARGETS: usize = 32;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredKp {
+    kp: String,
+    not_after: u64,
+}
+
+fn check(bytes: &[u8], me: &Device, registered: &[u8], last_resort: bool) -> Result<(String, StoredKp)> {
+    let field = if last_resort { "last_resort" } else { "key_packages" };
+    if bytes.is_empty() || bytes.len() > MAX_KEY_PACKAGE_BYTES {
+        return Err(invalid(field, format!("1 to {MAX_KEY_PACKAGE_BYTES} bytes")));
+    }
+    let info = validate_key_package(bytes).map_err(mls(field))?;
+    if Device::of(&info.name) != *me {
+        return Err(invalid(field, "the credential must name the calling device"));
+    }
+    if info.signature_key != registered {
+        return Err(invalid(field, "the signature key is not the device's registered key"));
+    }
+    if info.last_resort != last_resort {
+        return Err(invalid(field, if last_resort { "not marked last-resort" } else { "marked last-resort" }));
+    }
+    let now = now_secs().max(0) as u64;
+    if info.not_after <= now || info.not_before > now + 300 {
+        return Err(invalid(field, "outside its lifetime"));
+    }
+    if info.not_after - now > MAX_KEY_PACKAGE_LIFETIME_SECS {
+        return Err(invalid(field, format!("lifetime longer than {MAX_KEY_PACKAGE_LIFETIME_SECS} seconds")));
+    }
+    Ok((info.reference, StoredKp { kp: b64(bytes), not_after: info.not_after }))
+}
+
+pub(crate) async fn registered_key(t: &TenantStore, d: &Device) -> Result<Vec<u8>> {
+    let rec = directory::device(t, &d.account, &d.device).await?.ok_or(GroupsError::NotFound("device"))?;
+    rec.public_key_bytes().ok_or_else(|| GroupsError::Internal("device key is not base64".into()))
+}
+
+pub(crate) async fn upload(
+    t: &TenantStore,
+    me: &Device,
+    req: pb::UploadKeyPackagesRequest,
+) -> Result<pb::KeyPackageCount> {
+    if req.key_packages.len() > MAX_UPLOAD {
+        return Err(invalid("key_packages", format!("at most {MAX_UPLOAD} per call")));
+    }
+    if req.key_packages.is_empty() && req.last_resort.is_empty() {
+        return Err(invalid("key_packages", "nothing to upload"));
+    }
+    let key = registered_key(t, me).await?;
+    let mut ops = std::collections::BTreeMap::new();
+    for kp in &req.key_packages {
+        let (reference, stored) = check(kp, me, &key, false)?;
+        ops.insert(t.key(&format!("{}{reference}", model::kp_prefix(&me.account, &me.device))), json(&stored));
+    }
+    let have = t.count(&model::kp_prefix(&me.account, &me.device)).await?;
+    if have + ops.len() as u64 > u64::from(MAX_KEY_PACKAGES) {
+        return Err(GroupsError::Limit(format!(
+            "a device holds at most {MAX_KEY_PACKAGES} key packages ({have} on file)"
+        )));
+    }
+    if !req.last_resort.is_empty() {
+        let (_, stored) = check(&req.last_resort, me, &key, true)?;
+        ops.insert(t.key(&model::kpl_key(&me.account, &me.device)), json(&stored));
+    }
+    // The device must still exist when the packages land.
+    let dkey = t.key(&directory::device_key(&me.account, &me.device));
+    let out =
+        t.txn(Txn::new().when(Compare::Present(dkey)).then_all(ops.into_iter().map(|(k, v)| Op::put(k, v)))).await?;
+    if !out.succeeded {
+        return Err(GroupsError::NotFound("device"));
+    }
+    count(t, me).await
+}
+
+pub(crate) async fn count(t: &TenantStore, me: &Device) -> Result<pb::KeyPackageCount> {
+    Ok(pb::KeyPackageCount {
+        remaining: t.count(&model::kp_prefix(&me.account, &me.device)).await? as u32,
+        has_last_resort: t.get(&model::kpl_key(&me.account, &me.device)).await?.is_some(),
+    })
+}
+
+/// Takes one package of a device: a single-use one (atomically: only one
+/// claimer can delete it), else the last-resort one.
+async fn take(t: &TenantStore, account: &str, device: &str) -> Result<Option<(Vec<u8>, bool)>> {
+    let now = now_secs().max(0) as u64;
+    for _ in 0..16 {
+        let page = t.range(&model::kp_prefix(account, device), None, 8).await?;
+        if page.kvs.is_empty() {
+            break;
+        }
+        // Each delete is a compare-and-swap: a package another claimer
+        // took first is skipped; an expired one is dropped on the way.
+        for kv in page.kvs {
+            let stored: StoredKp = parse(&kv)?;
+            let out = t
+                .txn(
+                    Txn::new()
+                        .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+                        .then(Op::delete(kv.key.clone())),
+                )
+                .await?;
+            if out.succeeded && stored.not_after > now {
+                return Ok(Some((unb64(&stored.kp)?, false)));
+            }
+        }
+    }
+    if let Some(kv) = t.get(&model::kpl_key(account, device)).await? {
+        let stored: StoredKp = parse(&kv)?;
+        if stored.not_after > now {
+            return Ok(Some((unb64(&stored.kp)?, true)));
+        }
+    }
+    Ok(None)
+}
+
+pub(crate) async fn claim(
+    node: &Node,
+    t: &TenantStore,
+    me: &Device,
+    req: pb::ClaimKeyPackagesRequest,
+) -> Result<pb::ClaimKeyPackagesResponse> {
+    if req.targets.is_empty() || req.targets.len() > MAX_TARGETS {
+        return Err(invalid("targets", format!("1 to {MAX_TARGETS} targets")));
+    }
+    let sys = node.rt.system_store();
+    // Resolve every target first: one unreachable target fails the claim
+    // before any package is consumed.
+    let mut resolved = Vec::new();
+    for target in &req.targets {
+        let (store, account) = match target.target.as_ref() {
+            Some(pb::target::Target::AccountId(a)) => {
+                let a =
+                    ids::parse(Kind::Account, a).ok_or_else(|| invalid("targets.account_id", "not an account id"))?;
+                if t.get(&directory::account_key(a)).await?.is_none()
+                    || directory::blocks_account(t, a, &me.account).await?
+                {
+                    return Err(GroupsError::NotFound("target"));
+                }
+                (t.clone(), a.to_string())
+            }
+            Some(pb::target::Target::Interop(r)) => {
+                TenantId::parse(&r.tenant_id).ok_or_else(|| invalid("targets.interop.tenant_id", "not a tenant id"))?;
+                ids::parse(Kind::InteropHandle, &r.handle)
+                    .ok_or_else(|| invalid("targets.interop.handle", "not a handle"))?;
+                match directory::resolve_handle(&sys, &r.handle, t.tenant()).await? {
+                    Some((tenant, account)) if tenant.as_str() == r.tenant_id => {
+                        (sys.tenant_for_delivery(&tenant), account)
+                    }
+                    _ => return Err(GroupsError::NotFound("target")),
+                }
+            }
+            None => return Err(invalid("targets", "empty target")),
+        };
+        resolved.push((store, account));
+    }
+    let mut out = Vec::new();
+    for (i, (store, account)) in resolved.iter().enumerate() {
+        for (device, _) in directory::devices(store, account).await? {
+            if let Some((kp, last_resort)) = take(store, account, &device).await? {
+                out.push(pb::ClaimedKeyPackage { target: i as u32, device_id: device, key_package: kp, last_resort });
+            }
+        }
+    }
+    Ok(pb::ClaimKeyPackagesResponse { key_packages: out })
+}

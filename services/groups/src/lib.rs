@@ -1,0 +1,105 @@
+//! spine-groups: the MLS key-package directory and delivery service.
+//!
+//! It orders and delivers MLS messages and checks every handshake against
+//! the group's public state (spine-mls's verifier): exactly one commit wins
+//! each epoch (a compare-and-swap on the group's record), its Welcome and
+//! GroupInfo are accepted with it or not at all, and every message reaches
+//! each member device's mailbox in order, even while the device is offline.
+//!
+//! It must never hold a group secret or a message's plaintext, and never let
+//! a device into a group its tenant's policy, or the member's reachability,
+//! does not allow.
+
+mod data;
+mod delivery;
+pub mod error;
+mod keypackages;
+mod mailbox;
+mod model;
+mod service;
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use spine_mls::verifier::DeliveryService;
+use spine_proto::groups::v1::groups_server::GroupsServer;
+use spine_runtime::Runtime;
+use spine_runtime::store::{Compare, GroupSpace, Op, SharedLease, StoreError, Txn};
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+
+/// Most single-use key packages a device may hold.
+pub const MAX_KEY_PACKAGES: u32 = 100;
+/// Longest accepted key-package lifetime (RFC 9420 suggests about 3 months).
+pub const MAX_KEY_PACKAGE_LIFETIME_SECS: u64 = 90 * 86_400 + 3600;
+/// How long mailbox entries and undelivered log entries are kept.
+pub const MAILBOX_RETENTION_SECS: u64 = 14 * 86_400;
+/// Application messages are accepted for the current epoch and this many
+/// before it (members that have not processed the latest commit yet).
+pub const APPLICATION_EPOCH_WINDOW: u64 = 3;
+/// How often each node sweeps for unfinished fan-outs and for members whose
+/// device no longer exists.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(15);
+/// Control-plane key of the delivery service's signing key.
+const DS_KEY: &str = "groups/delivery-service";
+
+pub(crate) struct Node {
+    rt: Arc<Runtime>,
+    ds: DeliveryService,
+    groups: GroupSpace,
+    mailbox_lease: Arc<SharedLease>,
+}
+
+/// Loads (or, the first time, creates) the delivery service's key.
+async fn delivery_service(rt: &Runtime) -> Result<DeliveryService, StoreError> {
+    let sys = rt.system_store();
+    for _ in 0..3 {
+        if let Some(kv) = sys.get(DS_KEY).await? {
+            return DeliveryService::from_bytes(&kv.value)
+                .map_err(|e| StoreError::Backend(format!("delivery service key: {e}")));
+        }
+        let ds = DeliveryService::generate().map_err(|e| StoreError::Backend(e.to_string()))?;
+        let bytes = ds.to_bytes().map_err(|e| StoreError::Backend(e.to_string()))?;
+        // Nodes starting together agree on one key: the first write wins.
+        sys.txn(Txn::new().when(Compare::Absent(sys.key(DS_KEY))).then(Op::put(sys.key(DS_KEY), bytes))).await?;
+    }
+    Err(StoreError::Backend("delivery service key did not settle".into()))
+}
+
+/// Adds the groups service to `routes`, registers its account-data hook and
+/// starts its upkeep. Returns the service name for health reporting.
+pub async fn install(rt: &Arc<Runtime>, routes: &mut RoutesBuilder) -> Result<Vec<&'static str>, StoreError> {
+    let node = Arc::new(Node {
+        rt: rt.clone(),
+        ds: delivery_service(rt).await?,
+        groups: GroupSpace::new(rt.store.clone()),
+        mailbox_lease: Arc::new(SharedLease::new(
+            rt.store.clone(),
+            Duration::from_secs(MAILBOX_RETENTION_SECS + 86_400),
+            Duration::from_secs(86_400),
+        )),
+    });
+    rt.register_account_data(Arc::new(data::GroupsData(Arc::downgrade(&node))));
+    let max = spine_proto::codec::TRANSPORT_MAX_MESSAGE_BYTES;
+    routes.add_service(
+        GroupsServer::new(service::GroupsApi(node.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
+    tokio::spawn(maintenance(Arc::downgrade(&node)));
+    Ok(vec![<GroupsServer<service::GroupsApi> as NamedService>::NAME])
+}
+
+async fn maintenance(node: Weak<Node>) {
+    let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if node.rt.drain.is_cancelled() {
+            return;
+        }
+        if let Err(e) = delivery::sweep(&node).await {
+            tracing::warn!(error = %e, "groups upkeep failed");
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! What the groups service stores, and where. `docs/privacy.md` lists each
+//! item with its retention and readers; change both together.
+//!
+//! Group space (`/spine/g/<group id hex>/`), shared by the tenants a group's
+//! policy admits:
+//! - `meta`: epoch, roster (tenant, account, device, leaf), policy, sequence;
+//! - `state`: the verifier's public group state (no secret);
+//! - `info`: the current GroupInfo (public, for external joins);
+//! - `log/<gseq>`: handshake and application messages awaiting fan-out;
+//! - `fanout`: the last log entry delivered to every recipient;
+//! - `committers/<epoch>`, `disputes/<epoch>/<device>`: dispute records.
+//!
+//! Each member's tenant (`/spine/t/<tenant>/`):
+//! - `kp/<account>/<device>/<ref>`, `kpl/<account>/<device>`: key packages;
+//! - `mbox/<account>/<device>/<seq>`, `mbox-head/...`, `mbox-grp/...`: the
+//!   mailbox, its next sequence number and per-group delivery cursor;
+//! - `gm/<account>/<device>/<group>`: which groups a device is in.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+
+pub fn gid_hex(group_id: &[u8]) -> String {
+    hex::encode(group_id)
+}
+
+pub fn meta_key(g: &str) -> String {
+    format!("{g}/meta")
+}
+pub fn state_key(g: &str) -> String {
+    format!("{g}/state")
+}
+pub fn info_key(g: &str) -> String {
+    format!("{g}/info")
+}
+pub fn log_prefix(g: &str) -> String {
+    format!("{g}/log/")
+}
+pub fn log_key(g: &str, gseq: u64) -> String {
+    format!("{g}/log/{gseq:020}")
+}
+pub fn fanout_key(g: &str) -> String {
+    format!("{g}/fanout")
+}
+pub fn committer_key(g: &str, epoch: u64) -> String {
+    format!("{g}/committers/{epoch:020}")
+}
+pub fn disputes_prefix(g: &str) -> String {
+    format!("{g}/disputes/")
+}
+pub fn dispute_key(g: &str, epoch: u64, tenant: &str, device: &str) -> String {
+    format!("{g}/disputes/{epoch:020}/{tenant}.{device}")
+}
+
+pub fn kp_prefix(account: &str, device: &str) -> String {
+    format!("kp/{account}/{device}/")
+}
+pub fn kp_account_prefix(account: &str) -> String {
+    format!("kp/{account}/")
+}
+pub fn kpl_key(account: &str, device: &str) -> String {
+    format!("kpl/{account}/{device}")
+}
+pub fn kpl_account_prefix(account: &str) -> String {
+    format!("kpl/{account}/")
+}
+pub fn mbox_prefix(account: &str, device: &str) -> String {
+    format!("mbox/{account}/{device}/")
+}
+pub fn mbox_key(account: &str, device: &str, seq: u64) -> String {
+    format!("mbox/{account}/{device}/{seq:020}")
+}
+pub fn mbox_head_key(account: &str, device: &str) -> String {
+    format!("mbox-head/{account}/{device}")
+}
+pub fn mbox_grp_key(account: &str, device: &str, g: &str) -> String {
+    format!("mbox-grp/{account}/{device}/{g}")
+}
+pub fn gm_key(account: &str, device: &str, g: &str) -> String {
+    format!("gm/{account}/{device}/{g}")
+}
+pub fn gm_account_prefix(account: &str) -> String {
+    format!("gm/{account}/")
+}
+/// Prefixes of everything about an account in its tenant.
+pub fn account_prefixes(account: &str) -> [String; 6] {
+    [
+        format!("kp/{account}/"),
+        format!("kpl/{account}/"),
+        format!("mbox/{account}/"),
+        format!("mbox-head/{account}/"),
+        format!("mbox-grp/{account}/"),
+        format!("gm/{account}/"),
+    ]
+}
+
+/// A member device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub tenant: String,
+    pub account: String,
+    pub device: String,
+}
+
+impl Device {
+    pub fn of(name: &spine_mls::DeviceName) -> Self {
+        Self { tenant: name.tenant.clone(), account: name.account.clone(), device: name.device.clone() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RosterEntry {
+    pub leaf: u32,
+    #[serde(flatten)]
+    pub device: Device,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupMeta {
+    pub epoch: u64,
+    /// Next log sequence number.
+    pub next_seq: u64,
+    pub roster: Vec<RosterEntry>,
+    pub allowed: Vec<String>,
+    pub created_at: i64,
+    /// Index of the delivery service among the group's external senders.
+    pub ds_index: u32,
+}
+
+impl GroupMeta {
+    pub fn member(&self, tenant: &str, account: &str, device: &str) -> Option<&RosterEntry> {
+        self.roster
+            .iter()
+            .find(|r| r.device.tenant == tenant && r.device.account == account && r.device.device == device)
+    }
+}
+
+/// A log entry awaiting fan-out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub kind: i32,
+    /// Base64 MLSMessage.
+    pub message: String,
+    pub epoch: u64,
+    pub recipients: Vec<Device>,
+    /// Devices this entry adds to the group (their Welcome).
+    #[serde(default)]
+    pub joins: bool,
+    /// For a commit: devices it removes.
+    #[serde(default)]
+    pub removed: Vec<Device>,
+}
+
+impl LogEntry {
+    pub fn new(kind: spine_proto::groups::v1::EntryKind, message: &[u8], epoch: u64, recipients: Vec<Device>) -> Self {
+        Self { kind: kind as i32, message: B64.encode(message), epoch, recipients, joins: false, removed: vec![] }
+    }
+}
+
+/// A mailbox entry as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MailboxRec {
+    /// Hex group id.
+    pub group: String,
+    pub kind: i32,
+    pub message: String,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default)]
+pub struct Counter {
+    pub n: u64,
+}
+
+pub fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+pub fn parse<T: serde::de::DeserializeOwned>(kv: &spine_runtime::store::KeyValue) -> crate::error::Result<T> {
+    serde_json::from_slice(&kv.value).map_err(|e| crate::error::GroupsError::Internal(format!("{}: {e}", kv.key)))
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    B64.encode(bytes)
+}
+
+pub fn unb64(s: &str) -> crate::error::Result<Vec<u8>> {
+    B64.decode(s).map_err(|e| crate::error::GroupsError::Internal(format!("stored base64: {e}")))
+}

@@ -1,0 +1,143 @@
+//! Groups test support: identity + groups on one test server, and MLS
+//! members that are real registered devices with spine-mls clients.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use spine_identity::testing::{Env, Tenant, req};
+use spine_mls::DeviceName;
+use spine_mls::client::{Client, CommitBundle, DeviceKey, Group};
+use spine_proto::groups::v1 as pb;
+use spine_proto::groups::v1::groups_client::GroupsClient;
+use spine_runtime::config::Backend;
+use tonic::transport::Channel;
+
+pub async fn start(backend: Backend) -> Env {
+    spine_identity::testing::start_with_services(
+        backend,
+        spine_identity::testing::test_config(),
+        |rt, mut routes| async move {
+            let names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
+            (routes, names)
+        },
+    )
+    .await
+}
+
+pub struct Member {
+    pub tenant: String,
+    pub account: String,
+    pub device: String,
+    pub token: String,
+    pub client: Client,
+    pub group: Option<Group>,
+    /// Next mailbox sequence number to read.
+    pub next_seq: u64,
+}
+
+impl Member {
+    pub fn groups(&self, env: &Env) -> GroupsClient<Channel> {
+        GroupsClient::new(env.channel.clone()).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20)
+    }
+
+    /// Runs a client operation on this member's group.
+    pub fn act<R>(&mut self, f: impl FnOnce(&Client, &mut Group) -> R) -> R {
+        f(&self.client, self.group.as_mut().expect("member of a group"))
+    }
+
+    pub fn g(&mut self) -> &mut Group {
+        self.group.as_mut().expect("member of a group")
+    }
+
+    /// Uploads `n` key packages and a last-resort one.
+    pub async fn upload(&self, env: &Env, n: usize) -> pb::KeyPackageCount {
+        let mut kps = self.client.key_packages(n, true).unwrap();
+        let last = kps.pop().unwrap();
+        self.groups(env)
+            .upload_key_packages(req(
+                pb::UploadKeyPackagesRequest { key_packages: kps, last_resort: last },
+                &self.token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn send_commit(&self, env: &Env, b: &CommitBundle) -> Result<u64, tonic::Status> {
+        let gid = self.group.as_ref().unwrap().group_id();
+        self.groups(env)
+            .send_commit(req(
+                pb::SendCommitRequest {
+                    group_id: gid,
+                    commit: b.commit.clone(),
+                    welcome: b.welcome.clone().unwrap_or_default(),
+                    group_info: b.group_info.clone(),
+                },
+                &self.token,
+            ))
+            .await
+            .map(|r| r.into_inner().epoch)
+    }
+
+    /// Reads the mailbox from `next_seq` until `n` entries arrived.
+    pub async fn receive(&mut self, env: &Env, n: usize) -> Vec<pb::MailboxEntry> {
+        let mut stream = self
+            .groups(env)
+            .receive(req(pb::ReceiveRequest { from_seq: self.next_seq }, &self.token))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let e = tokio::time::timeout(Duration::from_secs(20), stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("{} got {} of {n} mailbox entries", self.device, out.len()))
+                .expect("stream open")
+                .expect("entry");
+            self.next_seq = e.seq + 1;
+            out.push(e);
+        }
+        out
+    }
+}
+
+/// A registered device of `account` with an MLS client naming it.
+pub async fn member(env: &Env, t: &Tenant, account: &str) -> Member {
+    let key = DeviceKey::generate().unwrap();
+    let (device, token) = env.register(t, account, &key.public_key()).await;
+    let client = Client::from_key(key, DeviceName::new(&t.id, account, &device)).unwrap();
+    Member { tenant: t.id.clone(), account: account.into(), device, token, client, group: None, next_seq: 1 }
+}
+
+pub async fn ds_key(env: &Env, m: &Member) -> Vec<u8> {
+    m.groups(env)
+        .get_service_info(req(pb::GetServiceInfoRequest {}, &m.token))
+        .await
+        .unwrap()
+        .into_inner()
+        .external_sender_signature_key
+}
+
+/// `creator` makes a group allowing `tenants`.
+pub async fn create_group(env: &Env, creator: &mut Member, gid: &[u8], tenants: Vec<String>) -> pb::Group {
+    let ds = ds_key(env, creator).await;
+    let group = creator.client.create_group(gid, &ds).unwrap();
+    let info = creator.client.group_info(&group).unwrap();
+    creator.group = Some(group);
+    creator
+        .groups(env)
+        .create_group(req(pb::CreateGroupRequest { group_info: info, allowed_tenant_ids: tenants }, &creator.token))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub fn wrong_epoch(s: &tonic::Status) -> Option<u64> {
+    use tonic_types::StatusExt;
+    if s.code() != tonic::Code::FailedPrecondition {
+        return None;
+    }
+    let info = s.get_details_error_info()?;
+    (info.reason == "WRONG_EPOCH").then(|| info.metadata.get("current_epoch")?.parse().ok()).flatten()
+}

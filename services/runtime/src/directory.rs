@@ -1,0 +1,136 @@
+//! The directory every service reads: where identity keeps devices,
+//! settings and the interop-handle index, and how a handle resolves.
+//! Identity writes these; other services only read them, through the same
+//! definitions, so the layout lives in one place.
+
+use serde::{Deserialize, Serialize};
+use spine_proto::identity::v1::{CrossAppReachability, PrivacySettings};
+
+use crate::ids::TenantId;
+use crate::store::{StoreError, SystemStore, TenantStore};
+
+/// Tenant: `accounts/<account>`.
+pub fn account_key(account: &str) -> String {
+    format!("accounts/{account}")
+}
+
+/// Tenant: `blocks/<account>/<peer>`, `peer` as [`peer_account`] or
+/// [`peer_interop`] render it.
+pub fn block_key(account: &str, peer: &str) -> String {
+    format!("blocks/{account}/{peer}")
+}
+
+/// A peer of the same tenant, as contact and block keys name it.
+pub fn peer_account(account: &str) -> String {
+    format!("a.{account}")
+}
+
+/// A peer of another tenant, by interop reference.
+pub fn peer_interop(tenant: &str, handle: &str) -> String {
+    format!("i.{tenant}.{handle}")
+}
+
+/// Whether `owner` has blocked the account `other` of its own tenant.
+pub async fn blocks_account(t: &TenantStore, owner: &str, other: &str) -> Result<bool, StoreError> {
+    Ok(t.get(&block_key(owner, &peer_account(other))).await?.is_some())
+}
+
+/// Tenant: `devices/<account>/<device>`.
+pub fn device_key(account: &str, device: &str) -> String {
+    format!("devices/{account}/{device}")
+}
+
+pub fn devices_prefix(account: &str) -> String {
+    format!("devices/{account}/")
+}
+
+/// Tenant: `settings/<account>` (absent until first changed).
+pub fn settings_key(account: &str) -> String {
+    format!("settings/{account}")
+}
+
+/// Control plane: `handles/<handle>`.
+pub fn handle_index_key(handle: &str) -> String {
+    format!("handles/{handle}")
+}
+
+/// Control plane: `tenants/<tenant>`.
+pub fn tenant_key(tenant: &str) -> String {
+    format!("tenants/{tenant}")
+}
+
+/// A registered device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRec {
+    /// `SignatureScheme` number.
+    pub scheme: i32,
+    /// Base64 raw public key.
+    pub public_key: String,
+    pub created_at: i64,
+}
+
+impl DeviceRec {
+    /// The raw signature public key.
+    pub fn public_key_bytes(&self) -> Option<Vec<u8>> {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.decode(&self.public_key).ok()
+    }
+}
+
+/// The control-plane index entry of an interop handle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandleIndex {
+    pub tenant_id: String,
+    pub account_id: String,
+    pub allowed: Vec<String>,
+}
+
+/// A device's record, if it is registered.
+pub async fn device(t: &TenantStore, account: &str, device: &str) -> Result<Option<DeviceRec>, StoreError> {
+    Ok(t.get(&device_key(account, device)).await?.and_then(|kv| serde_json::from_slice(&kv.value).ok()))
+}
+
+/// Every device of an account: (device id, record).
+pub async fn devices(t: &TenantStore, account: &str) -> Result<Vec<(String, DeviceRec)>, StoreError> {
+    let mut out = Vec::new();
+    for kv in t.range_all(&devices_prefix(account)).await? {
+        if let Ok(rec) = serde_json::from_slice(&kv.value) {
+            out.push((kv.key.rsplit('/').next().unwrap_or_default().to_string(), rec));
+        }
+    }
+    Ok(out)
+}
+
+/// An account's cross-app reachability (the private default if unset).
+pub async fn cross_app(t: &TenantStore, account: &str) -> Result<CrossAppReachability, StoreError> {
+    use prost::Message;
+    let value = match t.get(&settings_key(account)).await? {
+        Some(kv) => PrivacySettings::decode(kv.value.as_slice()).map(|s| s.cross_app).unwrap_or(0),
+        None => 0,
+    };
+    Ok(CrossAppReachability::try_from(value)
+        .ok()
+        .filter(|c| *c != CrossAppReachability::Unspecified)
+        .unwrap_or(CrossAppReachability::Contacts))
+}
+
+/// Resolves an interop handle for a caller of `caller_tenant`: the target's
+/// tenant and account, or `None` if the handle is unknown, revoked, not open
+/// to that tenant, or its account has cross-app reach off. Callers must
+/// answer all of these alike (NOT_FOUND) and never reveal the account id.
+pub async fn resolve_handle(
+    sys: &SystemStore,
+    handle: &str,
+    caller_tenant: &TenantId,
+) -> Result<Option<(TenantId, String)>, StoreError> {
+    let Some(kv) = sys.get(&handle_index_key(handle)).await? else { return Ok(None) };
+    let Ok(idx) = serde_json::from_slice::<HandleIndex>(&kv.value) else { return Ok(None) };
+    if !idx.allowed.iter().any(|t| t == caller_tenant.as_str()) {
+        return Ok(None);
+    }
+    let Some(target) = TenantId::parse(&idx.tenant_id) else { return Ok(None) };
+    if cross_app(&sys.tenant_for_interop(&target), &idx.account_id).await? == CrossAppReachability::Off {
+        return Ok(None);
+    }
+    Ok(Some((target, idx.account_id)))
+}
