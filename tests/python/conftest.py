@@ -33,6 +33,8 @@ def pb(tmp_path_factory):
         "identity": importlib.import_module("spine.identity.v1.identity_pb2"),
         "identity_grpc": importlib.import_module("spine.identity.v1.identity_pb2_grpc"),
         "common": importlib.import_module("spine.common.v1.common_pb2"),
+        "groups": importlib.import_module("spine.groups.v1.groups_pb2"),
+        "groups_grpc": importlib.import_module("spine.groups.v1.groups_pb2_grpc"),
     }
     return type("Stubs", (), mods)
 

@@ -17,7 +17,7 @@ def auth(cred):
 def test_health_reports_liveness_and_readiness(spine):
     addr, _ = spine
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(addr))
-    for service in ("liveness", "readiness", "", "spine.identity.v1.Identity", "spine.identity.v1.TenantAdmin"):
+    for service in ("liveness", "readiness", "", "spine.identity.v1.Identity", "spine.identity.v1.TenantAdmin", "spine.groups.v1.Groups"):
         r = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert r.status == health_pb2.HealthCheckResponse.SERVING, service
 
@@ -26,7 +26,7 @@ def test_reflection_lists_spine_services(spine):
     addr, _ = spine
     db = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(addr))
     services = set(db.get_services())
-    assert {"spine.identity.v1.Identity", "spine.identity.v1.TenantAdmin", "grpc.health.v1.Health"} <= services
+    assert {"spine.identity.v1.Identity", "spine.identity.v1.TenantAdmin", "spine.groups.v1.Groups", "grpc.health.v1.Health"} <= services
     # Full descriptors come back too, so dynamic clients can call methods.
     fd = db.FindFileContainingSymbol("spine.identity.v1.Identity")
     assert fd.package == "spine.identity.v1"
@@ -75,7 +75,19 @@ def test_tenant_account_device_and_token(spine, pb):
     assert settings.who_can_call == I.WHO_CAN_CALL_NOBODY
     report = identity.GetDataReport(I.GetDataReportRequest(), metadata=auth(token))
     kinds = {i.kind for s in report.sections for i in s.items}
-    assert {"account", "device", "settings"} <= kinds
+    assert {"account", "device", "settings", "key_package", "mailbox_entry", "group_membership"} <= kinds
+
+    # The device reaches the MLS delivery service with the same token.
+    groups = pb.groups_grpc.GroupsStub(channel)
+    info = groups.GetServiceInfo(pb.groups.GetServiceInfoRequest(), metadata=auth(token))
+    assert info.ciphersuite == 1 and len(info.external_sender_signature_key) == 32
+    count = groups.CountKeyPackages(pb.groups.CountKeyPackagesRequest(), metadata=auth(token))
+    assert count.remaining == 0 and not count.has_last_resort
+    try:
+        groups.UploadKeyPackages(pb.groups.UploadKeyPackagesRequest(key_packages=[b"not mls"]), metadata=auth(token))
+        raise AssertionError("garbage key package accepted")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_errors_have_precise_codes_and_details(spine, pb):

@@ -84,7 +84,7 @@ fn tenant_store(node: &Node, caller: &TenantStore, tenant: &str) -> Result<Tenan
 /// policy, it is a registered device whose key the leaf carries, and, for
 /// another tenant than the one adding it, its account allows other apps.
 async fn admit(node: &Node, caller: &TenantStore, meta_allowed: &[String], d: &Device, leaf_key: &[u8]) -> Result<()> {
-    if !meta_allowed.iter().any(|t| *t == d.tenant) {
+    if !meta_allowed.contains(&d.tenant) {
         return Err(GroupsError::Refused("a member's tenant is not allowed by the group's policy".into()));
     }
     let t = tenant_store(node, caller, &d.tenant)?;
@@ -145,7 +145,7 @@ pub(crate) async fn create(
             allowed.push(a.clone());
         }
     }
-    if !allowed.iter().any(|a| *a == me.tenant) {
+    if !allowed.contains(&me.tenant) {
         return Err(invalid("allowed_tenant_ids", "must include the creator's tenant"));
     }
     let v = Verifier::from_group_info(&req.group_info).map_err(mls("group_info"))?;

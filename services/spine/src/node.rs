@@ -7,11 +7,11 @@ use anyhow::{Context, bail};
 use spine_runtime::{Config, Runtime};
 
 /// Every service this build can run, in start order.
-pub const SERVICES: &[&str] = &["identity"];
+pub const SERVICES: &[&str] = &["identity", "groups"];
 
 /// Routes and health names of the services `config.services` names (all if
 /// empty).
-pub fn assemble(rt: &Arc<Runtime>) -> anyhow::Result<(tonic::service::Routes, Vec<&'static str>)> {
+pub async fn assemble(rt: &Arc<Runtime>) -> anyhow::Result<(tonic::service::Routes, Vec<&'static str>)> {
     let wanted: Vec<&str> = if rt.config.services.is_empty() {
         SERVICES.to_vec()
     } else {
@@ -22,6 +22,7 @@ pub fn assemble(rt: &Arc<Runtime>) -> anyhow::Result<(tonic::service::Routes, Ve
     for s in &wanted {
         match *s {
             "identity" => names.extend(spine_identity::install(rt, &mut routes)),
+            "groups" => names.extend(spine_groups::install(rt, &mut routes).await.context("starting groups")?),
             other => bail!("unknown service {other:?}; this build runs: {}", SERVICES.join(", ")),
         }
     }
@@ -41,7 +42,7 @@ where
 {
     let listen = config.listen;
     let rt = Runtime::start(config).await.context("opening the store")?;
-    let (routes, names) = assemble(&rt)?;
+    let (routes, names) = assemble(&rt).await?;
     let listener = spine_runtime::server::bind(listen).await?;
     let addr = listener.local_addr()?;
     on_ready(rt.clone(), addr).await?;

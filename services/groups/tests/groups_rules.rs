@@ -1,0 +1,408 @@
+//! The groups service's rules: one commit per epoch under a real race on
+//! etcd; bad input refused with its documented code and nothing changed;
+//! silos; deletion leading to removal from groups; external joins;
+//! disputes; the data report.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use spine_identity::testing::{Env, req};
+use spine_mls::client::Incoming;
+use spine_proto::groups::v1 as pb;
+use spine_proto::identity::v1 as ipb;
+use spine_runtime::config::Backend;
+use support::*;
+use tonic::Code;
+
+async fn snapshot(env: &Env) -> BTreeMap<String, Vec<u8>> {
+    env.rt.store.range_all("/spine/").await.unwrap().into_iter().map(|kv| (kv.key, kv.value)).collect()
+}
+
+/// Members of one tenant in one group, all at the same epoch.
+async fn group_of(env: &Env, n: usize, gid: &[u8]) -> (spine_identity::testing::Tenant, Vec<Member>) {
+    let t = env.tenant("t").await;
+    let mut members = Vec::new();
+    for _ in 0..n {
+        let a = env.account(&t).await;
+        let m = member(env, &t, &a).await;
+        m.upload(env, 1).await;
+        members.push(m);
+    }
+    create_group(env, &mut members[0], gid, vec![t.id.clone()]).await;
+    let targets = members[1..]
+        .iter()
+        .map(|m| pb::Target { target: Some(pb::target::Target::AccountId(m.account.clone())) })
+        .collect();
+    let kps: Vec<Vec<u8>> = members[0]
+        .groups(env)
+        .claim_key_packages(req(pb::ClaimKeyPackagesRequest { targets }, &members[0].token))
+        .await
+        .unwrap()
+        .into_inner()
+        .key_packages
+        .into_iter()
+        .map(|k| k.key_package)
+        .collect();
+    let add = members[0].act(|c, g| c.add(g, &kps)).unwrap();
+    members[0].send_commit(env, &add).await.unwrap();
+    members[0].act(|c, g| c.merge_pending(g)).unwrap();
+    for m in members[1..].iter_mut() {
+        let e = m.receive(env, 1).await.remove(0);
+        assert_eq!(e.message, *add.welcome.as_ref().unwrap());
+        m.group = Some(m.client.join(&e.message).unwrap());
+    }
+    (t, members)
+}
+
+/// 20 members commit against the same epoch at once, on etcd, ten rounds:
+/// each round exactly one wins, every loser gets WRONG_EPOCH with the new
+/// epoch, and the group's state is the winner's.
+#[tokio::test]
+async fn exactly_one_commit_wins_each_epoch_on_etcd() {
+    let env = start(Backend::Etcd).await;
+    let (_, mut members) = group_of(&env, 20, b"race").await;
+    for round in 0..10u64 {
+        let epoch = members[0].g().epoch();
+        let bundles: Vec<_> = members.iter_mut().map(|m| m.act(|c, g| c.self_update(g)).unwrap()).collect();
+        let mut tasks = Vec::new();
+        for (i, b) in bundles.iter().enumerate() {
+            let mut client = members[i].groups(&env);
+            let token = members[i].token.clone();
+            let r = pb::SendCommitRequest {
+                group_id: b"race".to_vec(),
+                commit: b.commit.clone(),
+                welcome: vec![],
+                group_info: b.group_info.clone(),
+            };
+            tasks.push(tokio::spawn(async move { client.send_commit(req(r, &token)).await }));
+        }
+        let mut winners = Vec::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            match t.await.unwrap() {
+                Ok(r) => {
+                    assert_eq!(r.into_inner().epoch, epoch + 1);
+                    winners.push(i);
+                }
+                Err(s) => assert_eq!(wrong_epoch(&s), Some(epoch + 1), "round {round}: loser {i} got {s:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        let w = winners[0];
+        // The stored GroupInfo is the winner's.
+        let info = members[0]
+            .groups(&env)
+            .get_group_info(req(pb::GetGroupInfoRequest { group_id: b"race".to_vec() }, &members[0].token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((info.epoch, &info.group_info), (epoch + 1, &bundles[w].group_info));
+        // Everyone moves to the winner's epoch.
+        for (i, m) in members.iter_mut().enumerate() {
+            if i == w {
+                m.act(|c, g| c.merge_pending(g)).unwrap();
+            } else {
+                m.act(|c, g| c.discard_pending(g)).unwrap();
+                assert_eq!(
+                    m.act(|c, g| c.process(g, &bundles[w].commit)).unwrap(),
+                    Incoming::Commit { epoch: epoch + 1 }
+                );
+            }
+        }
+        let auth = members[w].g().epoch_authenticator();
+        assert!(members.iter_mut().all(|m| m.g().epoch_authenticator() == auth));
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let env = start(Backend::Embedded).await;
+    let (t, mut members) = group_of(&env, 2, b"bad").await;
+    let other = env.tenant("other").await;
+    let outsider_acct = env.account(&other).await;
+    let outsider = member(&env, &other, &outsider_acct).await;
+    outsider.upload(&env, 1).await;
+    let stranger_acct = env.account(&t).await;
+    let stranger = member(&env, &t, &stranger_acct).await;
+    let before = snapshot(&env).await;
+    let gid = b"bad".to_vec();
+    let send = |m: &Member, commit: Vec<u8>, welcome: Vec<u8>, info: Vec<u8>| {
+        let mut c = m.groups(&env);
+        let token = m.token.clone();
+        let gid = gid.clone();
+        async move {
+            c.send_commit(req(pb::SendCommitRequest { group_id: gid, commit, welcome, group_info: info }, &token)).await
+        }
+    };
+    let real = members[0].act(|c, g| c.self_update(g)).unwrap();
+
+    // Garbage bytes.
+    let s = send(&members[0], b"garbage".to_vec(), vec![], real.group_info.clone()).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    // A PrivateMessage (application message) presented as a commit.
+    let app = members[1].act(|c, g| c.send(g, b"x")).unwrap();
+    let s = send(&members[1], app, vec![], real.group_info.clone()).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    // A commit signed by a non-member (a stranger's own group, same id).
+    let ds = ds_key(&env, &members[0]).await;
+    let mut own = stranger.client.create_group(b"bad", &ds).unwrap();
+    let forged = stranger.client.self_update(&mut own).unwrap();
+    let s = send(&members[1], forged.commit.clone(), vec![], forged.group_info.clone()).await.unwrap_err();
+    assert!(matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition), "{s:?}");
+    // The stranger itself is not a member: NOT_FOUND, as if no group.
+    assert_eq!(send(&stranger, forged.commit, vec![], forged.group_info).await.unwrap_err().code(), Code::NotFound);
+    // A member submitting another member's commit: not its own signature.
+    let s = send(&members[1], real.commit.clone(), vec![], real.group_info.clone()).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    // A commit whose GroupInfo is not the new epoch's.
+    let old_info = members[0].client.group_info(members[0].group.as_ref().unwrap()).unwrap();
+    let s = send(&members[0], real.commit.clone(), vec![], old_info).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    // Adding a device of a tenant the policy excludes.
+    let kp = outsider.client.key_packages(1, false).unwrap();
+    members[0].act(|c, g| c.discard_pending(g)).unwrap();
+    let add = members[0].act(|c, g| c.add(g, &kp)).unwrap();
+    let s =
+        send(&members[0], add.commit.clone(), add.welcome.clone().unwrap(), add.group_info.clone()).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    // Without its Welcome.
+    let s = send(&members[0], add.commit, vec![], add.group_info).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "policy is checked before the welcome: {s:?}");
+    members[0].act(|c, g| c.discard_pending(g)).unwrap();
+    // Oversized.
+    let s = send(&members[0], vec![0u8; 5 << 20], vec![], vec![1]).await.unwrap_err();
+    assert!(matches!(s.code(), Code::InvalidArgument | Code::OutOfRange), "{s:?}");
+    // Key packages: someone else's key, wrong device, expired, too long-lived.
+    let mut g = members[0].groups(&env);
+    let tok = members[0].token.clone();
+    let up = |kps: Vec<Vec<u8>>| pb::UploadKeyPackagesRequest { key_packages: kps, last_resort: vec![] };
+    let s = g.upload_key_packages(req(up(members[1].client.key_packages(1, false).unwrap()), &tok)).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "another device's package: {s:?}");
+    let impostor = spine_mls::client::Client::new(spine_mls::DeviceName::new(
+        &members[0].tenant,
+        &members[0].account,
+        &members[0].device,
+    ))
+    .unwrap();
+    let s = g.upload_key_packages(req(up(impostor.key_packages(1, false).unwrap()), &tok)).await.unwrap_err();
+    assert!(s.message().contains("registered key"), "{s:?}");
+    let now = spine_runtime::now_secs() as u64;
+    let expired = members[0].client.key_packages_valid(1, false, Some((now - 7200, now - 3600))).unwrap();
+    assert_eq!(g.upload_key_packages(req(up(expired), &tok)).await.unwrap_err().code(), Code::InvalidArgument);
+    let forever = members[0].client.key_packages_valid(1, false, Some((now - 60, now + 400 * 86_400))).unwrap();
+    assert_eq!(g.upload_key_packages(req(up(forever), &tok)).await.unwrap_err().code(), Code::InvalidArgument);
+    let s = g.upload_key_packages(req(up(vec![b"\x00\x01junk".to_vec()]), &tok)).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+
+    let mut after = snapshot(&env).await;
+    after.retain(|k, _| !k.contains("/auth/"));
+    let mut before = before;
+    before.retain(|k, _| !k.contains("/auth/"));
+    assert_eq!(after, before, "a refused request changed the store");
+
+    // An old-epoch commit gets the typed wrong-epoch error.
+    let upd = members[0].act(|c, g| c.self_update(g)).unwrap();
+    members[0].send_commit(&env, &upd).await.unwrap();
+    members[0].act(|c, g| c.merge_pending(g)).unwrap();
+    let s = send(&members[0], upd.commit.clone(), vec![], upd.group_info.clone()).await.unwrap_err();
+    assert_eq!(wrong_epoch(&s), Some(2), "{s:?}");
+}
+
+#[tokio::test]
+async fn groups_are_siloed() {
+    let env = start(Backend::Embedded).await;
+    let (a, members) = group_of(&env, 2, b"silo").await;
+    let b = env.tenant("b").await;
+    let eve_acct = env.account(&b).await;
+    let eve = member(&env, &b, &eve_acct).await;
+    let mut g = eve.groups(&env);
+    let gid = b"silo".to_vec();
+    for s in [
+        g.get_group(req(pb::GetGroupRequest { group_id: gid.clone() }, &eve.token)).await.unwrap_err(),
+        g.get_group_info(req(pb::GetGroupInfoRequest { group_id: gid.clone() }, &eve.token)).await.unwrap_err(),
+        g.send_application(req(
+            pb::SendApplicationRequest { group_id: gid.clone(), message: b"x".to_vec() },
+            &eve.token,
+        ))
+        .await
+        .unwrap_err(),
+        g.report_dispute(req(pb::ReportDisputeRequest { group_id: gid.clone(), epoch: 1 }, &eve.token))
+            .await
+            .unwrap_err(),
+        // Another tenant's account by id does not exist for Eve.
+        g.claim_key_packages(req(
+            pb::ClaimKeyPackagesRequest {
+                targets: vec![pb::Target { target: Some(pb::target::Target::AccountId(members[1].account.clone())) }],
+            },
+            &eve.token,
+        ))
+        .await
+        .unwrap_err(),
+    ] {
+        assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    }
+    // Eve cannot create a group that claims tenant A's members, nor use
+    // tenant credentials or an operator's here.
+    assert_eq!(
+        g.get_service_info(req(pb::GetServiceInfoRequest {}, &a.cred)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        g.get_service_info(req(pb::GetServiceInfoRequest {}, &env.operator)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // A token without the groups scope.
+    let narrow = env
+        .identity()
+        .issue_device_token(req(
+            ipb::IssueDeviceTokenRequest {
+                account_id: eve.account.clone(),
+                device_id: eve.device.clone(),
+                scopes: vec!["calls".into()],
+                ttl_seconds: 60,
+            },
+            &b.cred,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_eq!(
+        g.get_service_info(req(pb::GetServiceInfoRequest {}, &narrow)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // A blocked claimer learns nothing either.
+    let blocker = &members[1];
+    env.identity()
+        .block(req(
+            ipb::BlockRequest {
+                account_id: String::new(),
+                peer: Some(spine_proto::common::v1::PeerRef {
+                    peer: Some(spine_proto::common::v1::peer_ref::Peer::AccountId(members[0].account.clone())),
+                }),
+            },
+            &blocker.token,
+        ))
+        .await
+        .unwrap();
+    let s = members[0]
+        .groups(&env)
+        .claim_key_packages(req(
+            pb::ClaimKeyPackagesRequest {
+                targets: vec![pb::Target { target: Some(pb::target::Target::AccountId(blocker.account.clone())) }],
+            },
+            &members[0].token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::NotFound);
+}
+
+/// Deleting an account proposes its devices' removal; the members' next
+/// commit includes it. A member's new device joins by external commit.
+/// A member disputes a commit. The data report shows what groups holds.
+#[tokio::test]
+async fn deletion_external_join_dispute_and_report() {
+    let env = start(Backend::Embedded).await;
+    let (t, mut members) = group_of(&env, 3, b"life").await;
+    let gid = b"life".to_vec();
+
+    let report = env
+        .identity()
+        .get_data_report(req(ipb::GetDataReportRequest::default(), &members[1].token))
+        .await
+        .unwrap()
+        .into_inner();
+    let groups = report.sections.iter().find(|s| s.service == "groups").expect("groups section");
+    let item = |k: &str| groups.items.iter().find(|i| i.kind == k).unwrap().clone();
+    assert_eq!(item("group_membership").count, 1);
+    assert_eq!(item("key_package").count, 1, "the last-resort package is left");
+
+    // Delete member 2's account: a Remove proposal reaches the others.
+    let victim = members.remove(2);
+    env.identity()
+        .delete_account(req(ipb::DeleteAccountRequest { account_id: victim.account.clone() }, &t.cred))
+        .await
+        .unwrap();
+    for m in members.iter_mut() {
+        let e = m.receive(&env, 1).await.remove(0);
+        assert_eq!(e.kind, pb::EntryKind::Proposal as i32);
+        assert_eq!(m.act(|c, g| c.process(g, &e.message)).unwrap(), Incoming::Proposal);
+    }
+    let left = env.rt.store.range_all(&format!("/spine/t/{}/", t.id)).await.unwrap();
+    assert!(
+        left.iter().all(|kv| !kv.key.contains(&victim.account) || kv.key.contains("/deleted/")),
+        "groups data of a deleted account remains"
+    );
+    // The next commit (any member's) includes the removal.
+    let commit = members[0].act(|c, g| c.self_update(g)).unwrap();
+    members[0].send_commit(&env, &commit).await.unwrap();
+    members[0].act(|c, g| c.merge_pending(g)).unwrap();
+    let e = members[1].receive(&env, 1).await.remove(0);
+    members[1].act(|c, g| c.process(g, &e.message)).unwrap();
+    let group = members[0]
+        .groups(&env)
+        .get_group(req(pb::GetGroupRequest { group_id: gid.clone() }, &members[0].token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(group.members.len(), 2);
+    assert!(group.members.iter().all(|m| m.account_id != victim.account));
+
+    // Member 1's second device joins by external commit.
+    let mut second = member(&env, &t, &members[1].account.clone()).await;
+    let info = second
+        .groups(&env)
+        .get_group_info(req(pb::GetGroupInfoRequest { group_id: gid.clone() }, &second.token))
+        .await
+        .unwrap()
+        .into_inner();
+    let (g2, join) = second.client.join_external(&info.group_info).unwrap();
+    second.group = Some(g2);
+    second.send_commit(&env, &join).await.unwrap();
+    for m in members.iter_mut() {
+        let e = m.receive(&env, 1).await.remove(0);
+        assert!(matches!(m.act(|c, g| c.process(g, &e.message)).unwrap(), Incoming::Commit { .. }));
+        assert_eq!(m.g().epoch_authenticator(), second.g().epoch_authenticator());
+    }
+    // A device of an account that is not in the group cannot fetch it.
+    let outsider_acct = env.account(&t).await;
+    let outsider = member(&env, &t, &outsider_acct).await;
+    assert_eq!(
+        outsider
+            .groups(&env)
+            .get_group_info(req(pb::GetGroupInfoRequest { group_id: gid.clone() }, &outsider.token))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+
+    // A member disputes the last commit; everyone sees it.
+    let epoch = members[1].g().epoch();
+    members[1]
+        .groups(&env)
+        .report_dispute(req(pb::ReportDisputeRequest { group_id: gid.clone(), epoch }, &members[1].token))
+        .await
+        .unwrap();
+    let group = members[0]
+        .groups(&env)
+        .get_group(req(pb::GetGroupRequest { group_id: gid.clone() }, &members[0].token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(group.disputes.len(), 1);
+    assert_eq!((group.disputes[0].epoch, group.disputes[0].reports), (epoch, 1));
+    assert_eq!(group.disputes[0].committer_leaf_index, second.g().own_index());
+
+    // Revoking a device also leads to its removal.
+    env.identity()
+        .revoke_device(req(
+            ipb::RevokeDeviceRequest { account_id: second.account.clone(), device_id: second.device.clone() },
+            &t.cred,
+        ))
+        .await
+        .unwrap();
+    let e = members[0].receive(&env, 1).await.remove(0);
+    assert_eq!(e.kind, pb::EntryKind::Proposal as i32);
+}
