@@ -448,13 +448,28 @@ pub(crate) async fn sweep(node: &Node) -> Result<()> {
         let g = node.groups.relative(&kv.key).trim_end_matches("/meta").to_string();
         crate::mailbox::fanout(&node.rt, &node.groups, &node.mailbox_lease, &g).await?;
         let meta: GroupMeta = parse(kv)?;
+        let mut gone = Vec::new();
         for r in &meta.roster {
             let Some(tenant) = TenantId::parse(&r.device.tenant) else { continue };
             let t = sys.tenant_for_delivery(&tenant);
-            if directory::device(&t, &r.device.account, &r.device.device).await?.is_none()
-                && !removal_pending(node, &g, &meta, &r.device).await?
-            {
-                propose_removal(node, &g, &r.device).await?;
+            if directory::device(&t, &r.device.account, &r.device.device).await?.is_none() {
+                gone.push(r.device.clone());
+            }
+        }
+        if gone.len() == meta.roster.len() {
+            // No member device exists any more: nobody can commit, and the
+            // group's data has no one left to serve. Delete it.
+            let txn = Txn::new()
+                .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+                .then(Op::delete_prefix(node.groups.key(&format!("{g}/"))));
+            if node.groups.txn(txn).await?.succeeded {
+                tracing::info!(group = %redact(&g), "group deleted: no member device left");
+            }
+            continue;
+        }
+        for d in &gone {
+            if !removal_pending(node, &g, &meta, d).await? {
+                propose_removal(node, &g, d).await?;
             }
         }
     }

@@ -13,9 +13,9 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use spine_proto::groups::v1 as pb;
-use spine_runtime::Runtime;
 use spine_runtime::ids::TenantId;
 use spine_runtime::store::{Compare, EventKind, GroupSpace, Op, SharedLease, TenantStore, Txn};
+use spine_runtime::{Runtime, directory};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -74,6 +74,11 @@ pub(crate) async fn fanout(rt: &Arc<Runtime>, groups: &GroupSpace, lease: &Share
         for d in &e.recipients {
             let Some(tenant) = TenantId::parse(&d.tenant) else { continue };
             let t = sys.tenant_for_delivery(&tenant);
+            // A device deleted meanwhile gets nothing: delivering would
+            // recreate data its account's deletion just removed.
+            if directory::device(&t, &d.account, &d.device).await?.is_none() {
+                continue;
+            }
             deliver(&t, lease, g, gseq, &e, d).await?;
             if e.joins {
                 t.txn(Txn::new().then(Op::put(t.key(&model::gm_key(&d.account, &d.device, g)), b"{}".to_vec())))

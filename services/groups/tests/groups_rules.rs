@@ -317,6 +317,10 @@ async fn deletion_external_join_dispute_and_report() {
     let item = |k: &str| groups.items.iter().find(|i| i.kind == k).unwrap().clone();
     assert_eq!(item("group_membership").count, 1);
     assert_eq!(item("key_package").count, 1, "the last-resort package is left");
+    let privacy = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/privacy.md")).unwrap();
+    for i in &groups.items {
+        assert!(privacy.contains(&format!("| `{}` |", i.kind)), "docs/privacy.md does not list `{}`", i.kind);
+    }
 
     // Delete member 2's account: a Remove proposal reaches the others.
     let victim = members.remove(2);
@@ -405,4 +409,31 @@ async fn deletion_external_join_dispute_and_report() {
         .unwrap();
     let e = members[0].receive(&env, 1).await.remove(0);
     assert_eq!(e.kind, pb::EntryKind::Proposal as i32);
+}
+
+/// A group whose member devices are all gone is deleted by upkeep.
+#[tokio::test]
+async fn a_group_with_no_member_left_is_deleted() {
+    let env = start(Backend::Embedded).await;
+    let (t, members) = group_of(&env, 2, b"orphan").await;
+    for m in &members {
+        env.identity()
+            .delete_account(req(ipb::DeleteAccountRequest { account_id: m.account.clone() }, &t.cred))
+            .await
+            .unwrap();
+    }
+    assert!(!env.rt.store.range_all("/spine/g/").await.unwrap().is_empty());
+    // Nothing was delivered to the deleted devices after their deletion.
+    let t_keys = env.rt.store.range_all(&format!("/spine/t/{}/", t.id)).await.unwrap();
+    assert!(
+        t_keys.iter().all(|kv| kv.key.contains("/deleted/") || kv.key.contains("/idem/")),
+        "{:?}",
+        t_keys.iter().map(|k| &k.key).collect::<Vec<_>>()
+    );
+    // The upkeep runs every 15 s; wait for it (bounded), as a node would.
+    let gone = spine_runtime::testing::eventually(std::time::Duration::from_secs(40), || async {
+        env.rt.store.range_all(&format!("/spine/g/{}/", hex::encode(b"orphan"))).await.unwrap().is_empty()
+    })
+    .await;
+    assert!(gone, "the orphaned group is still stored");
 }
