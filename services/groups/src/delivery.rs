@@ -11,7 +11,6 @@ use spine_runtime::store::{Compare, KeyValue, Op, TenantStore, Txn};
 use spine_runtime::telemetry::redact;
 
 use crate::error::{GroupsError, Result, invalid, mls};
-use crate::keypackages::registered_key;
 use crate::model::{self, Device, GroupMeta, LogEntry, RosterEntry, gid_hex, json, parse};
 use crate::{APPLICATION_EPOCH_WINDOW, Node};
 
@@ -40,6 +39,8 @@ struct Loaded {
     meta: GroupMeta,
     meta_kv: KeyValue,
     verifier: Verifier,
+    /// The fan-out cursor: last log entry delivered, and its revision.
+    fanout: (u64, i64),
 }
 
 async fn load_meta(node: &Node, g: &str) -> Result<Option<(GroupMeta, KeyValue)>> {
@@ -49,16 +50,18 @@ async fn load_meta(node: &Node, g: &str) -> Result<Option<(GroupMeta, KeyValue)>
     }
 }
 
+/// Meta, state and fan-out cursor in one read.
 async fn load(node: &Node, g: &str) -> Result<Option<Loaded>> {
-    let Some((meta, meta_kv)) = load_meta(node, g).await? else { return Ok(None) };
-    let state = node
-        .groups
-        .get(&model::state_key(g))
-        .await?
-        .ok_or_else(|| GroupsError::Internal("group without state".into()))?;
+    let core = node.groups.range_all(&model::core_prefix(g)).await?;
+    let find = |k: String| core.iter().find(|kv| node.groups.relative(&kv.key) == k);
+    let Some(meta_kv) = find(model::meta_key(g)).cloned() else { return Ok(None) };
+    let meta = parse(&meta_kv)?;
+    let state = find(model::state_key(g)).ok_or_else(|| GroupsError::Internal("group without state".into()))?;
     let verifier =
         Verifier::from_bytes(&state.value).map_err(|e| GroupsError::Internal(format!("group state: {e}")))?;
-    Ok(Some(Loaded { meta, meta_kv, verifier }))
+    let fanout = find(model::fanout_key(g))
+        .map_or((0, 0), |kv| (serde_json::from_slice::<model::Counter>(&kv.value).map_or(0, |c| c.n), kv.mod_revision));
+    Ok(Some(Loaded { meta, meta_kv, verifier, fanout }))
 }
 
 /// The group, if the calling device is a member. Non-members learn nothing
@@ -231,7 +234,7 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
     if req.welcome.len() > MAX_MESSAGE_BYTES {
         return Err(invalid("welcome", format!("at most {MAX_MESSAGE_BYTES} bytes")));
     }
-    let my_key = registered_key(t, me).await?;
+    let my_key = node.own_key(t, me).await?;
     for _ in 0..CAS_ATTEMPTS {
         let Some(mut l) = load(node, &g).await? else { return Err(GroupsError::NotFound("group")) };
         let is_member = l.meta.member(&me.tenant, &me.account, &me.device).is_some();
@@ -310,6 +313,17 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
         }
         meta.next_seq = seq + log.len() as u64;
         txn = txn.then(Op::put(l.meta_kv.key.clone(), json(&meta)));
+        // Nothing to deliver (a one-member group, or only the committer
+        // left) and nothing pending: the commit advances the fan-out cursor
+        // itself, sparing a fan-out pass.
+        let nothing_to_deliver =
+            l.fanout.0 + 1 == seq && log.iter().all(|(_, e)| e.recipients.is_empty() && e.removed.is_empty());
+        if nothing_to_deliver {
+            let cursor = node.groups.key(&model::fanout_key(&g));
+            txn = txn
+                .when(Compare::ModRevision(cursor.clone(), l.fanout.1))
+                .then(Op::put(cursor, json(&model::Counter { n: meta.next_seq - 1 })));
+        }
         let out = node
             .mailbox_lease
             .txn(|lease| {
@@ -322,7 +336,9 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
             .await?;
         if out.succeeded {
             tracing::info!(group = %redact(&g), epoch = meta.epoch, added = added.len(), removed = removed.len(), "commit accepted");
-            spawn_fanout(node, g.clone());
+            if !nothing_to_deliver {
+                spawn_fanout(node, g.clone());
+            }
             return Ok(meta.epoch);
         }
         // Another write landed first. If it moved the epoch, this commit
@@ -444,8 +460,8 @@ pub(crate) fn spawn_fanout(node: &Node, g: String) {
 pub(crate) async fn sweep(node: &Node) -> Result<()> {
     let sys = node.rt.system_store();
     let metas = node.groups.range_all("").await?;
-    for kv in metas.iter().filter(|kv| kv.key.ends_with("/meta")) {
-        let g = node.groups.relative(&kv.key).trim_end_matches("/meta").to_string();
+    for kv in metas.iter().filter(|kv| kv.key.ends_with("/s/meta")) {
+        let g = node.groups.relative(&kv.key).trim_end_matches("/s/meta").to_string();
         crate::mailbox::fanout(&node.rt, &node.groups, &node.mailbox_lease, &g).await?;
         let meta: GroupMeta = parse(kv)?;
         let mut gone = Vec::new();

@@ -55,6 +55,7 @@ pub(crate) async fn registered_key(t: &TenantStore, d: &Device) -> Result<Vec<u8
 }
 
 pub(crate) async fn upload(
+    node: &Node,
     t: &TenantStore,
     me: &Device,
     req: pb::UploadKeyPackagesRequest,
@@ -65,7 +66,7 @@ pub(crate) async fn upload(
     if req.key_packages.is_empty() && req.last_resort.is_empty() {
         return Err(invalid("key_packages", "nothing to upload"));
     }
-    let key = registered_key(t, me).await?;
+    let key = node.own_key(t, me).await?;
     let mut ops = std::collections::BTreeMap::new();
     for kp in &req.key_packages {
         let (reference, stored) = check(kp, me, &key, false)?;

@@ -48,6 +48,31 @@ pub(crate) struct Node {
     ds: DeliveryService,
     groups: GroupSpace,
     mailbox_lease: Arc<SharedLease>,
+    /// Registered signature keys of calling devices. A device's key never
+    /// changes, and a revoked device cannot authenticate, so the caller's
+    /// own key can be cached; other devices' keys are always read (a
+    /// deleted device must not be admitted).
+    own_keys: std::sync::Mutex<std::collections::HashMap<(String, String, String), Vec<u8>>>,
+}
+
+impl Node {
+    pub(crate) async fn own_key(
+        &self,
+        t: &spine_runtime::store::TenantStore,
+        me: &model::Device,
+    ) -> error::Result<Vec<u8>> {
+        let k = (me.tenant.clone(), me.account.clone(), me.device.clone());
+        if let Some(v) = self.own_keys.lock().expect("key cache").get(&k) {
+            return Ok(v.clone());
+        }
+        let v = keypackages::registered_key(t, me).await?;
+        let mut cache = self.own_keys.lock().expect("key cache");
+        if cache.len() >= 100_000 {
+            cache.clear();
+        }
+        cache.insert(k, v.clone());
+        Ok(v)
+    }
 }
 
 /// Loads (or, the first time, creates) the delivery service's key.
@@ -78,6 +103,7 @@ pub async fn install(rt: &Arc<Runtime>, routes: &mut RoutesBuilder) -> Result<Ve
             Duration::from_secs(MAILBOX_RETENTION_SECS + 86_400),
             Duration::from_secs(86_400),
         )),
+        own_keys: Default::default(),
     });
     rt.register_account_data(Arc::new(data::GroupsData(Arc::downgrade(&node))));
     let max = spine_proto::codec::TRANSPORT_MAX_MESSAGE_BYTES;

@@ -3,11 +3,11 @@
 //!
 //! Group space (`/spine/g/<group id hex>/`), shared by the tenants a group's
 //! policy admits:
-//! - `meta`: epoch, roster (tenant, account, device, leaf), policy, sequence;
-//! - `state`: the verifier's public group state (no secret);
+//! - `s/meta`: epoch, roster (tenant, account, device, leaf), policy, sequence;
+//! - `s/state`: the verifier's public group state (no secret);
+//! - `s/fanout`: the last log entry delivered to every recipient;
 //! - `info`: the current GroupInfo (public, for external joins);
 //! - `log/<gseq>`: handshake and application messages awaiting fan-out;
-//! - `fanout`: the last log entry delivered to every recipient;
 //! - `committers/<epoch>`, `disputes/<epoch>/<device>`: dispute records.
 //!
 //! Each member's tenant (`/spine/t/<tenant>/`):
@@ -24,11 +24,15 @@ pub fn gid_hex(group_id: &[u8]) -> String {
     hex::encode(group_id)
 }
 
+/// The group's core records (`meta`, `state`, `fanout`), read in one range.
+pub fn core_prefix(g: &str) -> String {
+    format!("{g}/s/")
+}
 pub fn meta_key(g: &str) -> String {
-    format!("{g}/meta")
+    format!("{g}/s/meta")
 }
 pub fn state_key(g: &str) -> String {
-    format!("{g}/state")
+    format!("{g}/s/state")
 }
 pub fn info_key(g: &str) -> String {
     format!("{g}/info")
@@ -40,7 +44,7 @@ pub fn log_key(g: &str, gseq: u64) -> String {
     format!("{g}/log/{gseq:020}")
 }
 pub fn fanout_key(g: &str) -> String {
-    format!("{g}/fanout")
+    format!("{g}/s/fanout")
 }
 pub fn committer_key(g: &str, epoch: u64) -> String {
     format!("{g}/committers/{epoch:020}")

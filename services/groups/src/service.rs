@@ -57,7 +57,7 @@ impl Groups for GroupsApi {
         req: Request<pb::UploadKeyPackagesRequest>,
     ) -> Result<Response<pb::KeyPackageCount>, Status> {
         let (t, me) = device(&req)?;
-        ok(keypackages::upload(&t, &me, req.into_inner()).await)
+        ok(keypackages::upload(&self.0, &t, &me, req.into_inner()).await)
     }
 
     async fn count_key_packages(

@@ -26,6 +26,8 @@ pub async fn start(backend: Backend) -> Env {
 }
 
 pub struct Member {
+    /// A client on the test server, for use without the Env.
+    pub channel: Channel,
     pub tenant: String,
     pub account: String,
     pub device: String,
@@ -64,9 +66,15 @@ impl Member {
             .into_inner()
     }
 
-    pub async fn send_commit(&self, env: &Env, b: &CommitBundle) -> Result<u64, tonic::Status> {
+    pub async fn send_commit(&self, _env: &Env, b: &CommitBundle) -> Result<u64, tonic::Status> {
+        self.send_commit_raw(b).await
+    }
+
+    pub async fn send_commit_raw(&self, b: &CommitBundle) -> Result<u64, tonic::Status> {
         let gid = self.group.as_ref().unwrap().group_id();
-        self.groups(env)
+        GroupsClient::new(self.channel.clone())
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20)
             .send_commit(req(
                 pb::SendCommitRequest {
                     group_id: gid,
@@ -107,7 +115,16 @@ pub async fn member(env: &Env, t: &Tenant, account: &str) -> Member {
     let key = DeviceKey::generate().unwrap();
     let (device, token) = env.register(t, account, &key.public_key()).await;
     let client = Client::from_key(key, DeviceName::new(&t.id, account, &device)).unwrap();
-    Member { tenant: t.id.clone(), account: account.into(), device, token, client, group: None, next_seq: 1 }
+    Member {
+        channel: env.channel.clone(),
+        tenant: t.id.clone(),
+        account: account.into(),
+        device,
+        token,
+        client,
+        group: None,
+        next_seq: 1,
+    }
 }
 
 pub async fn ds_key(env: &Env, m: &Member) -> Vec<u8> {
