@@ -240,18 +240,7 @@ impl Client {
             };
             kps.push(kp.validate(self.provider.crypto(), ProtocolVersion::Mls10).map_err(invalid)?);
         }
-        let built = group
-            .inner
-            .commit_builder()
-            .propose_adds(kps)
-            .consume_proposal_store(true)
-            .load_psks(self.provider.storage())
-            .map_err(lib)?
-            .build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true)
-            .map_err(invalid)?
-            .stage_commit(&self.provider)
-            .map_err(invalid)?;
-        Self::finish(built)
+        self.commit(group, |b| b.propose_adds(kps))
     }
 
     /// Removes the members with these device names, in one commit.
@@ -267,29 +256,24 @@ impl Client {
         if leaves.len() != devices.len() {
             return Err(MlsError::State("a device to remove is not a member".into()));
         }
-        let built = group
-            .inner
-            .commit_builder()
-            .propose_removals(leaves)
-            .consume_proposal_store(true)
-            .load_psks(self.provider.storage())
-            .map_err(lib)?
-            .build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true)
-            .map_err(invalid)?
-            .stage_commit(&self.provider)
-            .map_err(invalid)?;
-        Self::finish(built)
+        self.commit(group, |b| b.propose_removals(leaves))
     }
 
     /// A commit that updates this device's leaf (new keys: post-compromise
     /// security) and includes every queued proposal (for example the
     /// delivery service's removal of a deleted device).
     pub fn self_update(&self, group: &mut Group) -> Result<CommitBundle> {
-        let built = group
-            .inner
-            .commit_builder()
-            .consume_proposal_store(true)
-            .force_self_update(true)
+        self.commit(group, |b| b.force_self_update(true))
+    }
+
+    /// Builds and stages a commit that includes every queued proposal, with
+    /// `configure` adding this commit's own proposals.
+    fn commit(
+        &self,
+        group: &mut Group,
+        configure: impl FnOnce(CommitBuilder<'_, Initial>) -> CommitBuilder<'_, Initial>,
+    ) -> Result<CommitBundle> {
+        let built = configure(group.inner.commit_builder().consume_proposal_store(true))
             .load_psks(self.provider.storage())
             .map_err(lib)?
             .build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true)

@@ -365,22 +365,9 @@ pub(crate) async fn application(node: &Node, me: &Device, req: pb::SendApplicati
                 format!("epoch {} is outside the accepted window (group at {})", framing.epoch, l.meta.epoch),
             ));
         }
-        let mut meta = l.meta.clone();
-        let seq = meta.next_seq;
-        meta.next_seq += 1;
-        let recipients = meta.roster.iter().map(|r| r.device.clone()).filter(|d| d != me).collect();
+        let recipients = l.meta.roster.iter().map(|r| r.device.clone()).filter(|d| d != me).collect();
         let entry = LogEntry::new(EntryKind::Application, &req.message, framing.epoch, recipients);
-        let out = node
-            .mailbox_lease
-            .txn(|lease| {
-                Txn::new()
-                    .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
-                    .then(Op::put(l.meta_kv.key.clone(), json(&meta)))
-                    .then(Op::put_leased(node.groups.key(&model::log_key(&g, seq)), json(&entry), lease))
-            })
-            .await?;
-        if out.succeeded {
-            spawn_fanout(node, g);
+        if append(node, &g, &l, entry, None).await? {
             return Ok(());
         }
     }
@@ -418,29 +405,42 @@ pub(crate) async fn propose_removal(node: &Node, g: &str, d: &Device) -> Result<
             .ds
             .propose_remove(&mut l.verifier, entry.leaf, l.meta.ds_index)
             .map_err(|e| GroupsError::Internal(e.to_string()))?;
-        let mut meta = l.meta.clone();
-        let seq = meta.next_seq;
-        meta.next_seq += 1;
-        let recipients = meta.roster.iter().map(|r| r.device.clone()).filter(|x| x != d).collect();
-        let mut log = LogEntry::new(EntryKind::Proposal, &proposal, meta.epoch, recipients);
+        let recipients = l.meta.roster.iter().map(|r| r.device.clone()).filter(|x| x != d).collect();
+        let mut log = LogEntry::new(EntryKind::Proposal, &proposal, l.meta.epoch, recipients);
         log.removed = vec![d.clone()];
-        let out = node
-            .mailbox_lease
-            .txn(|lease| {
-                Txn::new()
-                    .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
-                    .then(Op::put(l.meta_kv.key.clone(), json(&meta)))
-                    .then(Op::put(node.groups.key(&model::state_key(g)), l.verifier.to_bytes()))
-                    .then(Op::put_leased(node.groups.key(&model::log_key(g, seq)), json(&log), lease))
-            })
-            .await?;
-        if out.succeeded {
+        let state = l.verifier.to_bytes();
+        if append(node, g, &l, log, Some(state)).await? {
             tracing::info!(group = %redact(g), device = %redact(&d.device), "removal proposed for a deleted device");
-            spawn_fanout(node, g.to_string());
             return Ok(true);
         }
     }
     Err(GroupsError::Conflict)
+}
+
+/// Appends one entry to the group's log (and, with a proposal, the state
+/// that queues it) if the group is unchanged since `l` was read, then fans
+/// it out. `false` if another write came first: re-read and retry.
+async fn append(node: &Node, g: &str, l: &Loaded, entry: LogEntry, state: Option<Vec<u8>>) -> Result<bool> {
+    let mut meta = l.meta.clone();
+    let seq = meta.next_seq;
+    meta.next_seq += 1;
+    let out = node
+        .mailbox_lease
+        .txn(|lease| {
+            let mut txn = Txn::new()
+                .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
+                .then(Op::put(l.meta_kv.key.clone(), json(&meta)))
+                .then(Op::put_leased(node.groups.key(&model::log_key(g, seq)), json(&entry), lease));
+            if let Some(s) = &state {
+                txn = txn.then(Op::put(node.groups.key(&model::state_key(g)), s.clone()));
+            }
+            txn
+        })
+        .await?;
+    if out.succeeded {
+        spawn_fanout(node, g.to_string());
+    }
+    Ok(out.succeeded)
 }
 
 pub(crate) fn spawn_fanout(node: &Node, g: String) {

@@ -18,7 +18,7 @@ mod mailbox;
 mod model;
 mod service;
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use spine_mls::verifier::DeliveryService;
@@ -112,20 +112,11 @@ pub async fn install(rt: &Arc<Runtime>, routes: &mut RoutesBuilder) -> Result<Ve
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
     );
-    tokio::spawn(maintenance(Arc::downgrade(&node)));
-    Ok(vec![<GroupsServer<service::GroupsApi> as NamedService>::NAME])
-}
-
-async fn maintenance(node: Weak<Node>) {
-    let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
-    loop {
-        tick.tick().await;
-        let Some(node) = node.upgrade() else { return };
+    Runtime::spawn_upkeep(Arc::downgrade(&node), MAINTENANCE_EVERY, "groups", |node: Arc<Node>| async move {
         if node.rt.drain.is_cancelled() {
-            return;
+            return Ok(());
         }
-        if let Err(e) = delivery::sweep(&node).await {
-            tracing::warn!(error = %e, "groups upkeep failed");
-        }
-    }
+        delivery::sweep(&node).await
+    });
+    Ok(vec![<GroupsServer<service::GroupsApi> as NamedService>::NAME])
 }

@@ -18,7 +18,7 @@ mod service;
 pub mod testing;
 mod validate;
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use spine_proto::identity::v1::identity_server::IdentityServer;
@@ -76,28 +76,19 @@ pub fn install(rt: &Arc<Runtime>, routes: &mut RoutesBuilder) -> Vec<&'static st
             .max_decoding_message_size(max)
             .max_encoding_message_size(4 * max),
     );
-    tokio::spawn(maintenance(Arc::downgrade(&node)));
+    Runtime::spawn_upkeep(Arc::downgrade(&node), MAINTENANCE_EVERY, "identity", |node: Arc<Node>| async move {
+        if node.rt.drain.is_cancelled() {
+            return Ok(());
+        }
+        // Both run each round; the first failure is reported.
+        let keys = node.signer.sweep().await.map(drop);
+        let deletions = data::finish_deletions(&node).await;
+        keys.and(deletions)
+    });
     vec![
         <TenantAdminServer<admin::Admin> as NamedService>::NAME,
         <IdentityServer<service::IdentityApi> as NamedService>::NAME,
     ]
-}
-
-async fn maintenance(node: Weak<Node>) {
-    let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
-    loop {
-        tick.tick().await;
-        let Some(node) = node.upgrade() else { return };
-        if node.rt.drain.is_cancelled() {
-            return;
-        }
-        if let Err(e) = node.signer.sweep().await {
-            tracing::warn!(error = %e, "signing key sweep failed");
-        }
-        if let Err(e) = data::finish_deletions(&node).await {
-            tracing::warn!(error = %e, "account deletion upkeep failed");
-        }
-    }
 }
 
 /// Creates an operator credential directly in the store (bootstrap: the

@@ -98,6 +98,28 @@ impl Runtime {
         self.data.write().expect("data hooks lock").push(holder);
     }
 
+    /// Runs `work` every `every` for as long as `owner` lives and the node
+    /// is not draining, logging failures under `name`: a service's upkeep.
+    pub fn spawn_upkeep<T, F, Fut, E>(owner: std::sync::Weak<T>, every: Duration, name: &'static str, work: F)
+    where
+        T: Send + Sync + 'static,
+        F: Fn(Arc<T>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), E>> + Send,
+        E: std::fmt::Display,
+    {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(owner) = owner.upgrade() else { return };
+                if let Err(e) = work(owner).await {
+                    tracing::warn!(upkeep = name, error = %e, "upkeep failed; will retry");
+                }
+            }
+        });
+    }
+
     /// Every registered account-data hook, in registration order.
     pub fn account_data(&self) -> Vec<Arc<dyn AccountData>> {
         self.data.read().expect("data hooks lock").clone()
