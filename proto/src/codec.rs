@@ -20,7 +20,7 @@ use tonic_prost::{ProstCodec, ProstEncoder};
 /// The cap services give tonic (`max_decoding_message_size`).
 pub const TRANSPORT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-static MAX_MESSAGE_BYTES: AtomicUsize = AtomicUsize::new(64 * 1024);
+static MAX_MESSAGE_BYTES: AtomicUsize = AtomicUsize::new(2 * 1024 * 1024);
 
 /// Sets the largest message any Spine method accepts (process-wide).
 pub fn set_max_message_bytes(n: usize) {

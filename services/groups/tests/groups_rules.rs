@@ -30,20 +30,22 @@ async fn group_of(env: &Env, n: usize, gid: &[u8]) -> (spine_identity::testing::
         members.push(m);
     }
     create_group(env, &mut members[0], gid, vec![t.id.clone()]).await;
-    let targets = members[1..]
-        .iter()
-        .map(|m| pb::Target { target: Some(pb::target::Target::AccountId(m.account.clone())) })
-        .collect();
-    let kps: Vec<Vec<u8>> = members[0]
-        .groups(env)
-        .claim_key_packages(req(pb::ClaimKeyPackagesRequest { targets }, &members[0].token))
-        .await
-        .unwrap()
-        .into_inner()
-        .key_packages
-        .into_iter()
-        .map(|k| k.key_package)
-        .collect();
+    // Claims take at most 32 targets at a time.
+    let mut kps: Vec<Vec<u8>> = Vec::new();
+    for chunk in members[1..].chunks(32) {
+        let targets = chunk
+            .iter()
+            .map(|m| pb::Target { target: Some(pb::target::Target::AccountId(m.account.clone())) })
+            .collect();
+        let claimed = members[0]
+            .groups(env)
+            .claim_key_packages(req(pb::ClaimKeyPackagesRequest { targets }, &members[0].token))
+            .await
+            .unwrap()
+            .into_inner()
+            .key_packages;
+        kps.extend(claimed.into_iter().map(|k| k.key_package));
+    }
     let add = members[0].act(|c, g| c.add(g, &kps)).unwrap();
     members[0].send_commit(env, &add).await.unwrap();
     members[0].act(|c, g| c.merge_pending(g)).unwrap();
@@ -436,4 +438,25 @@ async fn a_group_with_no_member_left_is_deleted() {
     })
     .await;
     assert!(gone, "the orphaned group is still stored");
+}
+
+/// A group of 100 devices: its add commit, Welcome and GroupInfo (with the
+/// ratchet tree, about 100 KB) go through the API, and a member's next
+/// commit is accepted and reaches everyone.
+#[tokio::test]
+async fn a_hundred_device_group_goes_through() {
+    let env = start(Backend::Embedded).await;
+    let (_, mut members) = group_of(&env, 100, b"big").await;
+    let upd = members[50].act(|c, g| c.self_update(g)).unwrap();
+    // About 280 bytes of GroupInfo per member: a group of ~230 devices
+    // outgrew the old 64 KiB request limit; 2 MiB covers 1000 with room.
+    assert!(upd.group_info.len() > 25 * 1024, "GroupInfo of {} bytes", upd.group_info.len());
+    assert_eq!(members[50].send_commit(&env, &upd).await.unwrap(), 2);
+    members[50].act(|c, g| c.merge_pending(g)).unwrap();
+    let auth = members[50].g().epoch_authenticator();
+    for (i, m) in members.iter_mut().enumerate().filter(|(i, _)| *i != 50) {
+        let e = m.receive(&env, 1).await.remove(0);
+        assert_eq!(m.act(|c, g| c.process(g, &e.message)).unwrap(), Incoming::Commit { epoch: 2 }, "member {i}");
+        assert_eq!(m.g().epoch_authenticator(), auth);
+    }
 }

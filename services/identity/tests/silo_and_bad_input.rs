@@ -334,10 +334,11 @@ async fn bad_input_is_refused_and_writes_nothing() {
     }
     // Over the message limit: INVALID_ARGUMENT, before any handler runs;
     // past tonic's transport cap, OUT_OF_RANGE.
-    let huge = pb::CreateAccountRequest { request_id: "x".repeat(70 * 1024) };
+    let limit = spine_proto::codec::max_message_bytes();
+    let huge = pb::CreateAccountRequest { request_id: "x".repeat(limit + 1024) };
     let s = raw(&env, "/spine.identity.v1.Identity/CreateAccount", prost::Message::encode_to_vec(&huge), &a.cred).await;
     assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
-    assert!(s.message().contains("exceeds the limit of 65536 bytes"), "{}", s.message());
+    assert!(s.message().contains(&format!("exceeds the limit of {limit} bytes")), "{}", s.message());
     let absurd =
         pb::CreateAccountRequest { request_id: "x".repeat(spine_proto::codec::TRANSPORT_MAX_MESSAGE_BYTES + 1) };
     let s =

@@ -104,7 +104,10 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_message_bytes: 64 * 1024 }
+        // Large enough for an MLS commit bundle (commit, Welcome, GroupInfo
+        // with the ratchet tree) of a ~1000-member group; per-field bounds
+        // are far smaller elsewhere.
+        Self { max_message_bytes: 2 * 1024 * 1024 }
     }
 }
 
