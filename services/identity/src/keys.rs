@@ -37,13 +37,14 @@ struct Key {
 pub struct Signer {
     sys: SystemStore,
     ring: Arc<AuthRing>,
+    sealer: spine_runtime::sealing::Sealer,
     cfg: AuthConfig,
     cache: Mutex<Option<(Instant, Vec<Key>)>>,
 }
 
 impl Signer {
-    pub fn new(sys: SystemStore, ring: Arc<AuthRing>, cfg: AuthConfig) -> Self {
-        Self { sys, ring, cfg, cache: Mutex::new(None) }
+    pub fn new(sys: SystemStore, ring: Arc<AuthRing>, sealer: spine_runtime::sealing::Sealer, cfg: AuthConfig) -> Self {
+        Self { sys, ring, sealer, cfg, cache: Mutex::new(None) }
     }
 
     async fn load(&self, fresh: bool) -> Result<Vec<Key>> {
@@ -60,11 +61,22 @@ impl Signer {
             let id = self.sys.relative(&kv.key).trim_start_matches(records::KEYS).to_string();
             let published: PublishedKey =
                 serde_json::from_slice(&kv.value).map_err(|e| IdentityError::Internal(format!("key {id}: {e}")))?;
+            // A secret that does not open (another key-encryption key, or
+            // plain where sealing is on) is unusable: the key only verifies,
+            // and a usable key is created when none is left.
             let secret = secrets
                 .iter()
                 .find(|s| self.sys.relative(&s.key).trim_start_matches(records::SIGNING) == id)
-                .and_then(|s| serde_json::from_slice::<SigningSecret>(&s.value).ok())
-                .and_then(|s| B64.decode(s.seed).ok())
+                .and_then(|s| {
+                    let sealed = serde_json::from_slice::<SigningSecret>(&s.value).ok()?;
+                    match self.sealer.open(&s.key, &sealed.seed) {
+                        Ok(seed) => Some(seed),
+                        Err(e) => {
+                            tracing::warn!(key_id = %id, error = %e, "signing key unusable");
+                            None
+                        }
+                    }
+                })
                 .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
                 .map(|seed| SigningKey::from_bytes(&seed));
             keys.push(Key { id, published, secret });
@@ -115,11 +127,11 @@ impl Signer {
             activates_at: now + delay_secs,
             retires_at: None,
         };
-        let mut txn =
-            Txn::new().then(Op::put(self.sys.key(&format!("{}{id}", records::KEYS)), json(&published))).then(Op::put(
-                self.sys.key(&format!("{}{id}", records::SIGNING)),
-                json(&SigningSecret { seed: B64.encode(secret.to_bytes()) }),
-            ));
+        let secret_key = self.sys.key(&format!("{}{id}", records::SIGNING));
+        let sealed = SigningSecret { seed: self.sealer.seal(&secret_key, &secret.to_bytes()) };
+        let mut txn = Txn::new()
+            .then(Op::put(self.sys.key(&format!("{}{id}", records::KEYS)), json(&published)))
+            .then(Op::put(secret_key, json(&sealed)));
         let mut retiring = Vec::new();
         for k in self.load(true).await? {
             if k.published.retires_at.is_none() {

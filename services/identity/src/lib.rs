@@ -53,7 +53,7 @@ pub fn install(rt: &Arc<Runtime>, routes: &mut RoutesBuilder) -> Vec<&'static st
     rt.register_account_data(Arc::new(IdentityData::new()));
     let node = Arc::new(Node {
         rt: rt.clone(),
-        signer: keys::Signer::new(rt.system_store(), rt.auth.clone(), rt.config.auth.clone()),
+        signer: keys::Signer::new(rt.system_store(), rt.auth.clone(), rt.sealer.clone(), rt.config.auth.clone()),
         idem_lease: SharedLease::new(
             rt.store.clone(),
             Duration::from_secs(model::IDEMPOTENCY_TTL_SECS + 3600),

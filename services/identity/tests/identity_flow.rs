@@ -609,3 +609,23 @@ async fn a_second_node_verifies_and_revokes_from_the_store() {
     .await;
     assert!(refused, "node 2 still accepts a revoked device's token");
 }
+
+/// With a key-encryption key, private signing keys are sealed in the store,
+/// bound to their key: the stored value reveals nothing, and tokens work.
+#[tokio::test]
+async fn signing_keys_are_sealed_at_rest() {
+    use base64::Engine;
+    let mut config = spine_identity::testing::test_config();
+    config.auth.key_encryption_key = Some(base64::engine::general_purpose::STANDARD.encode([42u8; 32]));
+    let env = spine_identity::testing::start_with(Backend::Embedded, config).await;
+    let t = env.tenant("t").await;
+    let d = env.device(&t).await;
+    env.identity().get_account(req(pb::GetAccountRequest::default(), &d.token)).await.unwrap();
+    let stored = env.rt.store.range_all("/spine/sys/signing/").await.unwrap();
+    assert_eq!(stored.len(), 1);
+    let v: serde_json::Value = serde_json::from_slice(&stored[0].value).unwrap();
+    let sealed = v["seed"].as_str().unwrap();
+    assert!(sealed.starts_with("v1:"), "{sealed}");
+    assert!(spine_runtime::sealing::Sealer::new(None).unwrap().open(&stored[0].key, sealed).is_err());
+    assert!(env.rt.sealer.open(&stored[0].key, sealed).is_ok());
+}

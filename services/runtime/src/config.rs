@@ -61,11 +61,20 @@ pub struct AuthConfig {
     /// Delay between publishing a new signing key and signing with it, so
     /// every node has it before any token it signed arrives.
     pub key_activation_delay_secs: u32,
+    /// Key-encryption key (32 bytes, base64) sealing private keys kept in
+    /// the store. Set it in production (from a secret store); without it
+    /// they are stored plain and a warning is logged.
+    pub key_encryption_key: Option<String>,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { default_token_ttl_secs: 900, max_token_ttl_secs: 3600, key_activation_delay_secs: 10 }
+        Self {
+            default_token_ttl_secs: 900,
+            max_token_ttl_secs: 3600,
+            key_activation_delay_secs: 10,
+            key_encryption_key: None,
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod data;
 pub mod directory;
 pub mod error;
 pub mod ids;
+pub mod sealing;
 pub mod server;
 pub mod store;
 pub mod telemetry;
@@ -49,6 +50,8 @@ pub struct Runtime {
     /// Cancelled when the node starts draining: long-lived streams watch it
     /// and tell their clients to reconnect elsewhere.
     pub drain: tokio_util::sync::CancellationToken,
+    /// Seals private keys kept in the store.
+    pub sealer: sealing::Sealer,
     data: RwLock<Vec<Arc<dyn AccountData>>>,
 }
 
@@ -83,9 +86,18 @@ impl Runtime {
         if let Some(k) = &config.telemetry.id_hash_key {
             telemetry::set_hash_key(k.as_bytes());
         }
+        let sealer = sealing::Sealer::new(config.auth.key_encryption_key.as_deref()).unwrap_or_else(|e| {
+            // A configured but unusable key must not silently mean "plain".
+            panic!("auth.key_encryption_key: {e}")
+        });
+        if !sealer.is_sealing() {
+            tracing::warn!(
+                "auth.key_encryption_key is not set: private keys are stored unsealed (fine for spine dev only)"
+            );
+        }
         let auth = AuthRing::new(store.clone());
         auth.start();
-        Arc::new(Self { config, store, auth, drain: Default::default(), data: RwLock::new(Vec::new()) })
+        Arc::new(Self { config, store, auth, drain: Default::default(), sealer, data: RwLock::new(Vec::new()) })
     }
 
     /// The control-plane handle.

@@ -38,7 +38,7 @@ pub struct PublishedKey {
 /// A signing key's private half.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SigningSecret {
-    /// Base64 of the 32-byte Ed25519 seed.
+    /// The 32-byte Ed25519 seed, sealed (see `crate::sealing`).
     pub seed: String,
 }
 
