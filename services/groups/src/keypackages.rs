@@ -176,8 +176,19 @@ pub(crate) async fn claim(
     let mut out = Vec::new();
     for (i, (store, account)) in resolved.iter().enumerate() {
         for (device, _) in directory::devices(store, account).await? {
-            if let Some((kp, last_resort)) = take(store, account, &device).await? {
-                out.push(pb::ClaimedKeyPackage { target: i as u32, device_id: device, key_package: kp, last_resort });
+            match take(store, account, &device).await? {
+                Some((kp, last_resort)) => {
+                    crate::metrics::key_package("claim", if last_resort { "last_resort" } else { "single_use" });
+                    let left = store.count(&model::kp_prefix(account, &device)).await?;
+                    crate::metrics::metrics().pool_depth.record(left, &[]);
+                    out.push(pb::ClaimedKeyPackage {
+                        target: i as u32,
+                        device_id: device,
+                        key_package: kp,
+                        last_resort,
+                    });
+                }
+                None => crate::metrics::key_package("claim", "none"),
             }
         }
     }

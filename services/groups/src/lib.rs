@@ -15,6 +15,7 @@ mod delivery;
 pub mod error;
 mod keypackages;
 mod mailbox;
+mod metrics;
 mod model;
 mod service;
 

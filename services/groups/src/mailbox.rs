@@ -80,6 +80,12 @@ pub(crate) async fn fanout(rt: &Arc<Runtime>, groups: &GroupSpace, lease: &Share
                 continue;
             }
             deliver(&t, lease, g, gseq, &e, d).await?;
+            if e.at_ms > 0 {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                crate::metrics::metrics().fanout_lag.record((now - e.at_ms).max(0) as f64 / 1000.0, &[]);
+            }
             if e.joins {
                 t.txn(Txn::new().then(Op::put(t.key(&model::gm_key(&d.account, &d.device, g)), b"{}".to_vec())))
                     .await?;

@@ -153,11 +153,24 @@ pub struct LogEntry {
     /// For a commit: devices it removes.
     #[serde(default)]
     pub removed: Vec<Device>,
+    /// When the entry entered the log, Unix milliseconds (for fan-out lag).
+    #[serde(default)]
+    pub at_ms: i64,
 }
 
 impl LogEntry {
     pub fn new(kind: spine_proto::groups::v1::EntryKind, message: &[u8], epoch: u64, recipients: Vec<Device>) -> Self {
-        Self { kind: kind as i32, message: B64.encode(message), epoch, recipients, joins: false, removed: vec![] }
+        let at_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        Self {
+            kind: kind as i32,
+            message: B64.encode(message),
+            epoch,
+            recipients,
+            joins: false,
+            removed: vec![],
+            at_ms,
+        }
     }
 }
 

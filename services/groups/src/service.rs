@@ -57,7 +57,9 @@ impl Groups for GroupsApi {
         req: Request<pb::UploadKeyPackagesRequest>,
     ) -> Result<Response<pb::KeyPackageCount>, Status> {
         let (t, me) = device(&req)?;
-        ok(keypackages::upload(&self.0, &t, &me, req.into_inner()).await)
+        let result = keypackages::upload(&self.0, &t, &me, req.into_inner()).await;
+        crate::metrics::key_package("upload", if result.is_ok() { "accepted" } else { "rejected" });
+        ok(result)
     }
 
     async fn count_key_packages(
@@ -99,7 +101,12 @@ impl Groups for GroupsApi {
         req: Request<pb::SendCommitRequest>,
     ) -> Result<Response<pb::SendCommitResponse>, Status> {
         let (t, me) = device(&req)?;
-        ok(delivery::commit(&self.0, &t, &me, req.into_inner()).await.map(|epoch| pb::SendCommitResponse { epoch }))
+        let result = delivery::commit(&self.0, &t, &me, req.into_inner()).await;
+        match &result {
+            Ok(_) => crate::metrics::commit("accepted"),
+            Err(e) => crate::metrics::commit(crate::metrics::commit_failure(e)),
+        }
+        ok(result.map(|epoch| pb::SendCommitResponse { epoch }))
     }
 
     async fn send_application(

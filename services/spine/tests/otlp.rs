@@ -115,6 +115,7 @@ async fn spans_and_metrics_reach_an_otlp_receiver_without_identifiers() {
         .unwrap()
         .into_inner();
     let cred = created.credential.unwrap().secret;
+    let channel_for_groups = channel.clone();
     let mut id = IdentityClient::new(channel);
     let account = id
         .create_account(req(pb::CreateAccountRequest { request_id: "a".into() }, &cred))
@@ -152,6 +153,17 @@ async fn spans_and_metrics_reach_an_otlp_receiver_without_identifiers() {
         .token;
     id.get_account(req(pb::GetAccountRequest::default(), &token)).await.unwrap();
     let _ = id.get_account(req(pb::GetAccountRequest { account_id: account.clone() }, "sdt1.bad.token.x")).await;
+    // A groups call: a key package that is not MLS is rejected and counted.
+    let rejected = spine_proto::groups::v1::groups_client::GroupsClient::new(channel_for_groups.clone())
+        .upload_key_packages(req(
+            spine_proto::groups::v1::UploadKeyPackagesRequest {
+                key_packages: vec![b"not mls".to_vec()],
+                last_resort: vec![],
+            },
+            &token,
+        ))
+        .await;
+    assert_eq!(rejected.unwrap_err().code(), tonic::Code::InvalidArgument);
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

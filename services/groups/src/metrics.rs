@@ -1,0 +1,63 @@
+//! The groups service's metrics. Labels are outcomes and reasons only:
+//! never a group, account or device id.
+
+use std::sync::OnceLock;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
+
+pub(crate) struct GroupsMetrics {
+    /// Commits by result: accepted, wrong_epoch, invalid, refused, other.
+    pub commits: Counter<u64>,
+    /// Key-package operations: upload accepted/rejected; claim single_use,
+    /// last_resort or none.
+    pub key_packages: Counter<u64>,
+    /// Single-use packages a device has left after one was claimed.
+    pub pool_depth: Histogram<u64>,
+    /// Seconds from a message entering a group's log to reaching a mailbox.
+    pub fanout_lag: Histogram<f64>,
+}
+
+pub(crate) fn metrics() -> &'static GroupsMetrics {
+    static M: OnceLock<GroupsMetrics> = OnceLock::new();
+    M.get_or_init(|| {
+        let m = opentelemetry::global::meter("spine.groups");
+        GroupsMetrics {
+            commits: m.u64_counter("spine.groups.commits").with_description("Commits by result").build(),
+            key_packages: m
+                .u64_counter("spine.groups.key_packages")
+                .with_description("Key-package uploads and claims by result")
+                .build(),
+            pool_depth: m
+                .u64_histogram("spine.groups.key_packages.remaining")
+                .with_description("Single-use key packages left on the device after a claim")
+                .build(),
+            fanout_lag: m
+                .f64_histogram("spine.groups.fanout.lag")
+                .with_unit("s")
+                .with_description("Log to mailbox delay")
+                .build(),
+        }
+    })
+}
+
+pub(crate) fn commit(result: &'static str) {
+    metrics().commits.add(1, &[KeyValue::new("result", result)]);
+}
+
+pub(crate) fn key_package(op: &'static str, result: &'static str) {
+    metrics().key_packages.add(1, &[KeyValue::new("op", op), KeyValue::new("result", result)]);
+}
+
+/// The result label of a failed commit.
+pub(crate) fn commit_failure(e: &crate::error::GroupsError) -> &'static str {
+    use crate::error::GroupsError as E;
+    match e {
+        E::WrongEpoch { .. } => "wrong_epoch",
+        E::Invalid { .. } | E::Mls { .. } => "invalid",
+        E::Refused(_) => "refused",
+        E::NotFound(_) => "not_found",
+        E::Conflict => "conflict",
+        _ => "other",
+    }
+}
