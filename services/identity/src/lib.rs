@@ -115,3 +115,38 @@ pub async fn bootstrap_operator(rt: &Runtime, label: &str) -> Result<String, spi
     rt.auth.observe(&rel, Some(&value));
     Ok(format!("{id}.{secret}"))
 }
+
+/// Operator credentials on file: (id, label, created_at). Secrets are never
+/// stored, so never listed.
+pub async fn list_operators(rt: &Runtime) -> Result<Vec<(String, String, i64)>, spine_runtime::store::StoreError> {
+    use spine_runtime::auth::records::{self, OperatorCredential};
+    let sys = rt.system_store();
+    let mut out = Vec::new();
+    for kv in sys.range_all(records::OPERATORS).await? {
+        if let Ok(rec) = serde_json::from_slice::<OperatorCredential>(&kv.value) {
+            out.push((
+                sys.relative(&kv.key).trim_start_matches(records::OPERATORS).to_string(),
+                rec.label,
+                rec.created_at,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Revokes an operator credential; it stops working on every node at watch
+/// latency. `false` if there was no such credential.
+pub async fn revoke_operator(rt: &Runtime, operator_id: &str) -> Result<bool, spine_runtime::store::StoreError> {
+    use spine_runtime::auth::records;
+    use spine_runtime::store::{Compare, Op, Txn};
+    if spine_runtime::ids::parse(spine_runtime::ids::Kind::Operator, operator_id).is_none() {
+        return Ok(false);
+    }
+    let sys = rt.system_store();
+    let rel = format!("{}{operator_id}", records::OPERATORS);
+    let out = sys.txn(Txn::new().when(Compare::Present(sys.key(&rel))).then(Op::delete(sys.key(&rel)))).await?;
+    if out.succeeded {
+        rt.auth.observe(&rel, None);
+    }
+    Ok(out.succeeded)
+}

@@ -157,12 +157,43 @@ pub async fn run(t: &Target, cmd: Command) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// `spine admin operator create`: a new operator credential written into
-/// the store the config points at.
-pub async fn create_operator(config: spine_runtime::Config, label: &str) -> anyhow::Result<String> {
-    if label.is_empty() || label.len() > 64 {
-        bail!("--label must be 1 to 64 characters");
+/// Operator-credential commands, run against the store directly (the first
+/// operator cannot call the API yet).
+#[derive(Debug)]
+pub enum OperatorCommand {
+    Create { label: String, config: anyhow::Result<spine_runtime::Config> },
+    List { config: anyhow::Result<spine_runtime::Config> },
+    Revoke { operator_id: String, config: anyhow::Result<spine_runtime::Config> },
+}
+
+/// Runs an operator-credential command and returns what to print.
+pub async fn operator(cmd: OperatorCommand) -> anyhow::Result<String> {
+    let start = |config: anyhow::Result<spine_runtime::Config>| async move {
+        spine_runtime::Runtime::start(config?).await.context("opening the store")
+    };
+    match cmd {
+        OperatorCommand::Create { label, config } => {
+            if label.is_empty() || label.len() > 64 {
+                bail!("--label must be 1 to 64 characters");
+            }
+            let rt = start(config).await?;
+            let token = spine_identity::bootstrap_operator(&rt, &label).await?;
+            Ok(format!("operator credential (shown once): {token}\n"))
+        }
+        OperatorCommand::List { config } => {
+            let rt = start(config).await?;
+            let mut out = String::from("operator_id\tcreated_at\tlabel\n");
+            for (id, label, created) in spine_identity::list_operators(&rt).await? {
+                out.push_str(&format!("{id}\t{created}\t{label}\n"));
+            }
+            Ok(out)
+        }
+        OperatorCommand::Revoke { operator_id, config } => {
+            let rt = start(config).await?;
+            if !spine_identity::revoke_operator(&rt, &operator_id).await? {
+                bail!("no operator credential {operator_id}");
+            }
+            Ok(format!("revoked {operator_id}\n"))
+        }
     }
-    let rt = spine_runtime::Runtime::start(config).await.context("opening the store")?;
-    Ok(spine_identity::bootstrap_operator(&rt, label).await?)
 }

@@ -159,6 +159,17 @@ enum OperatorCmd {
         #[command(flatten)]
         node: NodeFlags,
     },
+    /// List operator credentials (ids and labels; secrets are never stored).
+    List {
+        #[command(flatten)]
+        node: NodeFlags,
+    },
+    /// Revoke an operator credential by id (`op_...`).
+    Revoke {
+        operator_id: String,
+        #[command(flatten)]
+        node: NodeFlags,
+    },
 }
 
 #[tokio::main]
@@ -188,9 +199,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Admin { endpoint, token_file, ca_cert, what } => {
             let cmd = match what {
-                AdminCmd::Operator(OperatorCmd::Create { label, node }) => {
-                    let token = admin::create_operator(node.load()?, &label).await?;
-                    println!("operator credential (shown once): {token}");
+                AdminCmd::Operator(cmd) => {
+                    print!("{}", admin::operator(cmd.into()).await?);
                     return Ok(());
                 }
                 AdminCmd::Tenant(TenantCmd::Create { name, request_id }) => {
@@ -212,6 +222,16 @@ async fn main() -> anyhow::Result<()> {
             let target = admin::Target { endpoint, token, ca_cert };
             print!("{}", admin::run(&target, cmd).await.context("admin command failed")?);
             Ok(())
+        }
+    }
+}
+
+impl From<OperatorCmd> for admin::OperatorCommand {
+    fn from(c: OperatorCmd) -> Self {
+        match c {
+            OperatorCmd::Create { label, node } => Self::Create { label, config: node.load() },
+            OperatorCmd::List { node } => Self::List { config: node.load() },
+            OperatorCmd::Revoke { operator_id, node } => Self::Revoke { operator_id, config: node.load() },
         }
     }
 }

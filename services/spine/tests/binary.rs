@@ -96,6 +96,37 @@ async fn serve_on_etcd_with_layered_config_admin_and_drain() {
     assert!(admin(&endpoint, &token, &["credential", "list", &tenant]).contains(&cred_id));
     admin(&endpoint, &token, &["credential", "revoke", &tenant, &cred_id]);
     assert!(!admin(&endpoint, &token, &["credential", "list", &tenant]).contains(&cred_id));
+    // Operator credentials: list and revoke, straight on the store.
+    let op = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["admin", "operator"])
+            .args(args)
+            .args(["--store", "etcd", "--etcd", etcd.endpoint()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let second = op(&["create", "--label", "second"]).rsplit(' ').next().unwrap().trim().to_string();
+    let listed = op(&["list"]);
+    assert!(listed.contains("\tops\n") && listed.contains("\tsecond\n"), "{listed}");
+    assert!(!listed.contains(second.split('.').nth(1).unwrap()), "a secret was listed");
+    op(&["revoke", second.split('.').next().unwrap()]);
+    // The serving node learns it from etcd's watch (milliseconds).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new(BIN)
+            .args(["admin", "--endpoint", &endpoint, "tenant", "list"])
+            .env("SPINE_OPERATOR_TOKEN", &second)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "a revoked operator credential still works");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The data is in etcd, not in an embedded store.
     let store = etcd.store().await;
     assert!(store.get(&format!("/spine/sys/tenants/{tenant}")).await.unwrap().is_some());
