@@ -23,6 +23,12 @@ pub mod groups {
     }
 }
 
+pub mod presence {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/spine.presence.v1.rs"));
+    }
+}
+
 pub mod identity {
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/spine.identity.v1.rs"));

@@ -55,32 +55,8 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T> 
     serde_json::from_slice(&kv.value).map_err(|e| IdentityError::Internal(format!("{}: {e}", kv.key)))
 }
 
-/// Default privacy settings: private unless the user opens them up.
-pub(crate) fn default_settings(account: &str) -> pb::PrivacySettings {
-    pb::PrivacySettings {
-        account_id: account.to_string(),
-        video_calling_enabled: true,
-        who_can_call: pb::WhoCanCall::Contacts as i32,
-        presence_visibility: pb::PresenceVisibility::Contacts as i32,
-        last_seen: pb::LastSeenGranularity::Coarse as i32,
-        last_seen_reciprocal: true,
-        cross_app: pb::CrossAppReachability::Contacts as i32,
-        auto_answer_hint: false,
-        do_not_disturb: Some(pb::DoNotDisturb { enabled: false, until: None }),
-        updated_at: None,
-    }
-}
-
 pub(crate) async fn load_settings(store: &TenantStore, account: &str) -> Result<(pb::PrivacySettings, i64)> {
-    match store.get(&model::settings_key(account)).await? {
-        Some(kv) => {
-            let mut s =
-                pb::PrivacySettings::decode(kv.value.as_slice()).map_err(|e| IdentityError::Internal(e.to_string()))?;
-            s.account_id = account.to_string();
-            Ok((s, kv.mod_revision))
-        }
-        None => Ok((default_settings(account), 0)),
-    }
+    Ok(spine_runtime::directory::settings(store, account).await?)
 }
 
 fn device_of(account: &str, id: &str, rec: &DeviceRec) -> Result<pb::Device> {

@@ -36,13 +36,13 @@ pub async fn start(backend: Backend) -> Env {
 }
 
 pub async fn start_with(backend: Backend, config: Config) -> Env {
-    start_with_services(backend, config, |_, r| async move { (r, vec![]) }).await
+    start_with_services(backend, config, |_, r, _| async move { (r, vec![]) }).await
 }
 
 /// Identity plus the services `extra` installs.
 pub async fn start_with_services<F, Fut>(backend: Backend, config: Config, extra: F) -> Env
 where
-    F: FnOnce(Arc<Runtime>, RoutesBuilder) -> Fut,
+    F: FnOnce(Arc<Runtime>, RoutesBuilder, std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = (RoutesBuilder, Vec<&'static str>)>,
 {
     let (store, etcd): (Arc<dyn Store>, _) = match backend {
@@ -56,20 +56,22 @@ where
 }
 
 pub async fn start_on(store: Arc<dyn Store>, etcd: Option<EtcdServer>, config: Config) -> Env {
-    start_on_with(store, etcd, config, |_, r| async move { (r, vec![]) }).await
+    start_on_with(store, etcd, config, |_, r, _| async move { (r, vec![]) }).await
 }
 
 pub async fn start_on_with<F, Fut>(store: Arc<dyn Store>, etcd: Option<EtcdServer>, config: Config, extra: F) -> Env
 where
-    F: FnOnce(Arc<Runtime>, RoutesBuilder) -> Fut,
+    F: FnOnce(Arc<Runtime>, RoutesBuilder, std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = (RoutesBuilder, Vec<&'static str>)>,
 {
     let rt = Runtime::with_store(config, store);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
     let mut routes = RoutesBuilder::default();
     let mut names = crate::install(&rt, &mut routes);
-    let (routes, more) = extra(rt.clone(), routes).await;
+    let (routes, more) = extra(rt.clone(), routes, addr).await;
     names.extend(more);
-    let server = TestServer::start(rt.clone(), routes.routes(), names).await;
+    let server = TestServer::start_on(listener, rt.clone(), routes.routes(), names).await;
     let operator = crate::bootstrap_operator(&rt, "test").await.unwrap();
     let channel = server.channel().await;
     Env { rt, server, operator, channel, etcd }

@@ -120,6 +120,14 @@ impl Default for LimitsConfig {
     }
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// The address other presence nodes reach this one at (`host:port`);
+    /// default: the listen address (use the pod IP in Kubernetes).
+    pub advertise: Option<String>,
+}
+
 /// A node's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -134,6 +142,7 @@ pub struct Config {
     pub drain: DrainConfig,
     pub telemetry: TelemetryConfig,
     pub limits: LimitsConfig,
+    pub presence: PresenceConfig,
 }
 
 impl Default for Config {
@@ -147,6 +156,7 @@ impl Default for Config {
             drain: DrainConfig::default(),
             telemetry: TelemetryConfig::default(),
             limits: LimitsConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }

@@ -101,6 +101,68 @@ pub async fn devices(t: &TenantStore, account: &str) -> Result<Vec<(String, Devi
     Ok(out)
 }
 
+/// Tenant: `contacts/<account>/<peer>`.
+pub fn contact_key(account: &str, peer: &str) -> String {
+    format!("contacts/{account}/{peer}")
+}
+
+/// Private defaults, for an account that never changed its settings: video
+/// on, calls and presence from contacts, coarse reciprocal last-seen, other
+/// apps only for contacts, no auto-answer, do-not-disturb off.
+pub fn default_settings(account: &str) -> PrivacySettings {
+    use spine_proto::identity::v1::{DoNotDisturb, LastSeenGranularity, PresenceVisibility, WhoCanCall};
+    PrivacySettings {
+        account_id: account.to_string(),
+        video_calling_enabled: true,
+        who_can_call: WhoCanCall::Contacts as i32,
+        presence_visibility: PresenceVisibility::Contacts as i32,
+        last_seen: LastSeenGranularity::Coarse as i32,
+        last_seen_reciprocal: true,
+        cross_app: CrossAppReachability::Contacts as i32,
+        auto_answer_hint: false,
+        do_not_disturb: Some(DoNotDisturb { enabled: false, until: None }),
+        updated_at: None,
+    }
+}
+
+/// An account's settings (defaults if never changed) and the revision of
+/// the stored record (0 if none).
+pub async fn settings(t: &TenantStore, account: &str) -> Result<(PrivacySettings, i64), StoreError> {
+    use prost::Message;
+    match t.get(&settings_key(account)).await? {
+        Some(kv) => {
+            let mut s = PrivacySettings::decode(kv.value.as_slice())
+                .map_err(|e| StoreError::Backend(format!("stored settings: {e}")))?;
+            s.account_id = account.to_string();
+            Ok((s, kv.mod_revision))
+        }
+        None => Ok((default_settings(account), 0)),
+    }
+}
+
+/// The accounts of other tenants that `owner` lists under `list`
+/// (`contacts` or `blocks`) through interop references: (tenant, account).
+pub async fn interop_peers(
+    sys: &SystemStore,
+    t: &TenantStore,
+    list: &str,
+    owner: &str,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let mut out = Vec::new();
+    for kv in t.range_all(&format!("{list}/{owner}/i.")).await? {
+        let peer = kv.key.rsplit('/').next().unwrap_or_default();
+        let Some(handle) = peer.strip_prefix("i.").and_then(|r| r.split_once('.')).map(|(_, h)| h) else { continue };
+        if let Some(idx) = sys
+            .get(&handle_index_key(handle))
+            .await?
+            .and_then(|kv| serde_json::from_slice::<HandleIndex>(&kv.value).ok())
+        {
+            out.push((idx.tenant_id, idx.account_id));
+        }
+    }
+    Ok(out)
+}
+
 /// An account's cross-app reachability (the private default if unset).
 pub async fn cross_app(t: &TenantStore, account: &str) -> Result<CrossAppReachability, StoreError> {
     use prost::Message;

@@ -124,6 +124,17 @@ impl TestServer {
     /// health, reflection) and returns once credentials can be verified.
     pub async fn start(rt: Arc<crate::Runtime>, routes: tonic::service::Routes, names: Vec<&'static str>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        Self::start_on(listener, rt, routes, names).await
+    }
+
+    /// As [`TestServer::start`], on a listener bound beforehand (for
+    /// services that must know their own address).
+    pub async fn start_on(
+        listener: tokio::net::TcpListener,
+        rt: Arc<crate::Runtime>,
+        routes: tonic::service::Routes,
+        names: Vec<&'static str>,
+    ) -> Self {
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(crate::server::serve(rt.clone(), routes, names, listener, async {

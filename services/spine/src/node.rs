@@ -7,11 +7,16 @@ use anyhow::{Context, bail};
 use spine_runtime::{Config, Runtime};
 
 /// Every service this build can run, in start order.
-pub const SERVICES: &[&str] = &["identity", "groups"];
+pub const SERVICES: &[&str] = &["identity", "groups", "presence"];
 
 /// Routes and health names of the services `config.services` names (all if
 /// empty).
-pub async fn assemble(rt: &Arc<Runtime>) -> anyhow::Result<(tonic::service::Routes, Vec<&'static str>)> {
+/// `addr` is where this node listens (presence tells peers where to reach it
+/// unless `presence.advertise` says otherwise).
+pub async fn assemble(
+    rt: &Arc<Runtime>,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<(tonic::service::Routes, Vec<&'static str>)> {
     let wanted: Vec<&str> = if rt.config.services.is_empty() {
         SERVICES.to_vec()
     } else {
@@ -23,6 +28,11 @@ pub async fn assemble(rt: &Arc<Runtime>) -> anyhow::Result<(tonic::service::Rout
         match *s {
             "identity" => names.extend(spine_identity::install(rt, &mut routes)),
             "groups" => names.extend(spine_groups::install(rt, &mut routes).await.context("starting groups")?),
+            "presence" => {
+                let advertise = rt.config.presence.advertise.clone().unwrap_or_else(|| addr.to_string());
+                let (n, _) = spine_presence::install(rt, &mut routes, advertise).await.context("starting presence")?;
+                names.extend(n);
+            }
             other => bail!("unknown service {other:?}; this build runs: {}", SERVICES.join(", ")),
         }
     }
@@ -42,9 +52,9 @@ where
 {
     let listen = config.listen;
     let rt = Runtime::start(config).await.context("opening the store")?;
-    let (routes, names) = assemble(&rt).await?;
     let listener = spine_runtime::server::bind(listen).await?;
     let addr = listener.local_addr()?;
+    let (routes, names) = assemble(&rt, addr).await?;
     on_ready(rt.clone(), addr).await?;
     spine_runtime::server::serve(rt, routes, names, listener, shutdown).await?;
     Ok(())

@@ -17,7 +17,7 @@ pub async fn start(backend: Backend) -> Env {
     spine_identity::testing::start_with_services(
         backend,
         spine_identity::testing::test_config(),
-        |rt, mut routes| async move {
+        |rt, mut routes, _| async move {
             let names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
             (routes, names)
         },

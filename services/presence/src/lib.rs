@@ -1,0 +1,110 @@
+//! spine-presence: who is online, told only to those allowed to know.
+//!
+//! Presence is soft state. Each account is owned by one node (rendezvous
+//! hashing over the live presence nodes registered in the store); the owner
+//! holds its devices' announcements in memory and streams changes to its
+//! watchers, coalesced. Requests reaching another node are forwarded to the
+//! owner with the caller's own credential, so the owner authenticates and
+//! authorizes them like any request.
+//!
+//! It must never write presence to disk or to the store, and never let a
+//! watcher tell an account it may not see from one that does not exist.
+
+mod data;
+mod ring;
+mod service;
+mod state;
+mod visibility;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use spine_proto::presence::v1::presence_server::PresenceServer;
+use spine_runtime::Runtime;
+use spine_runtime::store::StoreError;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+use tonic::transport::{Channel, Endpoint};
+
+pub use ring::owner_of;
+
+/// Longest announcement TTL; also how long a node that just took over an
+/// account waits for its devices before calling it offline.
+pub const MAX_TTL: Duration = Duration::from_secs(300);
+/// How often watchers' views are re-checked against settings, contacts and
+/// blocks.
+pub const REVIEW_EVERY: Duration = Duration::from_secs(10);
+
+pub(crate) struct Node {
+    rt: Arc<Runtime>,
+    ring: Arc<ring::Ring>,
+    owner: Arc<state::Owner>,
+    peers: Mutex<HashMap<String, Channel>>,
+}
+
+impl Node {
+    /// A channel to another presence node.
+    fn peer(&self, addr: &str) -> Result<Channel, tonic::Status> {
+        let mut peers = self.peers.lock().expect("peers lock");
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|_| tonic::Status::internal("internal error"))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        peers.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
+/// The node ids of the presence ring this node sees (for tests and tools).
+pub struct RingView(Arc<ring::Ring>);
+
+impl RingView {
+    pub fn me(&self) -> &str {
+        &self.0.me
+    }
+    pub fn members(&self) -> Vec<String> {
+        self.0.members()
+    }
+    pub fn owner(&self, tenant: &str, account: &str) -> String {
+        self.0.owner(&format!("{tenant}/{account}")).0
+    }
+}
+
+/// Adds the presence service (this node reachable by peers at `advertise`),
+/// registers its account-data hook and starts its upkeep.
+pub async fn install(
+    rt: &Arc<Runtime>,
+    routes: &mut RoutesBuilder,
+    advertise: String,
+) -> Result<(Vec<&'static str>, RingView), StoreError> {
+    let ring = ring::Ring::start(rt, advertise).await?;
+    let node = Arc::new(Node {
+        rt: rt.clone(),
+        ring: ring.clone(),
+        owner: state::Owner::new(),
+        peers: Mutex::new(HashMap::new()),
+    });
+    rt.register_account_data(Arc::new(data::PresenceData(node.owner.clone())));
+    routes.add_service(PresenceServer::new(service::PresenceApi(node.clone())));
+    Runtime::spawn_upkeep(
+        Arc::downgrade(&node.owner),
+        Duration::from_millis(250),
+        "presence-expiry",
+        |o: Arc<state::Owner>| async move {
+            o.expire();
+            Ok::<(), String>(())
+        },
+    );
+    Runtime::spawn_upkeep(Arc::downgrade(&node), REVIEW_EVERY, "presence-review", |n: Arc<Node>| async move {
+        for (account, id, watcher) in n.owner.watchers() {
+            let view = visibility::view(&n.rt, &watcher, &account).await.map_err(|e| e.to_string())?;
+            n.owner.set_view(&account, id, view);
+        }
+        Ok::<(), String>(())
+    });
+    Ok((vec![<PresenceServer<service::PresenceApi> as NamedService>::NAME], RingView(ring)))
+}

@@ -1,0 +1,388 @@
+//! The gRPC face of presence: Announce, Query and Watch, served by the
+//! owner of each account, forwarded there from any node.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use spine_proto::presence::v1::presence_client::PresenceClient;
+use spine_proto::presence::v1::presence_server::Presence;
+use spine_proto::presence::v1::{self as pb, PresenceState, Status as PStatus};
+use spine_runtime::ids::{self, Kind};
+use spine_runtime::{Caller, Principal, directory};
+use tokio::sync::mpsc;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::state::{Outbox, render};
+use crate::visibility::{self, AccountKey, key_str};
+use crate::{MAX_TTL, Node};
+
+/// Marks a request one node forwarded to the owner: served where it lands.
+const FORWARDED: &str = "x-spine-presence-forwarded";
+/// Most targets per Watch or Query.
+const MAX_TARGETS: usize = 256;
+/// States buffered per watch stream before it counts as too slow.
+const WATCH_BUFFER: usize = 256;
+
+pub struct PresenceApi(pub(crate) Arc<Node>);
+
+struct Me {
+    account: AccountKey,
+    device: String,
+}
+
+fn device<T>(req: &Request<T>) -> Result<Me, Status> {
+    match Caller::of(req)?.principal() {
+        Principal::Device { tenant, account_id, device_id, .. } => {
+            Ok(Me { account: (tenant.to_string(), account_id.clone()), device: device_id.clone() })
+        }
+        _ => Err(Status::permission_denied("presence methods are for devices (device tokens)")),
+    }
+}
+
+fn invalid(field: &str, reason: &str) -> Status {
+    spine_runtime::error::invalid(field, reason)
+}
+
+fn forwarded(meta: &MetadataMap) -> bool {
+    meta.get(FORWARDED).is_some()
+}
+
+/// A request to another node, carrying the caller's own credential.
+fn forward<T>(meta: &MetadataMap, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Some(a) = meta.get("authorization") {
+        r.metadata_mut().insert("authorization", a.clone());
+    }
+    r.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
+    r
+}
+
+fn unavailable(target: u32) -> PresenceState {
+    render(target, None, 0, None)
+}
+
+/// Resolves targets to accounts: `None` for what cannot be seen at all (an
+/// interop reference that does not resolve for the caller's tenant).
+async fn resolve(node: &Node, me: &Me, targets: &[pb::Target]) -> Result<Vec<Option<AccountKey>>, Status> {
+    if targets.is_empty() || targets.len() > MAX_TARGETS {
+        return Err(invalid("targets", "1 to 256 targets"));
+    }
+    let sys = node.rt.system_store();
+    let caller_tenant =
+        spine_runtime::ids::TenantId::parse(&me.account.0).ok_or_else(|| Status::internal("internal error"))?;
+    let mut out = Vec::with_capacity(targets.len());
+    for t in targets {
+        out.push(match t.target.as_ref() {
+            Some(pb::target::Target::AccountId(a)) => {
+                ids::parse(Kind::Account, a).ok_or_else(|| invalid("targets.account_id", "not an account id"))?;
+                Some((me.account.0.clone(), a.clone()))
+            }
+            Some(pb::target::Target::Interop(r)) => {
+                ids::parse(Kind::InteropHandle, &r.handle)
+                    .ok_or_else(|| invalid("targets.interop.handle", "not a handle"))?;
+                match directory::resolve_handle(&sys, &r.handle, &caller_tenant)
+                    .await
+                    .map_err(spine_runtime::error::store)?
+                {
+                    Some((tenant, account)) if tenant.as_str() == r.tenant_id => Some((tenant.to_string(), account)),
+                    _ => None,
+                }
+            }
+            None => return Err(invalid("targets", "empty target")),
+        });
+    }
+    Ok(out)
+}
+
+/// Targets grouped by the node that owns them: owner id -> (address, [(index, key)]).
+type Plan = BTreeMap<String, (String, Vec<(u32, AccountKey)>)>;
+
+fn plan(node: &Node, keys: &[Option<AccountKey>], local_only: bool) -> Plan {
+    let mut p: Plan = BTreeMap::new();
+    for (i, k) in keys.iter().enumerate() {
+        let Some(k) = k else { continue };
+        let (id, addr) = if local_only { (node.ring.me.clone(), String::new()) } else { node.ring.owner(&key_str(k)) };
+        p.entry(id).or_insert_with(|| (addr, Vec::new())).1.push((i as u32, k.clone()));
+    }
+    p
+}
+
+impl PresenceApi {
+    fn node(&self) -> &Node {
+        &self.0
+    }
+
+    /// The local owner's answer for one target.
+    async fn local_state(&self, me: &Me, index: u32, key: &AccountKey) -> Result<PresenceState, Status> {
+        let node = self.node();
+        let view = visibility::view(&node.rt, &me.account, key).await.map_err(spine_runtime::error::store)?;
+        let warming = node.ring.recently_moved(&key_str(key), MAX_TTL);
+        Ok(node.owner.current(key, index, view, warming).unwrap_or_else(|| unavailable(index)))
+    }
+}
+
+#[tonic::async_trait]
+impl Presence for PresenceApi {
+    async fn announce(&self, req: Request<pb::AnnounceRequest>) -> Result<Response<pb::AnnounceResponse>, Status> {
+        let me = device(&req)?;
+        let status = PStatus::try_from(req.get_ref().status).unwrap_or(PStatus::Unspecified);
+        if !matches!(status, PStatus::Online | PStatus::Away | PStatus::Offline) {
+            return Err(invalid("status", "ONLINE, AWAY or OFFLINE (IN_CALL comes from the calls service)"));
+        }
+        let ttl = match req.get_ref().ttl_seconds {
+            0 => 60,
+            t @ 10..=300 => t,
+            _ => return Err(invalid("ttl_seconds", "10 to 300")),
+        };
+        let (owner, addr) = self.node().ring.owner(&key_str(&me.account));
+        if owner == self.node().ring.me || forwarded(req.metadata()) {
+            self.node().owner.announce(me.account, me.device, status, Duration::from_secs(u64::from(ttl)));
+            return Ok(Response::new(pb::AnnounceResponse { ttl_seconds: ttl }));
+        }
+        let mut peer = PresenceClient::new(self.node().peer(&addr)?);
+        peer.announce(forward(req.metadata(), *req.get_ref())).await
+    }
+
+    async fn query(&self, req: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
+        let me = device(&req)?;
+        let keys = resolve(self.node(), &me, &req.get_ref().targets).await?;
+        let mut states: Vec<PresenceState> = (0..keys.len() as u32).map(unavailable).collect();
+        for (owner, (addr, targets)) in plan(self.node(), &keys, forwarded(req.metadata())) {
+            if owner == self.node().ring.me || forwarded(req.metadata()) {
+                for (i, k) in &targets {
+                    states[*i as usize] = self.local_state(&me, *i, k).await?;
+                }
+            } else {
+                let subset = pb::QueryRequest {
+                    targets: targets.iter().map(|(i, _)| req.get_ref().targets[*i as usize].clone()).collect(),
+                };
+                let answer = PresenceClient::new(self.node().peer(&addr)?)
+                    .query(forward(req.metadata(), subset))
+                    .await?
+                    .into_inner();
+                for (j, mut s) in answer.states.into_iter().enumerate() {
+                    if let Some((i, _)) = targets.get(j) {
+                        s.target = *i;
+                        states[*i as usize] = s;
+                    }
+                }
+            }
+        }
+        Ok(Response::new(pb::QueryResponse { states }))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::PresenceUpdate, Status>> + Send>>;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let me = device(&req)?;
+        let keys = resolve(self.node(), &me, &req.get_ref().targets).await?;
+        let (out_tx, out_rx) = mpsc::channel(16);
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let node = self.0.clone();
+        let meta = req.metadata().clone();
+        let targets = req.into_inner().targets;
+        let fail = failed.clone();
+        tokio::spawn(async move {
+            let open = spine_runtime::telemetry::metrics();
+            let attrs = [opentelemetry::KeyValue::new("rpc.method", "/spine.presence.v1.Presence/Watch")];
+            open.open_streams.add(1, &attrs);
+            let end = relay(&node, &me, &keys, &targets, &meta, &out_tx).await;
+            open.open_streams.add(-1, &attrs);
+            if let Err(status) = end {
+                // Delivered at the stream's next poll, even if its buffer
+                // is full (a slow watcher); the relay is gone either way.
+                *fail.lock().expect("watch failure lock") = Some(status);
+            }
+        });
+        Ok(Response::new(Box::pin(WatchOut { rx: out_rx, failed, done: false })))
+    }
+}
+
+/// A watch's response stream: buffered updates, or the error that ended
+/// the watch, which takes precedence.
+struct WatchOut {
+    rx: mpsc::Receiver<Result<pb::PresenceUpdate, Status>>,
+    failed: Arc<std::sync::Mutex<Option<Status>>>,
+    done: bool,
+}
+
+impl Stream for WatchOut {
+    type Item = Result<pb::PresenceUpdate, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        let failure = self.failed.lock().expect("watch failure lock").take();
+        if let Some(status) = failure {
+            self.done = true;
+            return std::task::Poll::Ready(Some(Err(status)));
+        }
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(None) => {
+                // The relay ended: with an error (set just before its sender
+                // dropped), or because the client left.
+                self.done = true;
+                let failure = self.failed.lock().expect("watch failure lock").take();
+                std::task::Poll::Ready(failure.map(Err))
+            }
+            other => other,
+        }
+    }
+}
+
+/// Why a subscription round ended.
+enum Round {
+    Replan,
+    Done,
+}
+
+fn too_slow() -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        "watcher too slow: watch again to resume from the current state",
+        ErrorDetails::with_error_info("WATCH_TOO_SLOW", spine_runtime::error::DOMAIN, HashMap::<String, String>::new()),
+    )
+}
+
+/// Runs a watch: subscribes each target where it is owned, relays changes
+/// (deduplicated) to the client, and re-plans when the ring changes.
+async fn relay(
+    node: &Arc<Node>,
+    me: &Me,
+    keys: &[Option<AccountKey>],
+    targets: &[pb::Target],
+    meta: &MetadataMap,
+    out: &mpsc::Sender<Result<pb::PresenceUpdate, Status>>,
+) -> Result<(), Status> {
+    let mut last: HashMap<u32, PresenceState> = HashMap::new();
+    let local_only = forwarded(meta);
+    // What cannot be resolved is unavailable, once and for good.
+    for (i, k) in keys.iter().enumerate() {
+        if k.is_none() {
+            let s = unavailable(i as u32);
+            last.insert(i as u32, s);
+            if out.send(Ok(pb::PresenceUpdate { states: vec![s] })).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    loop {
+        let mut ring_changes = node.ring.changes();
+        ring_changes.borrow_and_update();
+        let (outbox, mut rx) = Outbox::new(WATCH_BUFFER);
+        let (err_tx, mut err_rx) = mpsc::channel::<Status>(4);
+        let mut subs = Vec::new();
+        let mut forwarders = Vec::new();
+        for (owner, (addr, group)) in plan(node, keys, local_only) {
+            if owner == node.ring.me || local_only {
+                for (i, k) in group {
+                    let view =
+                        visibility::view(&node.rt, &me.account, &k).await.map_err(spine_runtime::error::store)?;
+                    let id = node.owner.subscribe(k.clone(), me.account.clone(), i, view, outbox.clone());
+                    subs.push((k.clone(), id));
+                    let warming = node.ring.recently_moved(&key_str(&k), MAX_TTL);
+                    if let Some(s) = node.owner.current(&k, i, view, warming) {
+                        let _ = outbox.tx.send(s).await;
+                    }
+                }
+            } else {
+                let subset =
+                    pb::WatchRequest { targets: group.iter().map(|(i, _)| targets[*i as usize].clone()).collect() };
+                let indices: Vec<u32> = group.iter().map(|(i, _)| *i).collect();
+                let channel = node.peer(&addr)?;
+                let (tx, err_tx, meta) = (outbox.tx.clone(), err_tx.clone(), meta.clone());
+                forwarders.push(tokio::spawn(async move {
+                    let mut stream = match PresenceClient::new(channel).watch(forward(&meta, subset)).await {
+                        Ok(s) => s.into_inner(),
+                        Err(e) => {
+                            let _ = err_tx.send(e).await;
+                            return;
+                        }
+                    };
+                    loop {
+                        match stream.next().await {
+                            Some(Ok(update)) => {
+                                for mut s in update.states {
+                                    let Some(i) = indices.get(s.target as usize) else { continue };
+                                    s.target = *i;
+                                    if tx.send(s).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            Some(Err(e)) => {
+                                let _ = err_tx.send(e).await;
+                                return;
+                            }
+                            None => {
+                                let _ = err_tx.send(Status::unavailable("owner stream ended")).await;
+                                return;
+                            }
+                        }
+                    }
+                }));
+            }
+        }
+        drop(err_tx);
+        let round = loop {
+            tokio::select! {
+                _ = node.rt.drain.cancelled() => {
+                    break Err(Status::unavailable("server draining: reconnect and watch again"));
+                }
+                _ = out.closed() => break Ok(Round::Done),
+                changed = ring_changes.changed() => {
+                    if changed.is_err() { break Ok(Round::Done) }
+                    break Ok(Round::Replan);
+                }
+                _ = outbox.overflow.1.notified() => {
+                    if outbox.overflow.0.load(Ordering::Relaxed) {
+                        break Err(too_slow());
+                    }
+                }
+                Some(e) = err_rx.recv() => {
+                    if e.code() == Code::Unavailable {
+                        // The owner is leaving: the ring will move its
+                        // accounts; plan again shortly.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        break Ok(Round::Replan);
+                    }
+                    break Err(e);
+                }
+                Some(s) = rx.recv() => {
+                    if last.get(&s.target) == Some(&s) {
+                        continue;
+                    }
+                    last.insert(s.target, s);
+                    // Waiting on a slow client must not hide an overflow, a
+                    // drain or the client leaving.
+                    tokio::select! {
+                        sent = out.send(Ok(pb::PresenceUpdate { states: vec![s] })) => {
+                            if sent.is_err() { break Ok(Round::Done) }
+                        }
+                        _ = outbox.overflow.1.notified() => break Err(too_slow()),
+                        _ = node.rt.drain.cancelled() => {
+                            break Err(Status::unavailable("server draining: reconnect and watch again"));
+                        }
+                    }
+                }
+            }
+        };
+        for (k, id) in subs {
+            node.owner.unsubscribe(&k, id);
+        }
+        for f in forwarders {
+            f.abort();
+        }
+        match round? {
+            Round::Done => return Ok(()),
+            Round::Replan => continue,
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The presence an owner node holds in memory: devices' announcements per
+//! account, the derived status, last-seen, and the watchers to tell.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use spine_proto::identity::v1::LastSeenGranularity;
+use spine_proto::presence::v1::{LastSeen, PresenceState, Status};
+use tokio::sync::{Notify, mpsc};
+
+use crate::visibility::{AccountKey, View};
+
+/// At most one published change per account per this interval: a flapping
+/// device cannot storm its watchers.
+pub const COALESCE: Duration = Duration::from_millis(500);
+
+/// Where one watch stream's states go. When the stream cannot keep up, the
+/// owner marks it overflowed instead of waiting for it.
+#[derive(Clone)]
+pub struct Outbox {
+    pub tx: mpsc::Sender<PresenceState>,
+    pub overflow: Arc<(AtomicBool, Notify)>,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<PresenceState>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Self { tx, overflow: Arc::new((AtomicBool::new(false), Notify::new())) }, rx)
+    }
+
+    fn push(&self, s: PresenceState) {
+        if self.tx.try_send(s).is_err() && !self.tx.is_closed() {
+            self.overflow.0.store(true, Ordering::Relaxed);
+            self.overflow.1.notify_one();
+        }
+    }
+}
+
+struct Sub {
+    id: u64,
+    watcher: AccountKey,
+    target: u32,
+    view: Option<View>,
+    out: Outbox,
+}
+
+#[derive(Default)]
+struct Entry {
+    devices: HashMap<String, (Status, Instant)>,
+    /// Unix seconds the account was last online (0: unknown to this node).
+    last_online: i64,
+    published: Option<Status>,
+    last_publish: Option<Instant>,
+    pending: bool,
+    subs: Vec<Sub>,
+}
+
+fn now_secs() -> i64 {
+    spine_runtime::now_secs()
+}
+
+impl Entry {
+    fn derived(&self, now: Instant) -> Status {
+        let live = self.devices.values().filter(|(_, exp)| *exp > now).map(|(s, _)| *s);
+        live.max_by_key(|s| match s {
+            Status::InCall => 3,
+            Status::Online => 2,
+            Status::Away => 1,
+            _ => 0,
+        })
+        .unwrap_or(Status::Offline)
+    }
+}
+
+/// What a watcher is shown of a status.
+pub fn render(target: u32, status: Option<Status>, last_online: i64, view: Option<View>) -> PresenceState {
+    let unavailable = PresenceState {
+        target,
+        status: Status::Unavailable as i32,
+        last_seen: LastSeen::Hidden as i32,
+        last_seen_at: None,
+    };
+    let (Some(view), Some(status)) = (view, status) else { return unavailable };
+    let mut s = PresenceState { target, status: status as i32, last_seen: LastSeen::Hidden as i32, last_seen_at: None };
+    if status == Status::Offline && last_online > 0 {
+        let ago = now_secs() - last_online;
+        match view.last_seen {
+            LastSeenGranularity::Coarse => {
+                s.last_seen = match ago {
+                    a if a <= 3 * 86_400 => LastSeen::Recently,
+                    a if a <= 7 * 86_400 => LastSeen::WithinWeek,
+                    a if a <= 30 * 86_400 => LastSeen::WithinMonth,
+                    _ => LastSeen::LongAgo,
+                } as i32
+            }
+            LastSeenGranularity::Hour | LastSeenGranularity::Exact => {
+                let unit = if view.last_seen == LastSeenGranularity::Hour { 3600 } else { 60 };
+                s.last_seen = LastSeen::At as i32;
+                s.last_seen_at = Some(prost_types::Timestamp { seconds: last_online / unit * unit, nanos: 0 });
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+/// The owner's state.
+pub struct Owner {
+    accounts: Mutex<HashMap<AccountKey, Entry>>,
+    next_sub: AtomicU64,
+    me: Weak<Owner>,
+}
+
+impl Owner {
+    pub fn new() -> Arc<Self> {
+        Arc::new_cyclic(|me| Owner {
+            accounts: Mutex::new(HashMap::new()),
+            next_sub: AtomicU64::new(1),
+            me: me.clone(),
+        })
+    }
+
+    /// Records a device's announcement.
+    pub fn announce(&self, account: AccountKey, device: String, status: Status, ttl: Duration) {
+        let mut map = self.accounts.lock().expect("presence lock");
+        let e = map.entry(account.clone()).or_default();
+        e.devices.insert(device, (status, Instant::now() + ttl));
+        self.settle(&account, e);
+    }
+
+    /// Forgets everything about an account (its deletion).
+    pub fn forget(&self, account: &AccountKey) {
+        let mut map = self.accounts.lock().expect("presence lock");
+        if let Some(e) = map.get_mut(account) {
+            e.devices.clear();
+            e.last_online = 0;
+            let subs = std::mem::take(&mut e.subs);
+            for s in &subs {
+                s.out.push(render(s.target, None, 0, None));
+            }
+            map.remove(account);
+        }
+    }
+
+    /// The current state as `view` shows it; `None` if this node holds
+    /// nothing for the account and may be missing announcements (it only
+    /// just became the owner).
+    pub fn current(
+        &self,
+        account: &AccountKey,
+        target: u32,
+        view: Option<View>,
+        warming: bool,
+    ) -> Option<PresenceState> {
+        let map = self.accounts.lock().expect("presence lock");
+        match map.get(account) {
+            Some(e) if !e.devices.is_empty() || e.last_online > 0 => {
+                Some(render(target, Some(e.derived(Instant::now())), e.last_online, view))
+            }
+            _ if warming => None,
+            _ => Some(render(target, Some(Status::Offline), 0, view)),
+        }
+    }
+
+    /// Adds a watcher; returns its id. The caller sends the current state.
+    pub fn subscribe(
+        &self,
+        account: AccountKey,
+        watcher: AccountKey,
+        target: u32,
+        view: Option<View>,
+        out: Outbox,
+    ) -> u64 {
+        let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        let mut map = self.accounts.lock().expect("presence lock");
+        map.entry(account).or_default().subs.push(Sub { id, watcher, target, view, out });
+        id
+    }
+
+    pub fn unsubscribe(&self, account: &AccountKey, id: u64) {
+        let mut map = self.accounts.lock().expect("presence lock");
+        if let Some(e) = map.get_mut(account) {
+            e.subs.retain(|s| s.id != id);
+        }
+    }
+
+    /// Watchers to re-check (their view may have changed with settings,
+    /// contacts or blocks): (account, sub id, watcher).
+    pub fn watchers(&self) -> Vec<(AccountKey, u64, AccountKey)> {
+        let map = self.accounts.lock().expect("presence lock");
+        map.iter().flat_map(|(k, e)| e.subs.iter().map(move |s| (k.clone(), s.id, s.watcher.clone()))).collect()
+    }
+
+    /// Applies a re-checked view; tells the watcher if what it sees changed.
+    pub fn set_view(&self, account: &AccountKey, id: u64, view: Option<View>) {
+        let mut map = self.accounts.lock().expect("presence lock");
+        let Some(e) = map.get_mut(account) else { return };
+        let status = e.published;
+        let last = e.last_online;
+        if let Some(s) = e.subs.iter_mut().find(|s| s.id == id)
+            && s.view != view
+        {
+            s.view = view;
+            s.out.push(render(s.target, status.or(Some(Status::Offline)), last, view));
+        }
+    }
+
+    /// Expires announcements whose TTL passed and publishes the changes.
+    pub fn expire(&self) {
+        let mut map = self.accounts.lock().expect("presence lock");
+        let now = Instant::now();
+        let keys: Vec<AccountKey> = map.keys().cloned().collect();
+        for k in keys {
+            let e = map.get_mut(&k).expect("listed key");
+            let before = e.devices.len();
+            e.devices.retain(|_, (_, exp)| *exp > now);
+            if e.devices.len() != before || e.published.is_some_and(|p| p != e.derived(now)) {
+                self.settle(&k, e);
+            }
+        }
+    }
+
+    /// Publishes the derived status if it changed, at most once per
+    /// [`COALESCE`]; a change inside the window goes out at its end.
+    fn settle(&self, account: &AccountKey, e: &mut Entry) {
+        let now = Instant::now();
+        let status = e.derived(now);
+        // Last online: now while online, and the moment it went offline.
+        if status != Status::Offline || e.published.is_some_and(|p| p != Status::Offline) {
+            e.last_online = now_secs();
+        }
+        if e.published == Some(status) {
+            return;
+        }
+        match e.last_publish {
+            Some(t) if now.duration_since(t) < COALESCE => {
+                if !e.pending {
+                    e.pending = true;
+                    let wait = COALESCE - now.duration_since(t);
+                    let (me, account) = (self.me.clone(), account.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        if let Some(owner) = me.upgrade() {
+                            let mut map = owner.accounts.lock().expect("presence lock");
+                            if let Some(e) = map.get_mut(&account) {
+                                e.pending = false;
+                                owner.settle(&account, e);
+                            }
+                        }
+                    });
+                }
+            }
+            _ => {
+                e.published = Some(status);
+                e.last_publish = Some(now);
+                for s in &e.subs {
+                    s.out.push(render(s.target, Some(status), e.last_online, s.view));
+                }
+            }
+        }
+    }
+
+    /// This node's state of an account, for its data report.
+    pub fn describe(&self, account: &AccountKey) -> Option<String> {
+        let map = self.accounts.lock().expect("presence lock");
+        map.get(account).map(|e| {
+            format!(
+                "status {:?}, {} announcing device(s), last online {}",
+                e.derived(Instant::now()),
+                e.devices.len(),
+                e.last_online
+            )
+        })
+    }
+}
