@@ -53,7 +53,11 @@ where
     type Decoder = SpineDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstCodec::<T, U>::raw_encoder(BufferSettings::default())
+        // Spine holds many long-lived, mostly idle streams (presence
+        // watches, mailboxes): start each with 1 KiB instead of tonic's
+        // 8 KiB, and hand data to the transport every 8 KiB instead of
+        // 32 KiB, so a client that stops reading pushes back sooner.
+        ProstCodec::<T, U>::raw_encoder(BufferSettings::new(1024, 8 * 1024))
     }
 
     fn decoder(&mut self) -> Self::Decoder {

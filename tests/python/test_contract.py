@@ -17,7 +17,7 @@ def auth(cred):
 def test_health_reports_liveness_and_readiness(spine):
     addr, _ = spine
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(addr))
-    for service in ("liveness", "readiness", "", "spine.identity.v1.Identity", "spine.identity.v1.TenantAdmin", "spine.groups.v1.Groups"):
+    for service in ("liveness", "readiness", "", "spine.identity.v1.Identity", "spine.identity.v1.TenantAdmin", "spine.groups.v1.Groups", "spine.presence.v1.Presence"):
         r = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert r.status == health_pb2.HealthCheckResponse.SERVING, service
 

@@ -182,33 +182,44 @@ impl Presence for PresenceApi {
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let me = device(&req)?;
         let keys = resolve(self.node(), &me, &req.get_ref().targets).await?;
-        let (out_tx, out_rx) = mpsc::channel(16);
+        let (outbox, rx) = Outbox::new(WATCH_BUFFER);
         let failed = Arc::new(std::sync::Mutex::new(None));
         let node = self.0.clone();
-        let meta = req.metadata().clone();
+        // Keep only what forwarding needs, not every request header.
+        let mut meta = MetadataMap::new();
+        if let Some(a) = req.metadata().get("authorization") {
+            meta.insert("authorization", a.clone());
+        }
+        if forwarded(req.metadata()) {
+            meta.insert(FORWARDED, "1".parse().expect("ascii"));
+        }
         let targets = req.into_inner().targets;
         let fail = failed.clone();
+        let out = outbox.clone();
         tokio::spawn(async move {
             let open = spine_runtime::telemetry::metrics();
             let attrs = [opentelemetry::KeyValue::new("rpc.method", "/spine.presence.v1.Presence/Watch")];
             open.open_streams.add(1, &attrs);
-            let end = relay(&node, &me, &keys, &targets, &meta, &out_tx).await;
+            let end = manage(&node, &me, &keys, &targets, &meta, &out).await;
             open.open_streams.add(-1, &attrs);
             if let Err(status) = end {
                 // Delivered at the stream's next poll, even if its buffer
-                // is full (a slow watcher); the relay is gone either way.
+                // is full (a slow watcher); dropping `out` below (and the
+                // subscriptions `manage` removed) wakes the stream.
                 *fail.lock().expect("watch failure lock") = Some(status);
             }
         });
-        Ok(Response::new(Box::pin(WatchOut { rx: out_rx, failed, done: false })))
+        Ok(Response::new(Box::pin(WatchOut { rx, failed, last: HashMap::new(), done: false })))
     }
 }
 
-/// A watch's response stream: buffered updates, or the error that ended
-/// the watch, which takes precedence.
+/// A watch's response stream. It reads the states the owner (or a
+/// forwarder) pushes, drops repeats, and ends with the error that ended the
+/// watch, which takes precedence over anything still buffered.
 struct WatchOut {
-    rx: mpsc::Receiver<Result<pb::PresenceUpdate, Status>>,
+    rx: mpsc::Receiver<PresenceState>,
     failed: Arc<std::sync::Mutex<Option<Status>>>,
+    last: HashMap<u32, PresenceState>,
     done: bool,
 }
 
@@ -216,23 +227,31 @@ impl Stream for WatchOut {
     type Item = Result<pb::PresenceUpdate, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
-        if self.done {
-            return std::task::Poll::Ready(None);
-        }
-        let failure = self.failed.lock().expect("watch failure lock").take();
-        if let Some(status) = failure {
-            self.done = true;
-            return std::task::Poll::Ready(Some(Err(status)));
-        }
-        match self.rx.poll_recv(cx) {
-            std::task::Poll::Ready(None) => {
-                // The relay ended: with an error (set just before its sender
-                // dropped), or because the client left.
-                self.done = true;
-                let failure = self.failed.lock().expect("watch failure lock").take();
-                std::task::Poll::Ready(failure.map(Err))
+        use std::task::Poll;
+        loop {
+            if self.done {
+                return Poll::Ready(None);
             }
-            other => other,
+            let failure = self.failed.lock().expect("watch failure lock").take();
+            if let Some(status) = failure {
+                self.done = true;
+                return Poll::Ready(Some(Err(status)));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(s)) => {
+                    if self.last.get(&s.target) == Some(&s) {
+                        continue;
+                    }
+                    self.last.insert(s.target, s);
+                    return Poll::Ready(Some(Ok(pb::PresenceUpdate { states: vec![s] })));
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    let failure = self.failed.lock().expect("watch failure lock").take();
+                    return Poll::Ready(failure.map(Err));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }
@@ -251,36 +270,40 @@ fn too_slow() -> Status {
     )
 }
 
-/// Runs a watch: subscribes each target where it is owned, relays changes
-/// (deduplicated) to the client, and re-plans when the ring changes.
-async fn relay(
+/// Keeps a watch's subscriptions: each target subscribed where it is
+/// owned (locally, or through a forwarded watch to its owner), re-planned
+/// when the ring changes; ends on drain, overflow or the client leaving.
+async fn manage(
     node: &Arc<Node>,
     me: &Me,
     keys: &[Option<AccountKey>],
     targets: &[pb::Target],
     meta: &MetadataMap,
-    out: &mpsc::Sender<Result<pb::PresenceUpdate, Status>>,
+    outbox: &Outbox,
 ) -> Result<(), Status> {
-    let mut last: HashMap<u32, PresenceState> = HashMap::new();
     let local_only = forwarded(meta);
     // What cannot be resolved is unavailable, once and for good.
     for (i, k) in keys.iter().enumerate() {
-        if k.is_none() {
-            let s = unavailable(i as u32);
-            last.insert(i as u32, s);
-            if out.send(Ok(pb::PresenceUpdate { states: vec![s] })).await.is_err() {
-                return Ok(());
-            }
+        if k.is_none() && outbox.tx.send(unavailable(i as u32)).await.is_err() {
+            return Ok(());
         }
     }
     loop {
         let mut ring_changes = node.ring.changes();
         ring_changes.borrow_and_update();
-        let (outbox, mut rx) = Outbox::new(WATCH_BUFFER);
-        let (err_tx, mut err_rx) = mpsc::channel::<Status>(4);
+        let plan = plan(node, keys, local_only);
+        // Forwarders report how their owner's stream ended; only a watch
+        // with remote owners needs the channel.
+        let remote = plan.keys().any(|o| *o != node.ring.me) && !local_only;
+        let (err_tx, mut err_rx) = if remote {
+            let (tx, rx) = mpsc::channel::<Status>(1);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let mut subs = Vec::new();
         let mut forwarders = Vec::new();
-        for (owner, (addr, group)) in plan(node, keys, local_only) {
+        for (owner, (addr, group)) in plan {
             if owner == node.ring.me || local_only {
                 for (i, k) in group {
                     let view =
@@ -297,7 +320,8 @@ async fn relay(
                     pb::WatchRequest { targets: group.iter().map(|(i, _)| targets[*i as usize].clone()).collect() };
                 let indices: Vec<u32> = group.iter().map(|(i, _)| *i).collect();
                 let channel = node.peer(&addr)?;
-                let (tx, err_tx, meta) = (outbox.tx.clone(), err_tx.clone(), meta.clone());
+                let (tx, err_tx, meta) =
+                    (outbox.tx.clone(), err_tx.clone().expect("remote plan has an error channel"), meta.clone());
                 forwarders.push(tokio::spawn(async move {
                     let mut stream = match PresenceClient::new(channel).watch(forward(&meta, subset)).await {
                         Ok(s) => s.into_inner(),
@@ -336,7 +360,7 @@ async fn relay(
                 _ = node.rt.drain.cancelled() => {
                     break Err(Status::unavailable("server draining: reconnect and watch again"));
                 }
-                _ = out.closed() => break Ok(Round::Done),
+                _ = outbox.tx.closed() => break Ok(Round::Done),
                 changed = ring_changes.changed() => {
                     if changed.is_err() { break Ok(Round::Done) }
                     break Ok(Round::Replan);
@@ -346,7 +370,12 @@ async fn relay(
                         break Err(too_slow());
                     }
                 }
-                Some(e) = err_rx.recv() => {
+                Some(e) = async {
+                    match err_rx.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     if e.code() == Code::Unavailable {
                         // The owner is leaving: the ring will move its
                         // accounts; plan again shortly.
@@ -354,23 +383,6 @@ async fn relay(
                         break Ok(Round::Replan);
                     }
                     break Err(e);
-                }
-                Some(s) = rx.recv() => {
-                    if last.get(&s.target) == Some(&s) {
-                        continue;
-                    }
-                    last.insert(s.target, s);
-                    // Waiting on a slow client must not hide an overflow, a
-                    // drain or the client leaving.
-                    tokio::select! {
-                        sent = out.send(Ok(pb::PresenceUpdate { states: vec![s] })) => {
-                            if sent.is_err() { break Ok(Round::Done) }
-                        }
-                        _ = outbox.overflow.1.notified() => break Err(too_slow()),
-                        _ = node.rt.drain.cancelled() => {
-                            break Err(Status::unavailable("server draining: reconnect and watch again"));
-                        }
-                    }
                 }
             }
         };
