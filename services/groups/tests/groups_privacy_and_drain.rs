@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -13,30 +11,11 @@ use spine_proto::groups::v1 as pb;
 use spine_runtime::config::Backend;
 use support::*;
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn logs_carry_no_identifiers_and_streams_end_on_drain() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            "debug,spine_runtime=trace,spine_groups=trace,spine_identity=trace,h2=info,hyper=info,tower=info",
-        )
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .init();
+    let capture = spine_runtime::testing::LogCapture::install(
+        "debug,spine_runtime=trace,spine_groups=trace,spine_identity=trace,h2=info,hyper=info,tower=info",
+    );
 
     let env = start(Backend::Embedded).await;
     let t = env.tenant("t").await;
@@ -93,7 +72,7 @@ async fn logs_carry_no_identifiers_and_streams_end_on_drain() {
     assert!(status.message().contains("reconnect"));
     stopping.await.unwrap().unwrap();
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.contents();
     assert!(logs.contains("commit accepted"), "nothing logged: the check would prove nothing");
     let b64 = |v: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, v);
     for (what, needle) in [

@@ -2,37 +2,17 @@
 //! logged while the whole identity API is exercised, at debug level for
 //! every crate and trace level for Spine's own.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use prost_types::FieldMask;
 use spine_identity::testing::{req, start};
 use spine_proto::common::v1::{PeerRef, peer_ref};
 use spine_proto::identity::v1 as pb;
 use spine_runtime::config::Backend;
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn logs_carry_no_identifiers_tokens_or_secrets() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("debug,spine_runtime=trace,spine_identity=trace,h2=info,hyper=info,tower=info")
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .init();
+    let capture = spine_runtime::testing::LogCapture::install(
+        "debug,spine_runtime=trace,spine_identity=trace,h2=info,hyper=info,tower=info",
+    );
 
     let env = start(Backend::Embedded).await;
     let a = env.tenant("a").await;
@@ -81,7 +61,7 @@ async fn logs_carry_no_identifiers_tokens_or_secrets() {
     .unwrap();
     id.delete_account(req(pb::DeleteAccountRequest { account_id: d.account.clone() }, &a.cred)).await.unwrap();
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.contents();
     assert!(logs.contains("account deleted"), "the flow logged nothing: the test would prove nothing");
     let secret_of = |c: &str| c.split('.').nth(1).unwrap().to_string();
     let public_key =

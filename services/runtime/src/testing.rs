@@ -173,3 +173,33 @@ impl Drop for TestServer {
         }
     }
 }
+
+/// Captures everything logged in this test binary, for privacy tests:
+/// install once per binary (it sets the global subscriber).
+#[derive(Clone, Default)]
+pub struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    /// Installs a global subscriber with `filter` writing into the capture.
+    pub fn install(filter: &str) -> Self {
+        let capture = Self::default();
+        let writer = capture.clone();
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(move || writer.clone()).with_ansi(false).init();
+        capture
+    }
+
+    /// Everything logged so far.
+    pub fn contents(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log capture lock")).into_owned()
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log capture lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
