@@ -262,6 +262,19 @@ enum Round {
     Done,
 }
 
+/// Whether a forwarded watch ended with the owner's own answer (to pass to
+/// the client), rather than because the owner went away (to re-plan).
+fn owner_answered(e: &Status) -> bool {
+    matches!(
+        e.code(),
+        Code::ResourceExhausted
+            | Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::NotFound
+    )
+}
+
 fn too_slow() -> Status {
     Status::with_error_details(
         Code::ResourceExhausted,
@@ -376,13 +389,14 @@ async fn manage(
                         None => std::future::pending().await,
                     }
                 } => {
-                    if e.code() == Code::Unavailable {
-                        // The owner is leaving: the ring will move its
-                        // accounts; plan again shortly.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        break Ok(Round::Replan);
+                    if owner_answered(&e) {
+                        break Err(e);
                     }
-                    break Err(e);
+                    // The owner left, crashed, or cannot be reached: the
+                    // ring will move its accounts (at the latest when its
+                    // lease expires); plan again shortly.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break Ok(Round::Replan);
                 }
             }
         };
