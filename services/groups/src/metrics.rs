@@ -12,7 +12,7 @@ pub(crate) struct GroupsMetrics {
     /// Key-package operations: upload accepted/rejected; claim single_use,
     /// last_resort or none.
     pub key_packages: Counter<u64>,
-    /// Single-use packages a device has left after one was claimed.
+    /// Single-use packages a device has left, when it counts or uploads.
     pub pool_depth: Histogram<u64>,
     /// Seconds from a message entering a group's log to reaching a mailbox.
     pub fanout_lag: Histogram<f64>,
@@ -30,7 +30,7 @@ pub(crate) fn metrics() -> &'static GroupsMetrics {
                 .build(),
             pool_depth: m
                 .u64_histogram("spine.groups.key_packages.remaining")
-                .with_description("Single-use key packages left on the device after a claim")
+                .with_description("Single-use key packages a device has left, when it counts or uploads")
                 .build(),
             fanout_lag: m
                 .f64_histogram("spine.groups.fanout.lag")
