@@ -11,6 +11,12 @@ pub mod codec;
 /// Encoded `FileDescriptorSet` of every Spine proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/spine_descriptor.bin"));
 
+pub mod calls {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/spine.calls.v1.rs"));
+    }
+}
+
 pub mod common {
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/spine.common.v1.rs"));

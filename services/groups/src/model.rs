@@ -28,8 +28,9 @@ pub fn gid_hex(group_id: &[u8]) -> String {
 pub fn core_prefix(g: &str) -> String {
     format!("{g}/s/")
 }
+/// Shared with calls (which reads the roster): see `spine_runtime::directory`.
 pub fn meta_key(g: &str) -> String {
-    format!("{g}/s/meta")
+    spine_runtime::directory::group_meta_key(g)
 }
 pub fn state_key(g: &str) -> String {
     format!("{g}/s/state")
@@ -203,4 +204,28 @@ pub fn b64(bytes: &[u8]) -> String {
 
 pub fn unb64(s: &str) -> crate::error::Result<Vec<u8>> {
     B64.decode(s).map_err(|e| crate::error::GroupsError::Internal(format!("stored base64: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Calls reads the roster through `spine_runtime::directory`: the
+    /// record this service writes must parse there.
+    #[test]
+    fn meta_parses_as_the_shared_roster() {
+        let d = Device { tenant: "tn_x".into(), account: "ac_y".into(), device: "dv_z".into() };
+        let meta = GroupMeta {
+            epoch: 7,
+            next_seq: 3,
+            roster: vec![RosterEntry { leaf: 2, device: d }],
+            allowed: vec!["tn_x".into()],
+            created_at: 1,
+            ds_index: 0,
+        };
+        let r: spine_runtime::directory::GroupRoster =
+            serde_json::from_slice(&serde_json::to_vec(&meta).unwrap()).unwrap();
+        assert_eq!(r.epoch, 7);
+        assert_eq!(r.member("tn_x", "ac_y", "dv_z").map(|m| m.leaf), Some(2));
+    }
 }

@@ -118,7 +118,7 @@ async fn report(t: &TenantStore, account: &str) -> Result<DataReportSection> {
         format!("{root}settings/<account>"),
         until_deleted(),
         vec![format!(
-            "video_calling_enabled={} who_can_call={:?} presence_visibility={:?} last_seen={:?} last_seen_reciprocal={} cross_app={:?} auto_answer_hint={} do_not_disturb={} until={:?}",
+            "video_calling_enabled={} who_can_call={:?} presence_visibility={:?} last_seen={:?} last_seen_reciprocal={} cross_app={:?} auto_answer_hint={} do_not_disturb={} until={:?} group_call_rings={}",
             s.video_calling_enabled,
             pb::WhoCanCall::try_from(s.who_can_call).unwrap_or_default(),
             pb::PresenceVisibility::try_from(s.presence_visibility).unwrap_or_default(),
@@ -128,6 +128,7 @@ async fn report(t: &TenantStore, account: &str) -> Result<DataReportSection> {
             s.auto_answer_hint,
             dnd.enabled,
             dnd.until.map(|u| u.seconds),
+            s.group_call_rings,
         )],
         None,
     ));

@@ -295,6 +295,7 @@ impl IdentityApi {
                         cur.cross_app = enum_field::<pb::CrossAppReachability>("settings.cross_app", new.cross_app)?
                     }
                     "auto_answer_hint" => cur.auto_answer_hint = new.auto_answer_hint,
+                    "group_call_rings" => cur.group_call_rings = new.group_call_rings,
                     "do_not_disturb" => cur.do_not_disturb = Some(new.do_not_disturb.unwrap_or_default()),
                     "do_not_disturb.enabled" => {
                         cur.do_not_disturb.get_or_insert_default().enabled =

@@ -57,3 +57,24 @@ pub async fn pending_deletions(tenant: &TenantStore, service: &str) -> Result<Ve
     }
     Ok(out)
 }
+
+/// Records that `service` finished deleting `account` (compare-and-swap on
+/// the tombstone; a tombstone already gone means nothing is left to do).
+pub async fn mark_done(tenant: &TenantStore, account: &str, service: &str) -> Result<(), StoreError> {
+    use crate::store::{Compare, Op, Txn};
+    let key = format!("{TOMBSTONES}{account}");
+    for _ in 0..8 {
+        let Some(kv) = tenant.get(&key).await? else { return Ok(()) };
+        let Ok(mut tomb) = serde_json::from_slice::<Tombstone>(&kv.value) else { return Ok(()) };
+        if tomb.done.iter().any(|s| s == service) {
+            return Ok(());
+        }
+        tomb.done.push(service.to_string());
+        let value = serde_json::to_vec(&tomb).expect("tombstone serializes");
+        let txn = Txn::new().when(Compare::ModRevision(kv.key.clone(), kv.mod_revision)).then(Op::put(kv.key, value));
+        if tenant.txn(txn).await?.succeeded {
+            return Ok(());
+        }
+    }
+    Err(StoreError::Unavailable("tombstone changed concurrently".into()))
+}

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use spine_proto::identity::v1::{CrossAppReachability, PrivacySettings};
 
 use crate::ids::TenantId;
-use crate::store::{StoreError, SystemStore, TenantStore};
+use crate::store::{GroupSpace, StoreError, SystemStore, TenantStore};
 
 /// Tenant: `accounts/<account>`.
 pub fn account_key(account: &str) -> String {
@@ -59,6 +59,40 @@ pub fn tenant_key(tenant: &str) -> String {
     format!("tenants/{tenant}")
 }
 
+/// Group space: `<group id hex>/s/meta`, a group's epoch and roster. The
+/// groups service writes it; calls reads it (who may join a group call).
+pub fn group_meta_key(gid_hex: &str) -> String {
+    format!("{gid_hex}/s/meta")
+}
+
+/// A member device in a group's roster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterDevice {
+    pub leaf: u32,
+    pub tenant: String,
+    pub account: String,
+    pub device: String,
+}
+
+/// What other services may read of a group's meta record: its epoch and
+/// roster (the record holds more, for the groups service alone).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupRoster {
+    pub epoch: u64,
+    pub roster: Vec<RosterDevice>,
+}
+
+impl GroupRoster {
+    pub fn member(&self, tenant: &str, account: &str, device: &str) -> Option<&RosterDevice> {
+        self.roster.iter().find(|r| r.tenant == tenant && r.account == account && r.device == device)
+    }
+}
+
+/// A group's epoch and roster, if the group exists.
+pub async fn group_roster(g: &GroupSpace, gid_hex: &str) -> Result<Option<GroupRoster>, StoreError> {
+    Ok(g.get(&group_meta_key(gid_hex)).await?.and_then(|kv| serde_json::from_slice(&kv.value).ok()))
+}
+
 /// A registered device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceRec {
@@ -108,7 +142,8 @@ pub fn contact_key(account: &str, peer: &str) -> String {
 
 /// Private defaults, for an account that never changed its settings: video
 /// on, calls and presence from contacts, coarse reciprocal last-seen, other
-/// apps only for contacts, no auto-answer, do-not-disturb off.
+/// apps only for contacts, no auto-answer, do-not-disturb off, group calls
+/// not ringing.
 pub fn default_settings(account: &str) -> PrivacySettings {
     use spine_proto::identity::v1::{DoNotDisturb, LastSeenGranularity, PresenceVisibility, WhoCanCall};
     PrivacySettings {
@@ -120,6 +155,7 @@ pub fn default_settings(account: &str) -> PrivacySettings {
         last_seen_reciprocal: true,
         cross_app: CrossAppReachability::Contacts as i32,
         auto_answer_hint: false,
+        group_call_rings: false,
         do_not_disturb: Some(DoNotDisturb { enabled: false, until: None }),
         updated_at: None,
     }

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use spine_runtime::{Config, Runtime};
 
 /// Every service this build can run, in start order.
-pub const SERVICES: &[&str] = &["identity", "groups", "presence"];
+pub const SERVICES: &[&str] = &["identity", "groups", "presence", "calls"];
 
 /// Routes and health names of the services `config.services` names (all if
 /// empty).
@@ -31,6 +31,17 @@ pub async fn assemble(
             "presence" => {
                 let advertise = rt.config.presence.advertise.clone().unwrap_or_else(|| addr.to_string());
                 let (n, _) = spine_presence::install(rt, &mut routes, advertise).await.context("starting presence")?;
+                names.extend(n);
+            }
+            "calls" => {
+                let c = &rt.config;
+                let advertise = c
+                    .calls
+                    .advertise
+                    .clone()
+                    .or_else(|| c.presence.advertise.clone())
+                    .unwrap_or_else(|| addr.to_string());
+                let (n, _) = spine_calls::install(rt, &mut routes, advertise).await.context("starting calls")?;
                 names.extend(n);
             }
             other => bail!("unknown service {other:?}; this build runs: {}", SERVICES.join(", ")),

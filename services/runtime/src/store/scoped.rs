@@ -121,8 +121,9 @@ impl TenantStore {
 /// policy; their members' mailboxes stay in each member's tenant).
 pub const GROUPS_PREFIX: &str = "/spine/g/";
 
-/// A store handle on the group space (`/spine/g/`), for the groups service
-/// only, which checks membership before touching a group.
+/// A store handle on the group space (`/spine/g/`), for the groups service,
+/// which checks membership before touching a group, and for calls, which
+/// only reads a group's roster (`directory::group_roster`).
 #[derive(Clone)]
 pub struct GroupSpace(Rooted);
 

@@ -1,0 +1,172 @@
+//! spine-calls: one call infrastructure for every product.
+//!
+//! Devices hold one signalling stream each, registered in the store under
+//! their node's lease. Calls are state machines run by the server: each
+//! live call is one record in the store (under its home node's lease),
+//! changed by compare-and-swap from whichever node a request reaches, and
+//! pushed to every device concerned by the node holding its stream, from
+//! that node's mirror of the store. Signalling payloads are relayed as
+//! opaque bytes, node to node when needed, and never stored. Group calls
+//! are bound to MLS groups of the groups service: only roster devices may
+//! join, and media keys come from the group's exporter on the devices.
+//!
+//! It must never parse, log or store a signalling payload, hold a media
+//! key, or keep anything about a call after it ends beyond what the
+//! tenant's record policy names.
+
+mod cluster;
+mod data;
+mod error;
+mod machine;
+mod media;
+mod metrics;
+mod model;
+mod records;
+mod rules;
+mod service;
+mod turn;
+mod view;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spine_proto::calls::v1::call_records_server::CallRecordsServer;
+use spine_proto::calls::v1::calls_server::CallsServer;
+use spine_proto::calls::v1::media_nodes_server::MediaNodesServer;
+use spine_runtime::Runtime;
+use spine_runtime::ids::TenantId;
+use spine_runtime::store::{GroupSpace, StoreError};
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+
+pub use service::MAX_PAYLOAD;
+pub use turn::{mint as mint_turn_credentials, opaque_id as turn_user_id};
+
+pub(crate) struct Node {
+    rt: Arc<Runtime>,
+    cluster: Arc<cluster::Cluster>,
+    groups: GroupSpace,
+}
+
+/// How a calls node sees the cluster (for tests and tools).
+pub struct CallsView(Arc<Node>);
+
+impl CallsView {
+    /// This node's id.
+    pub fn me(&self) -> &str {
+        &self.0.cluster.me
+    }
+    /// The live calls nodes: (id, region).
+    pub fn nodes(&self) -> Vec<(String, String)> {
+        self.0.cluster.nodes()
+    }
+    /// Deletes every call record of every tenant that expired by `now`
+    /// (unix seconds); the upkeep does this with the current time.
+    pub async fn expire_records(&self, now: i64) -> Result<usize, StoreError> {
+        expire_all(&self.0.rt, now).await
+    }
+}
+
+async fn expire_all(rt: &Runtime, now: i64) -> Result<usize, StoreError> {
+    let sys = rt.system_store();
+    let mut n = 0;
+    for kv in sys.range_all("tenants/").await? {
+        let Some(tenant) = TenantId::parse(sys.relative(&kv.key).trim_start_matches("tenants/")) else { continue };
+        n += records::expire(&sys.tenant_for_maintenance(&tenant), now).await?;
+    }
+    Ok(n)
+}
+
+/// Account deletions recorded by identity (possibly in another process)
+/// that calls has not finished yet.
+async fn finish_deletions(node: &Node) -> Result<(), String> {
+    let sys = node.rt.system_store();
+    for kv in sys.range_all("tenants/").await.map_err(|e| e.to_string())? {
+        let Some(tenant) = TenantId::parse(sys.relative(&kv.key).trim_start_matches("tenants/")) else { continue };
+        let t = sys.tenant_for_maintenance(&tenant);
+        for account in spine_runtime::data::pending_deletions(&t, "calls").await.map_err(|e| e.to_string())? {
+            data::delete_account(node, &t, &account).await.map_err(|e| e.message().to_string())?;
+            spine_runtime::data::mark_done(&t, &account, "calls").await.map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// Timers of the calls this node runs: ring timeouts, idle group calls,
+/// roster changes of group calls, ended calls left behind.
+async fn timers(node: &Node, rosters: bool) -> Result<(), String> {
+    let now = model::now_ms();
+    let idle = node.idle_ms();
+    node.cluster.adopt_orphans().await;
+    for (rec, rev) in node.cluster.my_calls() {
+        if rec.state == model::State::Ended {
+            if rec.ended_ms.is_some_and(|e| e + 3000 < now) {
+                node.cluster.delete_ended(&rec.id, rev).await.map_err(|e| e.to_string())?;
+            }
+            continue;
+        }
+        let mut probe = rec.clone();
+        if machine::tick(&mut probe, now) {
+            let r = node.cluster.update(&rec.id, |c| {
+                machine::tick(c, model::now_ms());
+                Ok(())
+            });
+            if let Err(e) = r.await {
+                tracing::debug!(error = %e, "call timer not applied");
+            }
+            continue;
+        }
+        if rosters && let Some(g) = &rec.group {
+            let roster =
+                spine_runtime::directory::group_roster(&node.groups, &g.gid).await.map_err(|e| e.to_string())?;
+            let roster = roster.unwrap_or(spine_runtime::directory::GroupRoster { epoch: g.epoch, roster: vec![] });
+            let mut probe = rec.clone();
+            if machine::apply_roster(&mut probe, &roster, now, idle) {
+                let r = node.cluster.update(&rec.id, |c| {
+                    machine::apply_roster(c, &roster, model::now_ms(), idle);
+                    Ok(())
+                });
+                if let Err(e) = r.await {
+                    tracing::debug!(error = %e, "group call roster change not applied");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds the calls services (this node reachable by peers at `advertise`),
+/// registers the account-data hook and starts the upkeep.
+pub async fn install(
+    rt: &Arc<Runtime>,
+    routes: &mut RoutesBuilder,
+    advertise: String,
+) -> Result<(Vec<&'static str>, CallsView), StoreError> {
+    let cluster = cluster::Cluster::start(rt, advertise).await?;
+    let node = Arc::new(Node { rt: rt.clone(), cluster, groups: GroupSpace::new(rt.store.clone()) });
+    rt.register_account_data(Arc::new(data::CallsData(node.clone())));
+    routes.add_service(CallsServer::new(service::CallsApi(node.clone())));
+    routes.add_service(CallRecordsServer::new(service::CallRecordsApi));
+    routes.add_service(MediaNodesServer::new(service::MediaNodesApi(node.clone())));
+    Runtime::spawn_upkeep(
+        Arc::downgrade(&node),
+        Duration::from_millis(200),
+        "calls-timers",
+        |n: Arc<Node>| async move { timers(&n, false).await },
+    );
+    Runtime::spawn_upkeep(Arc::downgrade(&node), Duration::from_secs(1), "calls-rosters", |n: Arc<Node>| async move {
+        timers(&n, true).await
+    });
+    Runtime::spawn_upkeep(Arc::downgrade(&node), Duration::from_secs(30), "calls-records", |n: Arc<Node>| async move {
+        expire_all(&n.rt, spine_runtime::now_secs()).await.map_err(|e| e.to_string())?;
+        finish_deletions(&n).await
+    });
+    Ok((
+        vec![
+            <CallsServer<service::CallsApi> as NamedService>::NAME,
+            <CallRecordsServer<service::CallRecordsApi> as NamedService>::NAME,
+            <MediaNodesServer<service::MediaNodesApi> as NamedService>::NAME,
+        ],
+        CallsView(node),
+    ))
+}

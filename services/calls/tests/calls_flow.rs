@@ -1,0 +1,265 @@
+//! One-to-one calls over real streams on two nodes sharing one etcd: a
+//! multi-device callee, answer, decline, cancel, timeout, busy and waiting,
+//! glare, a cross-tenant call through an interop handle, reconnects and
+//! stream replacement.
+
+mod support;
+
+use std::time::Duration;
+
+use spine_identity::testing::req;
+use spine_proto::calls::v1 as pb;
+use spine_proto::common::v1::peer_ref;
+use spine_proto::identity::v1 as ipb;
+use spine_runtime::config::Backend;
+use support::*;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_to_one_across_nodes() {
+    let n = nodes(Backend::Etcd, 2, |_, _| {}).await;
+    let t = n[0].tenant("messenger").await;
+    let alice_acct = n[0].account(&t).await;
+    let bob_acct = n[0].account(&t).await;
+    everyone_can_call(&n[0], &t, &bob_acct).await;
+
+    let mut alice = Phone::connect(&n[0], n[0].device_of(&t, &alice_acct).await).await;
+    let mut b1 = Phone::connect(&n[1], n[0].device_of(&t, &bob_acct).await).await;
+    let mut b2 = Phone::connect(&n[0], n[0].device_of(&t, &bob_acct).await).await;
+    assert!(alice.synced.is_empty() && b1.synced.is_empty());
+
+    // Alice calls Bob: both of his devices ring, on either node.
+    let call = alice.start(account_ref(&bob_acct), true).await.unwrap();
+    assert_eq!((state(&call), ring(&call)), (pb::CallState::Ringing, pb::RingState::NotRinging));
+    assert!(!call.your_leg_id.is_empty());
+    assert_eq!(call.peer, account_ref(&bob_acct));
+    let id = call.call_id.clone();
+    for b in [&mut b1, &mut b2] {
+        let c = b.call_where(&id, |c| state(c) == pb::CallState::Ringing).await;
+        assert_eq!((ring(&c), c.role, c.video), (pb::RingState::Ringing, pb::Role::Callee as i32, true));
+        assert_eq!(c.peer, account_ref(&alice_acct));
+    }
+    // The offer reaches every ringing device, across nodes, as opaque bytes.
+    let offer = b"v=0 o=- 1 1 IN IP4 198.51.100.7 (opaque)".to_vec();
+    let r = alice.send_signal(&id, "", offer.clone()).await;
+    assert_eq!((r.code, r.delivered), (0, 2));
+    for b in [&mut b1, &mut b2] {
+        let s = b.signal().await;
+        assert_eq!((s.payload.clone(), s.from_leg_id.clone()), (offer.clone(), call.your_leg_id.clone()));
+    }
+
+    // b1 answers on node 1: the caller learns it; b2 stops ringing.
+    let answered = b1.answer(&id).await.unwrap();
+    assert_eq!((state(&answered), ring(&answered)), (pb::CallState::Active, pb::RingState::AnsweredHere));
+    let c = alice.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+    assert_eq!(c.participants.len(), 2);
+    let c2 = b2.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+    assert_eq!(ring(&c2), pb::RingState::AnsweredElsewhere);
+    assert!(c2.your_leg_id.is_empty());
+    // A second answer is refused; the answer is relayed to the caller's leg.
+    let late = b2.answer(&id).await.unwrap_err();
+    assert_eq!((late.code(), reason(&late).as_str()), (Code::FailedPrecondition, "NOT_RINGING"));
+    let r = b1.send_signal(&id, &call.your_leg_id, b"answer".to_vec()).await;
+    assert_eq!((r.code, r.delivered), (0, 1));
+    assert_eq!(alice.signal().await.from_leg_id, answered.your_leg_id);
+    // Unary Signal too.
+    let u = b1
+        .calls()
+        .signal(b1.req(pb::SignalRequest {
+            call_id: id.clone(),
+            to_leg_id: call.your_leg_id.clone(),
+            payload: b"ice".to_vec(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(u.delivered, 1);
+    assert_eq!(alice.signal().await.payload, b"ice");
+
+    // b2 reconnects to the other node: it learns the live call there.
+    let b2_dev = b2.dev;
+    drop(b2.out);
+    drop(b2.events);
+    let b2 = Phone::connect(&n[1], b2_dev).await;
+    assert_eq!(b2.synced.len(), 1);
+    assert_eq!((b2.synced[0].call_id.clone(), ring(&b2.synced[0])), (id.clone(), pb::RingState::AnsweredElsewhere));
+
+    // A second stream of Alice's device replaces the first, by rule.
+    let alice_dev = clone_dev(&alice.dev);
+    let mut alice2 = Phone::connect(&n[1], alice_dev).await;
+    assert_eq!(alice2.synced.len(), 1);
+    match alice.next(Duration::from_secs(10)).await {
+        Some(Err(s)) => assert_eq!((s.code(), reason(&s).as_str()), (Code::Aborted, "SESSION_REPLACED")),
+        other => panic!("the replaced stream must end: {other:?}"),
+    }
+
+    // Hang-up ends it for everyone; the live state is gone from the store.
+    let ended = b1.hang_up(&id).await.unwrap();
+    assert_eq!((state(&ended), end(&ended)), (pb::CallState::Ended, pb::EndReason::HungUp));
+    let c = alice2.call_where(&id, |c| state(c) == pb::CallState::Ended).await;
+    assert_eq!(end(&c), pb::EndReason::HungUp);
+    assert!(
+        spine_runtime::testing::eventually(Duration::from_secs(5), || async { live_state(&n[0]).await.is_empty() })
+            .await
+    );
+    let gone = alice2.calls().get_call(alice2.req(pb::GetCallRequest { call_id: id.clone() })).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+}
+
+fn clone_dev(d: &spine_identity::testing::Device) -> spine_identity::testing::Device {
+    spine_identity::testing::Device {
+        tenant: d.tenant.clone(),
+        account: d.account.clone(),
+        device: d.device.clone(),
+        key: d.key.clone(),
+        token: d.token.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decline_cancel_timeout_busy_glare() {
+    let n = nodes(Backend::Etcd, 2, |_, c| c.calls.ring_timeout_secs = 2).await;
+    let t = n[0].tenant("messenger").await;
+    let accts: Vec<String> = futures::future::join_all((0..4).map(|_| n[0].account(&t))).await;
+    for a in &accts {
+        everyone_can_call(&n[0], &t, a).await;
+    }
+    let (a, b, c, d) = (&accts[0], &accts[1], &accts[2], &accts[3]);
+    let mut alice = Phone::connect(&n[0], n[0].device_of(&t, a).await).await;
+    let mut b1 = Phone::connect(&n[1], n[0].device_of(&t, b).await).await;
+    let mut b2 = Phone::connect(&n[0], n[0].device_of(&t, b).await).await;
+    let mut carol = Phone::connect(&n[1], n[0].device_of(&t, c).await).await;
+    let dave = Phone::connect(&n[0], n[0].device_of(&t, d).await).await;
+
+    // Decline on one device: the call ends; each device learns how.
+    let id = alice.start(account_ref(b), false).await.unwrap().call_id;
+    b1.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
+    b2.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
+    b2.decline(&id).await.unwrap();
+    assert_eq!(end(&alice.call_where(&id, |c| state(c) == pb::CallState::Ended).await), pb::EndReason::Declined);
+    assert_eq!(ring(&b1.call_where(&id, |c| state(c) == pb::CallState::Ended).await), pb::RingState::DeclinedElsewhere);
+    assert_eq!(ring(&b2.call_where(&id, |c| state(c) == pb::CallState::Ended).await), pb::RingState::DeclinedHere);
+
+    // Cancel: the caller hangs up while ringing.
+    let id = alice.start(account_ref(b), false).await.unwrap().call_id;
+    b1.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
+    b2.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
+    assert_eq!(end(&alice.hang_up(&id).await.unwrap()), pb::EndReason::Cancelled);
+    for p in [&mut b1, &mut b2] {
+        let e = p.call_where(&id, |c| state(c) == pb::CallState::Ended).await;
+        assert_eq!((end(&e), ring(&e)), (pb::EndReason::Cancelled, pb::RingState::Cancelled));
+    }
+
+    // Timeout after the configured 2 s: nobody keeps ringing.
+    let started = std::time::Instant::now();
+    let id = alice.start(account_ref(b), false).await.unwrap().call_id;
+    for p in [&mut b1, &mut b2] {
+        let e = p.call_where(&id, |c| state(c) == pb::CallState::Ended).await;
+        assert_eq!((end(&e), ring(&e)), (pb::EndReason::NoAnswer, pb::RingState::TimedOut));
+    }
+    assert_eq!(end(&alice.call_where(&id, |c| state(c) == pb::CallState::Ended).await), pb::EndReason::NoAnswer);
+    assert!(started.elapsed() >= Duration::from_secs(2));
+
+    // Busy: Bob in a call with Carol gets Alice's call as waiting, and
+    // Dave's, with one already waiting, as busy (nothing stored).
+    let cb = carol.start(account_ref(b), false).await.unwrap().call_id;
+    b1.call_where(&cb, |c| ring(c) == pb::RingState::Ringing).await;
+    b1.answer(&cb).await.unwrap();
+    carol.call_where(&cb, |c| state(c) == pb::CallState::Active).await;
+    let waiting = alice.start(account_ref(b), false).await.unwrap();
+    let w = b2.call_where(&waiting.call_id, |c| ring(c) == pb::RingState::Ringing).await;
+    assert!(w.waiting && !waiting.waiting);
+    let before = live_state(&n[0]).await;
+    let busy = dave.start(account_ref(b), false).await.unwrap();
+    assert_eq!((state(&busy), end(&busy)), (pb::CallState::Ended, pb::EndReason::Busy));
+    assert_eq!(live_state(&n[0]).await, before);
+    alice.hang_up(&waiting.call_id).await.unwrap();
+    carol.hang_up(&cb).await.unwrap();
+    b2.call_where(&cb, |c| state(c) == pb::CallState::Ended).await;
+
+    // Glare: Alice and Carol call each other at once, through different
+    // nodes: one call, answered.
+    let (x, y) = tokio::join!(alice.start(account_ref(c), false), carol.start(account_ref(a), false));
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.call_id, y.call_id, "glare ends in one call");
+    let id = x.call_id;
+    alice.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+    carol.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+    assert_eq!(
+        live_state(&n[0]).await.iter().filter(|(k, _)| k.starts_with("/spine/sys/calls/c/")).count(),
+        1,
+        "exactly one live call"
+    );
+    // A second call between the same two while it lives is refused.
+    let dup = alice.start(account_ref(c), false).await.unwrap_err();
+    assert_eq!((dup.code(), reason(&dup).as_str()), (Code::AlreadyExists, "CALL_EXISTS"));
+    alice.hang_up(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cross_tenant_through_an_interop_handle() {
+    let n = nodes(Backend::Etcd, 2, |_, _| {}).await;
+    let messenger = n[0].tenant("messenger").await;
+    let whats = n[0].tenant("whats").await;
+    let alice_acct = n[0].account(&messenger).await;
+    let erin_acct = n[0].account(&whats).await;
+    let alice = Phone::connect(&n[0], n[0].device_of(&messenger, &alice_acct).await).await;
+    let mut erin = Phone::connect(&n[1], n[0].device_of(&whats, &erin_acct).await).await;
+    let handle = |token: String, tenant: String| {
+        let env = &n[0];
+        async move {
+            env.identity()
+                .create_interop_handle(req(
+                    ipb::CreateInteropHandleRequest {
+                        request_id: format!("h{}", rand::random::<u32>()),
+                        account_id: String::new(),
+                        allowed_tenant_ids: vec![tenant],
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .handle
+        }
+    };
+    let erin_h = handle(erin.dev.token.clone(), messenger.id.clone()).await;
+    let alice_h = handle(alice.dev.token.clone(), whats.id.clone()).await;
+    let start = |caller_handle: String| {
+        let mut client = alice.calls();
+        let r = alice.req(pb::StartCallRequest {
+            request_id: format!("x{}", rand::random::<u32>()),
+            callee: interop_ref(&whats.id, &erin_h),
+            video: false,
+            caller_handle,
+        });
+        async move { client.start_call(r).await }
+    };
+    // Erin's defaults: other apps only for contacts, calls from contacts.
+    assert_not_placed(start(alice_h.clone()).await.map(|r| r.into_inner()));
+    erin.quiet(Duration::from_millis(300)).await;
+    // She lists Alice (by Alice's handle) as a contact: now it rings.
+    n[0].identity()
+        .add_contact(req(
+            ipb::AddContactRequest { account_id: String::new(), peer: interop_ref(&messenger.id, &alice_h) },
+            &erin.dev.token,
+        ))
+        .await
+        .unwrap();
+    // A handle that is not the caller's own is refused.
+    let bad = start(erin_h.clone()).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let call = start(alice_h.clone()).await.unwrap().into_inner();
+    assert_eq!(call.peer, interop_ref(&whats.id, &erin_h));
+    let c = erin.call_where(&call.call_id, |c| ring(c) == pb::RingState::Ringing).await;
+    // Erin sees Alice by the handle Alice consented to, never her account id.
+    assert_eq!(c.peer, interop_ref(&messenger.id, &alice_h));
+    let answered = erin.answer(&call.call_id).await.unwrap();
+    for p in &answered.participants {
+        if let Some(peer_ref::Peer::AccountId(a)) = p.who.as_ref().and_then(|w| w.peer.clone()) {
+            assert_eq!(a, erin_acct, "only her own account appears by id");
+        }
+    }
+    assert!(format!("{answered:?}").find(&alice_acct).is_none());
+    erin.hang_up(&call.call_id).await.unwrap();
+}

@@ -1,0 +1,295 @@
+//! Calls test support: several nodes (identity, groups and calls each) on
+//! one store, and phones: registered devices holding a real signalling
+//! stream to one of the nodes.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use prost_types::FieldMask;
+use spine_identity::testing::{Device, Env, Tenant, req};
+use spine_proto::calls::v1 as pb;
+use spine_proto::calls::v1::calls_client::CallsClient;
+use spine_proto::common::v1::{InteropRef, PeerRef, peer_ref};
+use spine_proto::identity::v1 as ipb;
+use spine_runtime::config::{Backend, Config};
+use spine_runtime::store::{EmbeddedStore, Store};
+use spine_runtime::testing::EtcdServer;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+pub fn config() -> Config {
+    let mut c = spine_identity::testing::test_config();
+    c.calls.ring_timeout_secs = 30;
+    c.calls.node_ttl_secs = 2;
+    c
+}
+
+/// `n` nodes on one store, each running identity, groups and calls; the
+/// first holds the etcd server if any. `tweak` adjusts node i's config.
+pub async fn nodes(backend: Backend, n: usize, tweak: impl Fn(usize, &mut Config)) -> Vec<Env> {
+    let (store, mut etcd): (std::sync::Arc<dyn Store>, _) = match backend {
+        Backend::Embedded => (std::sync::Arc::new(EmbeddedStore::in_memory()), None),
+        Backend::Etcd => {
+            let e = EtcdServer::start().await;
+            (e.store().await, Some(e))
+        }
+    };
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut c = config();
+        tweak(i, &mut c);
+        let env =
+            spine_identity::testing::start_on_with(store.clone(), etcd.take(), c, |rt, mut routes, addr| async move {
+                let mut names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
+                let (more, _) = spine_calls::install(&rt, &mut routes, addr.to_string()).await.expect("calls install");
+                names.extend(more);
+                (routes, names)
+            })
+            .await;
+        out.push(env);
+    }
+    // Every node sees every other.
+    for env in &out {
+        assert!(
+            spine_runtime::testing::eventually(Duration::from_secs(10), || async {
+                env.rt.store.count("/spine/sys/calls/nodes/").await.unwrap() as usize == n
+            })
+            .await
+        );
+    }
+    out
+}
+
+pub fn calls(env: &Env) -> CallsClient<Channel> {
+    CallsClient::new(env.channel.clone())
+}
+
+pub fn account_ref(a: &str) -> Option<PeerRef> {
+    Some(PeerRef { peer: Some(peer_ref::Peer::AccountId(a.into())) })
+}
+
+pub fn interop_ref(tenant: &str, handle: &str) -> Option<PeerRef> {
+    Some(PeerRef {
+        peer: Some(peer_ref::Peer::Interop(InteropRef { tenant_id: tenant.into(), handle: handle.into() })),
+    })
+}
+
+/// Sets one settings field of `account` (tenant credential).
+pub async fn set(env: &Env, t: &Tenant, account: &str, field: &str, s: ipb::PrivacySettings) {
+    env.identity()
+        .update_settings(req(
+            ipb::UpdateSettingsRequest {
+                account_id: account.into(),
+                settings: Some(s),
+                update_mask: Some(FieldMask { paths: vec![field.into()] }),
+            },
+            &t.cred,
+        ))
+        .await
+        .unwrap();
+}
+
+pub async fn everyone_can_call(env: &Env, t: &Tenant, account: &str) {
+    let s = ipb::PrivacySettings { who_can_call: ipb::WhoCanCall::Everyone as i32, ..Default::default() };
+    set(env, t, account, "who_can_call", s).await;
+}
+
+/// A device with a signalling stream open to one node.
+pub struct Phone {
+    pub dev: Device,
+    pub channel: Channel,
+    pub out: mpsc::Sender<pb::ClientMessage>,
+    pub events: tonic::Streaming<pb::ServerEvent>,
+    /// The calls of the first `synced` message.
+    pub synced: Vec<pb::Call>,
+    next_ref: u64,
+}
+
+impl Phone {
+    pub async fn connect(env: &Env, dev: Device) -> Phone {
+        Self::connect_to(env.channel.clone(), dev).await
+    }
+
+    pub async fn connect_to(channel: Channel, dev: Device) -> Phone {
+        let (out, rx) = mpsc::channel(64);
+        let mut events = CallsClient::new(channel.clone())
+            .session(req(tokio_stream::wrappers::ReceiverStream::new(rx), &dev.token))
+            .await
+            .expect("session opens")
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("synced in time")
+            .expect("stream open")
+            .expect("first event");
+        let Some(pb::server_event::Event::Synced(s)) = first.event else {
+            panic!("first event is not synced: {first:?}")
+        };
+        Phone { dev, channel, out, events, synced: s.calls, next_ref: 1 }
+    }
+
+    pub fn calls(&self) -> CallsClient<Channel> {
+        CallsClient::new(self.channel.clone())
+    }
+
+    pub fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        req(msg, &self.dev.token)
+    }
+
+    /// The next event within `within`, or None.
+    pub async fn next(&mut self, within: Duration) -> Option<Result<pb::ServerEvent, Status>> {
+        tokio::time::timeout(within, self.events.next()).await.ok().flatten()
+    }
+
+    /// Waits for a call event of `id` matching `pred` (skipping others).
+    pub async fn call_where(&mut self, id: &str, pred: impl Fn(&pb::Call) -> bool) -> pb::Call {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(Ok(pb::ServerEvent { event: Some(pb::server_event::Event::Call(c)) }))
+                    if c.call_id == id && pred(&c) =>
+                {
+                    return c;
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(s)) => panic!("{} stream failed: {s:?}", self.dev.device),
+                None => panic!("{} saw no matching event of {id}", self.dev.device),
+            }
+        }
+    }
+
+    /// Waits for the first call event of any call (skipping other events).
+    pub async fn any_call(&mut self) -> pb::Call {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(Ok(pb::ServerEvent { event: Some(pb::server_event::Event::Call(c)) })) => return c,
+                Some(Ok(_)) => continue,
+                other => panic!("{} saw no call event: {other:?}", self.dev.device),
+            }
+        }
+    }
+
+    /// Waits for a relayed payload.
+    pub async fn signal(&mut self) -> pb::IncomingSignal {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(Ok(pb::ServerEvent { event: Some(pb::server_event::Event::Signal(s)) })) => return s,
+                Some(Ok(_)) => continue,
+                other => panic!("{} got no signal: {other:?}", self.dev.device),
+            }
+        }
+    }
+
+    /// Sends a payload on the stream and waits for its result.
+    pub async fn send_signal(&mut self, call_id: &str, to_leg: &str, payload: Vec<u8>) -> pb::SignalResult {
+        let r = self.next_ref;
+        self.next_ref += 1;
+        let msg = pb::ClientMessage {
+            r#ref: r,
+            message: Some(pb::client_message::Message::Signal(pb::SignalRequest {
+                call_id: call_id.into(),
+                to_leg_id: to_leg.into(),
+                payload,
+            })),
+        };
+        self.out.send(msg).await.expect("stream open");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(Ok(pb::ServerEvent { event: Some(pb::server_event::Event::SignalResult(s)) })) if s.r#ref == r => {
+                    return s;
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("{} got no signal result: {other:?}", self.dev.device),
+            }
+        }
+    }
+
+    /// Asserts that no call event arrives within `d`.
+    pub async fn quiet(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                None => return,
+                Some(Ok(pb::ServerEvent { event: Some(pb::server_event::Event::Call(c)) })) => {
+                    panic!("{} got an unexpected call event: {c:?}", self.dev.device)
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(s)) => panic!("{} stream failed: {s:?}", self.dev.device),
+            }
+        }
+    }
+
+    pub async fn start(&self, callee: Option<PeerRef>, video: bool) -> Result<pb::Call, Status> {
+        self.calls()
+            .start_call(self.req(pb::StartCallRequest {
+                request_id: format!("r{}", rand::random::<u32>()),
+                callee,
+                video,
+                caller_handle: String::new(),
+            }))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn answer(&self, id: &str) -> Result<pb::Call, Status> {
+        self.calls().answer(self.req(pb::AnswerRequest { call_id: id.into() })).await.map(|r| r.into_inner())
+    }
+
+    pub async fn decline(&self, id: &str) -> Result<pb::Call, Status> {
+        self.calls().decline(self.req(pb::DeclineRequest { call_id: id.into() })).await.map(|r| r.into_inner())
+    }
+
+    pub async fn hang_up(&self, id: &str) -> Result<pb::Call, Status> {
+        self.calls().hang_up(self.req(pb::HangUpRequest { call_id: id.into() })).await.map(|r| r.into_inner())
+    }
+
+    pub async fn join(&self, id: &str) -> Result<pb::Call, Status> {
+        self.calls().join(self.req(pb::JoinRequest { call_id: id.into() })).await.map(|r| r.into_inner())
+    }
+}
+
+pub fn state(c: &pb::Call) -> pb::CallState {
+    pb::CallState::try_from(c.state).unwrap()
+}
+
+pub fn ring(c: &pb::Call) -> pb::RingState {
+    pb::RingState::try_from(c.ring).unwrap()
+}
+
+pub fn end(c: &pb::Call) -> pb::EndReason {
+    pb::EndReason::try_from(c.end_reason).unwrap()
+}
+
+/// The ErrorInfo reason of a status.
+pub fn reason(s: &Status) -> String {
+    use tonic_types::StatusExt;
+    s.get_details_error_info().map(|i| i.reason).unwrap_or_default()
+}
+
+#[track_caller]
+pub fn assert_not_placed(r: Result<pb::Call, Status>) {
+    let s = r.expect_err("call must not be placed");
+    assert_eq!(
+        (s.code(), s.message(), reason(&s).as_str()),
+        (Code::FailedPrecondition, "the call could not be placed", "CALL_NOT_PLACED")
+    );
+}
+
+/// Every key under `/spine/sys/calls/c/` and `pair/` (live call state).
+pub async fn live_state(env: &Env) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for p in ["/spine/sys/calls/c/", "/spine/sys/calls/pair/", "/spine/sys/calls/group/"] {
+        out.extend(env.rt.store.range_all(p).await.unwrap().into_iter().map(|kv| (kv.key, kv.value)));
+    }
+    out
+}
