@@ -29,6 +29,16 @@ pub fn config() -> Config {
 /// `n` nodes on one store, each running identity, groups and calls; the
 /// first holds the etcd server if any. `tweak` adjusts node i's config.
 pub async fn nodes(backend: Backend, n: usize, tweak: impl Fn(usize, &mut Config)) -> Vec<Env> {
+    nodes_with_views(backend, n, tweak).await.0
+}
+
+/// [`nodes`], with each node's view of the calls cluster.
+pub async fn nodes_with_views(
+    backend: Backend,
+    n: usize,
+    tweak: impl Fn(usize, &mut Config),
+) -> (Vec<Env>, Vec<spine_calls::CallsView>) {
+    let views = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let (store, mut etcd): (std::sync::Arc<dyn Store>, _) = match backend {
         Backend::Embedded => (std::sync::Arc::new(EmbeddedStore::in_memory()), None),
         Backend::Etcd => {
@@ -40,10 +50,13 @@ pub async fn nodes(backend: Backend, n: usize, tweak: impl Fn(usize, &mut Config
     for i in 0..n {
         let mut c = config();
         tweak(i, &mut c);
+        let v = views.clone();
         let env =
             spine_identity::testing::start_on_with(store.clone(), etcd.take(), c, |rt, mut routes, addr| async move {
                 let mut names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
-                let (more, _) = spine_calls::install(&rt, &mut routes, addr.to_string()).await.expect("calls install");
+                let (more, view) =
+                    spine_calls::install(&rt, &mut routes, addr.to_string()).await.expect("calls install");
+                v.lock().unwrap().push(view);
                 names.extend(more);
                 (routes, names)
             })
@@ -59,7 +72,8 @@ pub async fn nodes(backend: Backend, n: usize, tweak: impl Fn(usize, &mut Config
             .await
         );
     }
-    out
+    let views = std::mem::take(&mut *views.lock().unwrap());
+    (out, views)
 }
 
 pub fn calls(env: &Env) -> CallsClient<Channel> {
