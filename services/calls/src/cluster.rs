@@ -429,7 +429,12 @@ impl Cluster {
                         v.index_call(o, false);
                     }
                     v.index_call(&rec, true);
-                    v.push(old.as_ref(), &rec, rev);
+                    // A call moving to another node changes nothing devices see.
+                    let moved_only =
+                        old.as_ref().is_some_and(|o| CallRec { home: rec.home.clone(), ..o.clone() } == rec);
+                    if !moved_only {
+                        v.push(old.as_ref(), &rec, rev);
+                    }
                     crate::metrics::observe(&self.me, old.as_ref(), Some(&rec));
                 }
                 None => {

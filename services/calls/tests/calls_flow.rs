@@ -263,3 +263,36 @@ async fn cross_tenant_through_an_interop_handle() {
     assert!(format!("{answered:?}").find(&alice_acct).is_none());
     erin.hang_up(&call.call_id).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_draining_node_hands_its_calls_over() {
+    let mut n = nodes(Backend::Etcd, 2, |_, _| {}).await;
+    let t = n[0].tenant("messenger").await;
+    let (a, b) = (n[0].account(&t).await, n[0].account(&t).await);
+    everyone_can_call(&n[0], &t, &b).await;
+    let mut alice = Phone::connect(&n[0], n[0].device_of(&t, &a).await).await;
+    let mut bob = Phone::connect(&n[1], n[0].device_of(&t, &b).await).await;
+    // Started on node 0, so node 0 runs it.
+    let id = alice.start(account_ref(&b), false).await.unwrap().call_id;
+    bob.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
+    bob.answer(&id).await.unwrap();
+    alice.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+    bob.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+
+    // Node 0 drains: Alice's stream is told to reconnect; the call moves.
+    let first = n.remove(0);
+    let stopping = tokio::spawn(async move { first.server.stop().await });
+    match alice.next(Duration::from_secs(10)).await {
+        Some(Err(s)) => assert_eq!(s.code(), Code::Unavailable),
+        other => panic!("the draining node's stream must end with UNAVAILABLE: {other:?}"),
+    }
+    stopping.await.unwrap().unwrap();
+    let alice = Phone::connect(&n[0], clone_dev(&alice.dev)).await;
+    assert_eq!(alice.synced.len(), 1);
+    assert_eq!(state(&alice.synced[0]), pb::CallState::Active);
+    // Well past node 0's leases, the call is alive and Bob saw no end.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    bob.quiet(Duration::from_millis(100)).await;
+    alice.hang_up(&id).await.unwrap();
+    assert_eq!(end(&bob.call_where(&id, |c| state(c) == pb::CallState::Ended).await), pb::EndReason::HungUp);
+}

@@ -3,7 +3,8 @@
 //! expires, the other node takes the account over, the device's regular
 //! re-announcements land there, and the watcher never sees it offline.
 
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -14,97 +15,15 @@ use spine_proto::identity::v1::tenant_admin_client::TenantAdminClient;
 use spine_proto::presence::v1::presence_client::PresenceClient;
 use spine_proto::presence::v1::{self as pb, Status};
 use spine_runtime::testing::{EtcdServer, free_port};
-use tonic::transport::Channel;
-
-const BIN: &str = env!("CARGO_BIN_EXE_spine");
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn req<T>(m: T, cred: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(m);
-    r.metadata_mut().insert("authorization", format!("Bearer {cred}").parse().unwrap());
-    r
-}
-
-async fn connect(addr: &str) -> Channel {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(c) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await {
-            let mut h = tonic_health::pb::health_client::HealthClient::new(c.clone());
-            if let Ok(r) = h.check(tonic_health::pb::HealthCheckRequest { service: "readiness".into() }).await
-                && r.into_inner().status == 1
-            {
-                return c;
-            }
-        }
-        assert!(Instant::now() < deadline, "{addr} not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn serve(etcd: &str, addr: &str) -> Proc {
-    Proc(
-        Command::new(BIN)
-            .args(["serve", "--store", "etcd", "--etcd", etcd, "--listen", addr, "--services", "identity,presence"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-async fn device(id: &mut IdentityClient<Channel>, cred: &str) -> (String, String) {
-    let rid = format!("r{}", rand::random::<u64>());
-    let account = id
-        .create_account(req(ipb::CreateAccountRequest { request_id: rid.clone() }, cred))
-        .await
-        .unwrap()
-        .into_inner()
-        .account_id;
-    let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng).verifying_key().to_bytes().to_vec();
-    let device = id
-        .register_device(req(
-            ipb::RegisterDeviceRequest {
-                request_id: rid,
-                account_id: account.clone(),
-                signature_scheme: 1,
-                signature_public_key: key,
-            },
-            cred,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .device_id;
-    let token = id
-        .issue_device_token(req(
-            ipb::IssueDeviceTokenRequest { account_id: account.clone(), device_id: device, ..Default::default() },
-            cred,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    (account, token)
-}
+use support::{connect, device, operator, req, serve};
 
 #[tokio::test]
 async fn a_crashed_owner_hands_presence_over_without_a_false_offline() {
     let etcd = EtcdServer::start().await;
-    let out = Command::new(BIN)
-        .args(["admin", "operator", "create", "--label", "t", "--store", "etcd", "--etcd", etcd.endpoint()])
-        .output()
-        .unwrap();
-    let operator = String::from_utf8(out.stdout).unwrap().rsplit(' ').next().unwrap().trim().to_string();
+    let operator = operator(etcd.endpoint());
     let (addr_a, addr_b) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-    let mut a = Some(serve(etcd.endpoint(), &addr_a));
-    let mut b = Some(serve(etcd.endpoint(), &addr_b));
+    let mut a = Some(serve(etcd.endpoint(), &addr_a, "identity,presence", &[]));
+    let mut b = Some(serve(etcd.endpoint(), &addr_b, "identity,presence", &[]));
     let (ch_a, ch_b) = (connect(&addr_a).await, connect(&addr_b).await);
     let store = etcd.store().await;
     let nodes = || async {
@@ -125,8 +44,8 @@ async fn a_crashed_owner_hands_presence_over_without_a_false_offline() {
         .into_inner();
     let (tenant_id, cred) = (tenant.tenant.unwrap().tenant_id, tenant.credential.unwrap().secret);
     let mut id = IdentityClient::new(ch_a.clone());
-    let (target, target_token) = device(&mut id, &cred).await;
-    let (watcher, watcher_token) = device(&mut id, &cred).await;
+    let (target, _, target_token) = device(&mut id, &cred).await;
+    let (watcher, _, watcher_token) = device(&mut id, &cred).await;
     id.add_contact(req(
         ipb::AddContactRequest {
             account_id: String::new(),
