@@ -550,6 +550,7 @@ impl Cluster {
         let out = sys.txn(txn).await?;
         if out.succeeded {
             crate::metrics::started(&rec);
+            tracing::debug!(call = %spine_runtime::telemetry::redact(&rec.id), kind = ?rec.kind, "call started");
             return Ok(Ok((rec, out.revision)));
         }
         match sys.get(&aux).await? {
@@ -617,6 +618,14 @@ impl Cluster {
                     .await;
             }
             crate::metrics::transition(&before, &rec);
+            tracing::debug!(
+                call = %spine_runtime::telemetry::redact(&rec.id),
+                from = ?before.state,
+                to = ?rec.state,
+                end = ?rec.end,
+                legs = rec.legs.len(),
+                "call changed"
+            );
             return Ok((rec, out.revision));
         }
         Err(CallError::Contended)
