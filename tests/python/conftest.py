@@ -35,6 +35,8 @@ def pb(tmp_path_factory):
         "common": importlib.import_module("spine.common.v1.common_pb2"),
         "groups": importlib.import_module("spine.groups.v1.groups_pb2"),
         "groups_grpc": importlib.import_module("spine.groups.v1.groups_pb2_grpc"),
+        "calls": importlib.import_module("spine.calls.v1.calls_pb2"),
+        "calls_grpc": importlib.import_module("spine.calls.v1.calls_pb2_grpc"),
     }
     return type("Stubs", (), mods)
 

@@ -17,7 +17,7 @@ def auth(cred):
 def test_health_reports_liveness_and_readiness(spine):
     addr, _ = spine
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(addr))
-    for service in ("liveness", "readiness", "", "spine.identity.v1.Identity", "spine.identity.v1.TenantAdmin", "spine.groups.v1.Groups", "spine.presence.v1.Presence"):
+    for service in ("liveness", "readiness", "", "spine.identity.v1.Identity", "spine.identity.v1.TenantAdmin", "spine.groups.v1.Groups", "spine.presence.v1.Presence", "spine.calls.v1.Calls", "spine.calls.v1.CallRecords", "spine.calls.v1.MediaNodes"):
         r = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert r.status == health_pb2.HealthCheckResponse.SERVING, service
 
@@ -26,7 +26,7 @@ def test_reflection_lists_spine_services(spine):
     addr, _ = spine
     db = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(addr))
     services = set(db.get_services())
-    assert {"spine.identity.v1.Identity", "spine.identity.v1.TenantAdmin", "spine.groups.v1.Groups", "grpc.health.v1.Health"} <= services
+    assert {"spine.identity.v1.Identity", "spine.identity.v1.TenantAdmin", "spine.groups.v1.Groups", "spine.calls.v1.Calls", "grpc.health.v1.Health"} <= services
     # Full descriptors come back too, so dynamic clients can call methods.
     fd = db.FindFileContainingSymbol("spine.identity.v1.Identity")
     assert fd.package == "spine.identity.v1"
