@@ -350,7 +350,7 @@ impl Cluster {
             v.sessions.clear();
             v.session_devices.clear();
             for kv in &sessions {
-                self.apply(&mut v, &sys.relative(&kv.key).to_string(), Some(&kv.value), kv.mod_revision);
+                self.apply(&mut v, sys.relative(&kv.key), Some(&kv.value), kv.mod_revision);
             }
             let live: HashSet<String> =
                 calls.iter().map(|kv| sys.relative(&kv.key).trim_start_matches(CALLS).to_string()).collect();
@@ -360,7 +360,7 @@ impl Cluster {
                 self.apply(&mut v, &call_key(&id), None, r + 1);
             }
             for kv in &calls {
-                self.apply(&mut v, &sys.relative(&kv.key).to_string(), Some(&kv.value), kv.mod_revision);
+                self.apply(&mut v, sys.relative(&kv.key), Some(&kv.value), kv.mod_revision);
             }
         }
         self.ready.send_replace(true);
@@ -585,18 +585,32 @@ impl Cluster {
         F: Fn(&mut CallRec) -> Result<()>,
     {
         let sys = self.rt.system_store();
+        // First from the mirror (usually current: no read), then from the
+        // store whenever the compare-and-swap finds it stale.
+        let mut cached = self.call(id);
         for _ in 0..16 {
-            let Some(kv) = sys.get(&call_key(id)).await? else { return Err(CallError::NotFound) };
-            let before: CallRec = parse(&kv)?;
+            let (before, rev, mirrored) = match cached.take() {
+                Some((c, r)) => (c, r, true),
+                None => {
+                    let Some(kv) = sys.get(&call_key(id)).await? else { return Err(CallError::NotFound) };
+                    (parse::<CallRec>(&kv)?, kv.mod_revision, false)
+                }
+            };
+            let key = sys.key(&call_key(id));
             let mut rec = before.clone();
-            f(&mut rec)?;
-            if rec == before {
-                return Ok((rec, kv.mod_revision));
+            // A refusal or a no-op on a mirrored copy is checked again on
+            // the stored call: the mirror may lag a change made elsewhere.
+            match f(&mut rec) {
+                Err(_) if mirrored => continue,
+                Err(e) => return Err(e),
+                Ok(()) if rec == before && mirrored => continue,
+                Ok(()) if rec == before => return Ok((rec, rev)),
+                Ok(()) => {}
             }
             let (home, lease) = self.home_lease(&rec.home);
             rec.home = home;
-            let mut txn = Txn::new().when(Compare::ModRevision(kv.key.clone(), kv.mod_revision)).then(Op::put_leased(
-                kv.key.clone(),
+            let mut txn = Txn::new().when(Compare::ModRevision(key.clone(), rev)).then(Op::put_leased(
+                key.clone(),
                 json(&rec),
                 lease,
             ));
@@ -614,7 +628,7 @@ impl Cluster {
             if rec.state == State::Ended {
                 crate::records::keep(&self.rt, &rec).await;
                 let _ = sys
-                    .txn(Txn::new().when(Compare::ModRevision(kv.key.clone(), out.revision)).then(Op::delete(kv.key)))
+                    .txn(Txn::new().when(Compare::ModRevision(key.clone(), out.revision)).then(Op::delete(key)))
                     .await;
             }
             crate::metrics::transition(&before, &rec);

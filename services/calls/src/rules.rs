@@ -23,28 +23,40 @@ pub async fn may_ring(
     callee: &AccountKey,
     video: bool,
 ) -> Result<bool, StoreError> {
-    if t.get(&account_key(&callee.account)).await?.is_none() {
+    // The reads are independent: one round trip to the store, not four.
+    let same_tenant = caller.tenant == callee.tenant;
+    let me = (caller.tenant.clone(), caller.account.clone());
+    let relations = async {
+        if same_tenant {
+            let contact_key = contact_key(&callee.account, &peer_account(&caller.account));
+            let (blocked, contact) = futures::try_join!(
+                directory::blocks_account(t, &callee.account, &caller.account),
+                t.get(&contact_key),
+            )?;
+            Ok::<_, StoreError>((blocked, contact.is_some()))
+        } else {
+            let (blocks, contacts) = futures::try_join!(
+                directory::interop_peers(sys, t, "blocks", &callee.account),
+                directory::interop_peers(sys, t, "contacts", &callee.account),
+            )?;
+            Ok((blocks.contains(&me), contacts.contains(&me)))
+        }
+    };
+    let account = account_key(&callee.account);
+    let (exists, (s, _), (blocked, contact)) =
+        futures::try_join!(t.get(&account), directory::settings(t, &callee.account), relations)?;
+    if exists.is_none() {
         return Ok(false);
     }
-    let (s, _) = directory::settings(t, &callee.account).await?;
-    let same_tenant = caller.tenant == callee.tenant;
-    let (blocked, contact) = if same_tenant {
-        (
-            directory::blocks_account(t, &callee.account, &caller.account).await?,
-            t.get(&contact_key(&callee.account, &peer_account(&caller.account))).await?.is_some(),
-        )
-    } else {
-        let me = (caller.tenant.clone(), caller.account.clone());
-        (
-            directory::interop_peers(sys, t, "blocks", &callee.account).await?.contains(&me),
-            directory::interop_peers(sys, t, "contacts", &callee.account).await?.contains(&me),
-        )
-    };
     if blocked {
         return Ok(false);
     }
     if !same_tenant {
-        match directory::cross_app(t, &callee.account).await? {
+        let reach = CrossAppReachability::try_from(s.cross_app)
+            .ok()
+            .filter(|c| *c != CrossAppReachability::Unspecified)
+            .unwrap_or(CrossAppReachability::Contacts);
+        match reach {
             CrossAppReachability::HandleHolders => {}
             CrossAppReachability::Off => return Ok(false),
             _ if !contact => return Ok(false),

@@ -163,9 +163,7 @@ impl Node {
         for t in targets.iter().filter(|t| *t != me) {
             match self.cluster.session_of(t) {
                 Some((node, ..)) if node == self.cluster.me => {
-                    if self.cluster.deliver_local(t, event.clone()) {
-                        delivered += 1;
-                    }
+                    delivered += u32::from(self.cluster.deliver_local(t, event.clone()));
                 }
                 Some((_, addr, _)) if !forwarded && !addr.is_empty() => {
                     remote.insert(addr);
@@ -250,30 +248,14 @@ impl Node {
         let request = format!("{}/{rid}", me.device);
         let pair = pair_key(&mine, &callee);
         for _ in 0..4 {
-            if let Some(kv) = sys.get(&pair).await.map_err(spine_runtime::error::store)? {
-                let existing = String::from_utf8_lossy(&kv.value).into_owned();
-                match self.cluster.read_call(&existing).await? {
-                    Some((rec, v)) if rec.state != State::Ended => {
-                        if rec.request == request {
-                            return Ok(render(&rec, v, me));
-                        }
-                        let glare = rec.state == State::Ringing
-                            && rec.caller().is_some_and(|p| p.who == callee)
-                            && rec.callee().is_some_and(|p| p.who == mine);
-                        if glare {
-                            let (rec, v) = self.cluster.update(&existing, |c| machine::answer(c, me, now_ms())).await?;
-                            return Ok(render(&rec, v, me));
-                        }
-                        return Err(CallError::Exists { call_id: existing }.into());
-                    }
-                    _ => {
-                        self.cluster.clear_aux(&pair, &existing).await?;
-                        continue;
-                    }
-                }
-            }
             let now = now_ms();
-            let occupied = self.cluster.calls_of(&callee).iter().filter(|(c, _)| c.occupies(&callee)).count();
+            // Calls between these two are glare or a retry, handled below.
+            let occupied = self
+                .cluster
+                .calls_of(&callee)
+                .iter()
+                .filter(|(c, _)| c.occupies(&callee) && crate::cluster::aux_key(c).as_deref() != Some(pair.as_str()))
+                .count();
             let mut rec = CallRec {
                 id: new_id("cl_"),
                 kind: Kind::Direct,
@@ -313,8 +295,26 @@ impl Node {
                 machine::end(&mut rec, End::Busy, now);
                 return Ok(render(&rec, 0, me));
             }
-            if let Ok((rec, v)) = self.cluster.create(rec).await? {
-                return Ok(render(&rec, v, me));
+            let existing = match self.cluster.create(rec).await? {
+                Ok((rec, v)) => return Ok(render(&rec, v, me)),
+                Err(existing) => existing,
+            };
+            // The pair already has a call: a retry, glare, or a live call.
+            match self.cluster.read_call(&existing).await? {
+                Some((rec, v)) if rec.state != State::Ended => {
+                    if rec.request == request {
+                        return Ok(render(&rec, v, me));
+                    }
+                    let glare = rec.state == State::Ringing
+                        && rec.caller().is_some_and(|p| p.who == callee)
+                        && rec.callee().is_some_and(|p| p.who == mine);
+                    if glare {
+                        let (rec, v) = self.cluster.update(&existing, |c| machine::answer(c, me, now_ms())).await?;
+                        return Ok(render(&rec, v, me));
+                    }
+                    return Err(CallError::Exists { call_id: existing }.into());
+                }
+                _ => self.cluster.clear_aux(&pair, &existing).await?,
             }
         }
         Err(CallError::Contended.into())

@@ -317,27 +317,22 @@ async fn records_follow_the_tenants_policy() {
     let alice = Phone::connect(env, env.device_of(&t, &a).await).await;
     let mut bob = Phone::connect(env, env.device_of(&t, &b).await).await;
     let mut records = CallRecordsClient::new(env.channel.clone());
-    let call = |alice: &Phone, bob_answers: bool| {
-        let b = b.clone();
-        let (alice_c, bob_c) = (alice.calls(), ());
-        let _ = bob_c;
-        let alice_req = alice.req(pb::StartCallRequest {
+    // Alice calls Bob (video).
+    let call = |alice: &Phone| {
+        let mut c = alice.calls();
+        let r = alice.req(pb::StartCallRequest {
             request_id: format!("r{}", rand::random::<u32>()),
             callee: account_ref(&b),
             video: true,
             caller_handle: String::new(),
         });
-        async move {
-            let mut c = alice_c;
-            let call = c.start_call(alice_req).await.unwrap().into_inner();
-            (call, bob_answers)
-        }
+        async move { c.start_call(r).await.unwrap().into_inner() }
     };
 
     // Default policy: nothing is kept.
     let p = records.get_record_policy(req(pb::GetRecordPolicyRequest {}, &t.cred)).await.unwrap().into_inner();
     assert!(p.fields.is_empty());
-    let (c, _) = call(&alice, false).await;
+    let c = call(&alice).await;
     alice.hang_up(&c.call_id).await.unwrap();
     bob.call_where(&c.call_id, |c| state(c) == pb::CallState::Ended).await;
     assert!(env.rt.store.range_all(&format!("/spine/t/{}/calls/", t.id)).await.unwrap().is_empty());
@@ -349,7 +344,7 @@ async fn records_follow_the_tenants_policy() {
         .set_record_policy(req(pb::SetRecordPolicyRequest { fields: fields.clone(), retention_seconds: 3600 }, &t.cred))
         .await
         .unwrap();
-    let (c, _) = call(&alice, true).await;
+    let c = call(&alice).await;
     bob.call_where(&c.call_id, |c| ring(c) == pb::RingState::Ringing).await;
     bob.answer(&c.call_id).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -383,7 +378,7 @@ async fn records_follow_the_tenants_policy() {
     assert_eq!(item.count, 1);
     assert!(section.items.iter().all(|i| !i.location.is_empty() && i.retention.is_some() && !i.readers.is_empty()));
     // Expiry: a second record, expired by the sweep an hour on.
-    let (c, _) = call(&alice, false).await;
+    let c = call(&alice).await;
     alice.hang_up(&c.call_id).await.unwrap();
     let list = records
         .list_call_records(req(pb::ListCallRecordsRequest { page_size: 1, page_token: String::new() }, &t.cred))
@@ -394,7 +389,7 @@ async fn records_follow_the_tenants_policy() {
     assert!(!list.next_page_token.is_empty());
     assert_eq!(views[0].expire_records(spine_runtime::now_secs() + 1800).await.unwrap(), 0);
     assert_eq!(views[0].expire_records(spine_runtime::now_secs() + 3601).await.unwrap(), 2);
-    let (c, _) = call(&alice, false).await;
+    let c = call(&alice).await;
     alice.hang_up(&c.call_id).await.unwrap();
     env.identity().delete_account(req(ipb::DeleteAccountRequest { account_id: a.clone() }, &t.cred)).await.unwrap();
     let left: Vec<_> = env.rt.store.range_all(&format!("/spine/t/{}/calls/rec", t.id)).await.unwrap();

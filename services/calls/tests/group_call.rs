@@ -6,7 +6,7 @@
 mod support;
 
 #[path = "../../groups/tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod groups_support;
 
 use std::time::Duration;

@@ -111,8 +111,9 @@ impl Signer {
                 return Ok((k.id.clone(), k.secret.clone().expect("filtered on secret")));
             }
         }
-        // No usable key at all: the very first one starts signing at once
-        // (no token exists yet that another node could be missing a key for).
+        // No usable key at all: the very first one starts signing at once.
+        // A node that gets one of its tokens before its watch brings the key
+        // reads the key from the store (see `AuthRing::fetch_key`).
         let (id, secret, _) = self.create(0).await?;
         Ok((id, secret))
     }

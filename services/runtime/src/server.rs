@@ -102,7 +102,14 @@ pub async fn serve(
         .into_inner();
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Without TCP_NODELAY, small messages pushed on a long-lived stream
+    // wait for the peer's delayed ACK (tens of milliseconds each).
+    let incoming = futures::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+        s.and_then(|s| {
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+    });
     let server = builder
         .layer(stack)
         .add_routes(routes)

@@ -8,8 +8,18 @@ use std::time::{Duration, Instant};
 
 use crate::store::{EtcdStore, Store};
 
-/// A free TCP port on 127.0.0.1 (bound then released).
+/// A free TCP port on 127.0.0.1 (bound then released), chosen at random
+/// below Linux's ephemeral range: the kernel's own choices for port 0 come
+/// in sequence, so tests in parallel processes would often get the same one
+/// (or one an outgoing connection is about to take) between release and use.
 pub fn free_port() -> u16 {
+    use rand::Rng;
+    for _ in 0..1000 {
+        let port = rand::thread_rng().gen_range(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
 }
 

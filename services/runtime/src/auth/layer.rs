@@ -76,28 +76,44 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        let result = match bearer {
-            None => Err(super::ring::AuthError::Missing),
-            Some(b) => self.layer.ring.authenticate(b, crate::now_secs()),
-        };
-        let principal = match result {
-            Ok(p) => p,
-            Err(e) => {
-                crate::telemetry::metrics().auth_failures.add(1, &[opentelemetry::KeyValue::new("reason", e.reason())]);
-                tracing::debug!(reason = e.reason(), "unauthenticated request");
-                let msg =
-                    if e == super::ring::AuthError::Missing { "missing credentials" } else { "invalid credentials" };
-                return Box::pin(async move { Ok(tonic::Status::unauthenticated(msg).into_http()) });
+        let bearer = bearer.map(str::to_string);
+        let ring = self.layer.ring.clone();
+        let store = self.layer.store.clone();
+        Box::pin(async move {
+            let result = match &bearer {
+                None => Err(super::ring::AuthError::Missing),
+                Some(b) => match ring.authenticate(b, crate::now_secs()) {
+                    // A key published a moment ago on another node may not
+                    // have reached this node's mirror yet: read it once.
+                    Err(super::ring::AuthError::Token(super::token::TokenError::UnknownKey))
+                        if ring.fetch_key(b).await =>
+                    {
+                        ring.authenticate(b, crate::now_secs())
+                    }
+                    other => other,
+                },
+            };
+            let principal = match result {
+                Ok(p) => p,
+                Err(e) => {
+                    crate::telemetry::metrics()
+                        .auth_failures
+                        .add(1, &[opentelemetry::KeyValue::new("reason", e.reason())]);
+                    tracing::debug!(reason = e.reason(), "unauthenticated request");
+                    let msg =
+                        if e == super::ring::AuthError::Missing { "missing credentials" } else { "invalid credentials" };
+                    return Ok(tonic::Status::unauthenticated(msg).into_http());
+                }
+            };
+            if let (Principal::Device { scopes, .. }, Some(scope)) = (&principal, required_scope(&path))
+                && !scopes.contains(&scope)
+            {
+                let status = tonic::Status::permission_denied(format!("device token lacks the {} scope", scope.as_str()));
+                return Ok(status.into_http());
             }
-        };
-        if let (Principal::Device { scopes, .. }, Some(scope)) = (&principal, required_scope(&path))
-            && !scopes.contains(&scope)
-        {
-            let status = tonic::Status::permission_denied(format!("device token lacks the {} scope", scope.as_str()));
-            return Box::pin(async move { Ok(status.into_http()) });
-        }
-        req.extensions_mut().insert(Caller::new(principal, self.layer.store.clone()));
-        Box::pin(inner.call(req))
+            req.extensions_mut().insert(Caller::new(principal, store));
+            inner.call(req).await
+        })
     }
 }
 

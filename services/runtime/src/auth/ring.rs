@@ -10,6 +10,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use ed25519_dalek::VerifyingKey;
 use futures::StreamExt;
+use sha2::Digest;
 use tokio::sync::watch;
 
 use super::records::{self, OperatorCredential, PublishedKey, TenantCredential};
@@ -98,7 +99,15 @@ pub struct AuthRing {
     sys: SystemStore,
     mirror: RwLock<Mirror>,
     synced: watch::Sender<bool>,
+    /// Device tokens whose signature this node has verified, by SHA-256 of
+    /// the token (the token itself is not kept): (key id, key, claims).
+    /// Expiry, the key still being published and revocation are checked on
+    /// every request; only the Ed25519 verification is saved.
+    verified: std::sync::Mutex<HashMap<[u8; 32], (String, VerifyingKey, token::Claims)>>,
 }
+
+/// Most verified tokens remembered; past it the memory starts afresh.
+const VERIFIED_CACHE: usize = 65_536;
 
 impl std::fmt::Debug for AuthRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,6 +122,7 @@ impl AuthRing {
             sys: SystemStore::new(store),
             mirror: RwLock::new(Mirror::default()),
             synced: watch::channel(false).0,
+            verified: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -172,13 +182,51 @@ impl AuthRing {
         self.mirror.write().expect("auth mirror lock").apply(rel, value);
     }
 
+    /// Reads the signing key a device token names from the store into the
+    /// mirror, for a key published so recently that the watch has not
+    /// brought it yet. True if the key exists.
+    pub async fn fetch_key(&self, bearer: &str) -> bool {
+        let Ok(kid) = token::key_id(bearer) else { return false };
+        if ids::parse(Kind::SigningKey, kid).is_none() {
+            return false;
+        }
+        let rel = format!("{}{kid}", records::KEYS);
+        match self.sys.get(&rel).await {
+            Ok(Some(kv)) => {
+                self.observe(&rel, Some(&kv.value));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Turns a bearer credential into a principal.
     pub fn authenticate(&self, bearer: &str, now: i64) -> Result<Principal, AuthError> {
         let mirror = self.mirror.read().expect("auth mirror lock");
         if bearer.starts_with(token::PREFIX) {
             let kid = token::key_id(bearer)?;
             let key = mirror.keys.get(kid).ok_or(TokenError::UnknownKey)?;
-            let c = token::verify(bearer, key, now)?;
+            let digest: [u8; 32] = sha2::Sha256::digest(bearer.as_bytes()).into();
+            let cached = self
+                .verified
+                .lock()
+                .expect("verified tokens lock")
+                .get(&digest)
+                .filter(|(k, vk, _)| k == kid && vk == key)
+                .map(|(_, _, c)| c.clone());
+            let c = match cached {
+                Some(c) if c.exp > now => c,
+                Some(_) => return Err(TokenError::Expired.into()),
+                None => {
+                    let c = token::verify(bearer, key, now)?;
+                    let mut v = self.verified.lock().expect("verified tokens lock");
+                    if v.len() >= VERIFIED_CACHE {
+                        v.clear();
+                    }
+                    v.insert(digest, (kid.to_string(), *key, c.clone()));
+                    c
+                }
+            };
             let tenant = TenantId::parse(&c.t).ok_or(AuthError::Malformed)?;
             if ids::parse(Kind::Account, &c.a).is_none() || ids::parse(Kind::Device, &c.d).is_none() {
                 return Err(AuthError::Malformed);
@@ -206,5 +254,76 @@ impl AuthRing {
         } else {
             Err(AuthError::Malformed)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EmbeddedStore;
+
+    /// The memory of verified tokens saves only the signature check: expiry,
+    /// a withdrawn key and a revoked device still refuse a token it holds.
+    #[tokio::test]
+    async fn remembered_tokens_are_still_checked() {
+        let ring = AuthRing::new(Arc::new(EmbeddedStore::in_memory()));
+        let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let published = |k: &ed25519_dalek::SigningKey| {
+            serde_json::to_vec(&PublishedKey {
+                public_key: B64.encode(k.verifying_key().to_bytes()),
+                created_at: 0,
+                activates_at: 0,
+                retires_at: None,
+            })
+            .unwrap()
+        };
+        ring.observe(&format!("{}sk_1", records::KEYS), Some(&published(&key)));
+        let (t, a, d) = (ids::new(Kind::Tenant), ids::new(Kind::Account), ids::new(Kind::Device));
+        let claims = token::Claims { t: t.clone(), a, d: d.clone(), s: vec![], iat: 1000, exp: 1100 };
+        let tok = token::sign("sk_1", &key, &claims);
+        assert!(ring.authenticate(&tok, 1000).is_ok());
+        assert!(ring.authenticate(&tok, 1050).is_ok()); // remembered
+        assert!(matches!(ring.authenticate(&tok, 1100), Err(AuthError::Token(TokenError::Expired))));
+        // Another key published under the same id: the memory does not apply.
+        let other = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        ring.observe(&format!("{}sk_1", records::KEYS), Some(&published(&other)));
+        assert!(matches!(ring.authenticate(&tok, 1050), Err(AuthError::Token(TokenError::BadSignature))));
+        ring.observe(&format!("{}sk_1", records::KEYS), Some(&published(&key)));
+        assert!(ring.authenticate(&tok, 1050).is_ok());
+        ring.observe(&format!("{}{t}/{d}", records::REVOKED), Some(b"{}"));
+        assert!(matches!(ring.authenticate(&tok, 1050), Err(AuthError::Revoked)));
+        ring.observe(&format!("{}sk_1", records::KEYS), None);
+        assert!(matches!(ring.authenticate(&tok, 1050), Err(AuthError::Token(TokenError::UnknownKey))));
+    }
+
+    /// A key in the store that the mirror has not seen yet (published a
+    /// moment ago by another node) is read on demand; an unknown one is not.
+    #[tokio::test]
+    async fn a_key_not_mirrored_yet_is_fetched() {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory());
+        let ring = AuthRing::new(store.clone());
+        let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let kid = ids::new(Kind::SigningKey);
+        let published = PublishedKey {
+            public_key: B64.encode(key.verifying_key().to_bytes()),
+            created_at: 0,
+            activates_at: 0,
+            retires_at: None,
+        };
+        store.put(&format!("/spine/sys/{}{kid}", records::KEYS), serde_json::to_vec(&published).unwrap()).await.unwrap();
+        let claims = token::Claims {
+            t: ids::new(Kind::Tenant),
+            a: ids::new(Kind::Account),
+            d: ids::new(Kind::Device),
+            s: vec![],
+            iat: 1000,
+            exp: 1100,
+        };
+        let tok = token::sign(&kid, &key, &claims);
+        assert!(matches!(ring.authenticate(&tok, 1000), Err(AuthError::Token(TokenError::UnknownKey))));
+        assert!(ring.fetch_key(&tok).await);
+        assert!(ring.authenticate(&tok, 1000).is_ok());
+        let stranger = token::sign(&ids::new(Kind::SigningKey), &key, &claims);
+        assert!(!ring.fetch_key(&stranger).await);
     }
 }
