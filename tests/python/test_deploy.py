@@ -3,6 +3,7 @@ API schemas (offline, with kubernetes-validate), and hold the properties the
 design asks for: probes, resources, disruption budgets, network silos."""
 
 import shutil
+import tomllib
 import subprocess
 from pathlib import Path
 
@@ -54,3 +55,17 @@ def test_manifests_keep_the_operational_promises(overlay):
     etcd_from = [f for rule in policies["etcd"]["spec"]["ingress"] for f in rule["from"]]
     assert all(f.get("podSelector", {}).get("matchLabels") in ({"spine.dev/role": "service"}, {"app.kubernetes.io/name": "etcd"}) for f in etcd_from)
     assert all("namespaceSelector" not in f for f in etcd_from)
+
+
+@pytest.mark.parametrize("overlay", ["dev", "production"])
+def test_calls_pods_advertise_themselves_and_take_turn_secrets_from_a_secret(overlay):
+    docs = render(overlay)
+    calls = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "spine-calls")
+    c = calls["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["SPINE_CALLS__ADVERTISE"]["value"] == "$(POD_IP):50051"
+    assert env["SPINE_CALLS__TURN__SECRETS"]["valueFrom"]["secretKeyRef"]["name"] == "spine-turn"
+    assert "--services" in c["args"] and c["args"][c["args"].index("--services") + 1] == "calls"
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "spine-config")
+    toml = tomllib.loads(config["data"]["spine.toml"])
+    assert "secrets" not in toml.get("calls", {}).get("turn", {}), "TURN secrets never sit in the ConfigMap"

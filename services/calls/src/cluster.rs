@@ -710,6 +710,29 @@ impl Cluster {
         })
     }
 
+    /// Ends the streams of devices revoked since they connected (their
+    /// token was checked only when the stream opened).
+    pub fn close_revoked(&self) {
+        let mut v = self.view.lock().expect("view lock");
+        let revoked: Vec<DevKey> = v
+            .local
+            .iter()
+            .flat_map(|(a, devices)| {
+                devices.keys().map(|d| DevKey {
+                    tenant: a.tenant.clone(),
+                    account: a.account.clone(),
+                    device: d.clone(),
+                })
+            })
+            .filter(|d| self.rt.auth.is_revoked(&d.tenant, &d.device))
+            .collect();
+        for d in revoked {
+            if let Some(l) = v.remove_local(&d) {
+                l.kill(Status::unauthenticated("invalid credentials"));
+            }
+        }
+    }
+
     /// A channel to another calls node.
     pub fn peer(&self, addr: &str) -> Result<Channel, Status> {
         let mut peers = self.peers.lock().expect("peers lock");

@@ -294,6 +294,27 @@ async fn bad_input_and_silo(backend: Backend) {
     bob.answer(&id).await.unwrap();
     alice.call_where(&id, |c| state(c) == pb::CallState::Active).await;
     alice.hang_up(&id).await.unwrap();
+
+    // A revoked device's open stream ends (its token was checked when the
+    // stream opened; revocation must not wait for the token to expire).
+    env.identity()
+        .revoke_device(req(
+            ipb::RevokeDeviceRequest { account_id: b.clone(), device_id: bob.dev.device.clone() },
+            &t.cred,
+        ))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match bob.next(deadline.saturating_duration_since(tokio::time::Instant::now())).await {
+            Some(Ok(_)) => continue,
+            Some(Err(s)) => {
+                assert_eq!(s.code(), Code::Unauthenticated);
+                break;
+            }
+            None => panic!("the revoked device's stream stayed open"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,6 +398,11 @@ async fn records_follow_the_tenants_policy() {
     let item = section.items.iter().find(|i| i.kind == "call_record").unwrap();
     assert_eq!(item.count, 1);
     assert!(section.items.iter().all(|i| !i.location.is_empty() && i.retention.is_some() && !i.readers.is_empty()));
+    let privacy = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/privacy.md")).unwrap();
+    assert!(privacy.contains("## Calls"));
+    for i in &section.items {
+        assert!(privacy.contains(&format!("| `{}` |", i.kind)), "docs/privacy.md does not list `{}`", i.kind);
+    }
     // Expiry: a second record, expired by the sweep an hour on.
     let c = call(&alice).await;
     alice.hang_up(&c.call_id).await.unwrap();

@@ -100,15 +100,19 @@ where
                         .auth_failures
                         .add(1, &[opentelemetry::KeyValue::new("reason", e.reason())]);
                     tracing::debug!(reason = e.reason(), "unauthenticated request");
-                    let msg =
-                        if e == super::ring::AuthError::Missing { "missing credentials" } else { "invalid credentials" };
+                    let msg = if e == super::ring::AuthError::Missing {
+                        "missing credentials"
+                    } else {
+                        "invalid credentials"
+                    };
                     return Ok(tonic::Status::unauthenticated(msg).into_http());
                 }
             };
             if let (Principal::Device { scopes, .. }, Some(scope)) = (&principal, required_scope(&path))
                 && !scopes.contains(&scope)
             {
-                let status = tonic::Status::permission_denied(format!("device token lacks the {} scope", scope.as_str()));
+                let status =
+                    tonic::Status::permission_denied(format!("device token lacks the {} scope", scope.as_str()));
                 return Ok(status.into_http());
             }
             req.extensions_mut().insert(Caller::new(principal, store));

@@ -182,6 +182,12 @@ impl AuthRing {
         self.mirror.write().expect("auth mirror lock").apply(rel, value);
     }
 
+    /// Whether a device's tokens are revoked (the device was revoked or its
+    /// account deleted), for long-lived streams that authenticated earlier.
+    pub fn is_revoked(&self, tenant: &str, device: &str) -> bool {
+        self.mirror.read().expect("auth mirror lock").revoked.contains(&(tenant.to_string(), device.to_string()))
+    }
+
     /// Reads the signing key a device token names from the store into the
     /// mirror, for a key published so recently that the watch has not
     /// brought it yet. True if the key exists.
@@ -310,7 +316,10 @@ mod tests {
             activates_at: 0,
             retires_at: None,
         };
-        store.put(&format!("/spine/sys/{}{kid}", records::KEYS), serde_json::to_vec(&published).unwrap()).await.unwrap();
+        store
+            .put(&format!("/spine/sys/{}{kid}", records::KEYS), serde_json::to_vec(&published).unwrap())
+            .await
+            .unwrap();
         let claims = token::Claims {
             t: ids::new(Kind::Tenant),
             a: ids::new(Kind::Account),
