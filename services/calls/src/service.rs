@@ -52,6 +52,13 @@ fn token_chars(v: &str) -> bool {
     v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+fn node_id(v: &str) -> Result<&str, CallError> {
+    if v.is_empty() || v.len() > 64 || !token_chars(v) {
+        return Err(invalid("node_id", "1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'"));
+    }
+    Ok(v)
+}
+
 fn request_id(v: &str) -> Result<&str, CallError> {
     if v.is_empty() || v.len() > MAX_REQUEST_ID {
         return Err(invalid("request_id", format!("required, 1 to {MAX_REQUEST_ID} characters")));
@@ -672,9 +679,7 @@ impl MediaNodes for MediaNodesApi {
     ) -> Result<Response<pb::RegisterMediaNodeResponse>, Status> {
         Caller::of(&req)?.require_operator()?;
         let r = req.get_ref();
-        if r.node_id.is_empty() || r.node_id.len() > 64 || !token_chars(&r.node_id) {
-            return Err(invalid("node_id", "1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'").into());
-        }
+        node_id(&r.node_id)?;
         if r.address.is_empty() || r.address.len() > 256 {
             return Err(invalid("address", "1 to 256 characters").into());
         }
@@ -710,10 +715,7 @@ impl MediaNodes for MediaNodesApi {
         req: Request<pb::DeregisterMediaNodeRequest>,
     ) -> Result<Response<pb::DeregisterMediaNodeResponse>, Status> {
         Caller::of(&req)?.require_operator()?;
-        let id = &req.get_ref().node_id;
-        if id.is_empty() || id.len() > 64 || !token_chars(id) {
-            return Err(invalid("node_id", "1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'").into());
-        }
+        let id = node_id(&req.get_ref().node_id)?;
         media::deregister(&self.0.rt.system_store(), id).await.map_err(spine_runtime::error::store)?;
         Ok(Response::new(pb::DeregisterMediaNodeResponse {}))
     }

@@ -205,26 +205,8 @@ async fn cross_tenant_through_an_interop_handle() {
     let erin_acct = n[0].account(&whats).await;
     let alice = Phone::connect(&n[0], n[0].device_of(&messenger, &alice_acct).await).await;
     let mut erin = Phone::connect(&n[1], n[0].device_of(&whats, &erin_acct).await).await;
-    let handle = |token: String, tenant: String| {
-        let env = &n[0];
-        async move {
-            env.identity()
-                .create_interop_handle(req(
-                    ipb::CreateInteropHandleRequest {
-                        request_id: format!("h{}", rand::random::<u32>()),
-                        account_id: String::new(),
-                        allowed_tenant_ids: vec![tenant],
-                    },
-                    &token,
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .handle
-        }
-    };
-    let erin_h = handle(erin.dev.token.clone(), messenger.id.clone()).await;
-    let alice_h = handle(alice.dev.token.clone(), whats.id.clone()).await;
+    let erin_h = n[0].interop_handle(&erin.dev.token, vec![messenger.id.clone()]).await;
+    let alice_h = n[0].interop_handle(&alice.dev.token, vec![whats.id.clone()]).await;
     let start = |caller_handle: String| {
         let mut client = alice.calls();
         let r = alice.req(pb::StartCallRequest {

@@ -86,20 +86,7 @@ async fn settings_refuse(backend: Backend) {
     // Cross-app reach off hides the account behind its handle.
     let x = env.account(&other).await;
     let xd = env.device_of(&other, &x).await;
-    let h = env
-        .identity()
-        .create_interop_handle(req(
-            ipb::CreateInteropHandleRequest {
-                request_id: "h".into(),
-                account_id: String::new(),
-                allowed_tenant_ids: vec![t.id.clone()],
-            },
-            &xd.token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .handle;
+    let h = env.interop_handle(&xd.token, vec![t.id.clone()]).await;
     everyone_can_call(env, &other, &x).await;
     let reach = |c: ipb::CrossAppReachability| ipb::PrivacySettings { cross_app: c as i32, ..Default::default() };
     set(env, &other, &x, "cross_app", reach(ipb::CrossAppReachability::HandleHolders)).await;
@@ -212,35 +199,11 @@ async fn bad_input_and_silo(backend: Backend) {
     assert_eq!(s.code(), Code::InvalidArgument);
     let r = alice.send_signal(&id, "", big).await;
     assert_eq!((r.code, r.delivered), (Code::InvalidArgument as i32, 0));
-    let s = c
-        .start_call(alice.req(pb::StartCallRequest {
-            request_id: String::new(),
-            callee: account_ref(&b),
-            video: false,
-            caller_handle: String::new(),
-        }))
-        .await
-        .unwrap_err();
+    let s = alice.start_with("", account_ref(&b), false).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
-    let s = c
-        .start_call(alice.req(pb::StartCallRequest {
-            request_id: "self".into(),
-            callee: account_ref(&a),
-            video: false,
-            caller_handle: String::new(),
-        }))
-        .await
-        .unwrap_err();
+    let s = alice.start_with("self", account_ref(&a), false).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
-    let s = c
-        .start_call(alice.req(pb::StartCallRequest {
-            request_id: "none".into(),
-            callee: Some(PeerRef { peer: None }),
-            video: false,
-            caller_handle: String::new(),
-        }))
-        .await
-        .unwrap_err();
+    let s = alice.start_with("none", Some(PeerRef { peer: None }), false).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
     // Wrong principals.
     let s = c

@@ -127,16 +127,7 @@ async fn group_call_keyed_by_mls() {
     );
     assert!(lapse_from.elapsed() >= Duration::from_secs(4));
 
-    let start = pa
-        .calls()
-        .start_group_call(pa.req(pb::StartGroupCallRequest {
-            request_id: "g1".into(),
-            group_id: gid.clone(),
-            video: false,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let start = pa.start_group("g1", &gid).await.unwrap();
     let id = start.call_id.clone();
     assert_eq!((state(&start), start.epoch, start.group_id.clone()), (pb::CallState::Active, 1, gid.clone()));
     let media = start.media.clone().unwrap();
@@ -212,28 +203,10 @@ async fn group_call_keyed_by_mls() {
     assert_eq!((state(&ended), end(&ended)), (pb::CallState::Ended, pb::EndReason::EveryoneLeft));
 
     // A call nobody joins ends when the idle time (3 s here) passes.
-    let lonely = pa
-        .calls()
-        .start_group_call(pa.req(pb::StartGroupCallRequest {
-            request_id: "g2".into(),
-            group_id: gid.clone(),
-            video: false,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let lonely = pa.start_group("g2", &gid).await.unwrap();
     assert_ne!(lonely.call_id, id);
     // Starting again while it lives joins it rather than making another.
-    let again = pb_
-        .calls()
-        .start_group_call(pb_.req(pb::StartGroupCallRequest {
-            request_id: "g3".into(),
-            group_id: gid.clone(),
-            video: false,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = pb_.start_group("g3", &gid).await.unwrap();
     assert_eq!((again.call_id.clone(), again.participants.len()), (lonely.call_id.clone(), 2));
     pb_.hang_up(&lonely.call_id).await.unwrap();
     let e = pa.call_where(&lonely.call_id, |c| state(c) == pb::CallState::Ended).await;
@@ -246,14 +219,6 @@ async fn group_call_keyed_by_mls() {
             .await
             .unwrap();
     }
-    let s = pa
-        .calls()
-        .start_group_call(pa.req(pb::StartGroupCallRequest {
-            request_id: "g4".into(),
-            group_id: gid.clone(),
-            video: false,
-        }))
-        .await
-        .unwrap_err();
+    let s = pa.start_group("g4", &gid).await.unwrap_err();
     assert_eq!((s.code(), reason(&s).as_str()), (Code::Unavailable, "NO_MEDIA_NODE"));
 }

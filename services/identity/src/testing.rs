@@ -170,6 +170,23 @@ impl Env {
         (d.device_id, token)
     }
 
+    /// An interop handle of the device's account, open to `tenants`.
+    pub async fn interop_handle(&self, device_token: &str, tenants: Vec<String>) -> String {
+        self.identity()
+            .create_interop_handle(req(
+                pb::CreateInteropHandleRequest {
+                    request_id: format!("h{}", rand::random::<u64>()),
+                    account_id: String::new(),
+                    allowed_tenant_ids: tenants,
+                },
+                device_token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .handle
+    }
+
     pub async fn device(&self, t: &Tenant) -> Device {
         let a = self.account(t).await;
         self.device_of(t, &a).await

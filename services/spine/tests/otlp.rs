@@ -3,7 +3,9 @@
 //! exports carries an account or device id, a token, a secret, a public key
 //! or an IP address.
 
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,7 @@ use spine_proto::identity::v1 as pb;
 use spine_proto::identity::v1::identity_client::IdentityClient;
 use spine_proto::identity::v1::tenant_admin_client::TenantAdminClient;
 use spine_runtime::testing::free_port;
+use support::Proc;
 use tonic::{Request, Response, Status};
 
 #[derive(Clone, Default)]
@@ -47,17 +50,8 @@ impl MetricsService for Collector {
     }
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn req<T>(m: T, cred: &str) -> Request<T> {
-    let mut r = Request::new(m);
-    r.metadata_mut().insert("authorization", format!("Bearer {cred}").parse().unwrap());
+    let mut r = support::req(m, cred);
     // A caller's trace context, which the server span must continue.
     r.metadata_mut().insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
     r
@@ -117,40 +111,7 @@ async fn spans_and_metrics_reach_an_otlp_receiver_without_identifiers() {
     let cred = created.credential.unwrap().secret;
     let channel_for_groups = channel.clone();
     let mut id = IdentityClient::new(channel);
-    let account = id
-        .create_account(req(pb::CreateAccountRequest { request_id: "a".into() }, &cred))
-        .await
-        .unwrap()
-        .into_inner()
-        .account_id;
-    let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng).verifying_key().to_bytes().to_vec();
-    let device = id
-        .register_device(req(
-            pb::RegisterDeviceRequest {
-                request_id: "d".into(),
-                account_id: account.clone(),
-                signature_scheme: 1,
-                signature_public_key: key.clone(),
-            },
-            &cred,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .device_id;
-    let token = id
-        .issue_device_token(req(
-            pb::IssueDeviceTokenRequest {
-                account_id: account.clone(),
-                device_id: device.clone(),
-                ..Default::default()
-            },
-            &cred,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let (account, device, token, key) = support::device_with_key(&mut id, &cred).await;
     id.get_account(req(pb::GetAccountRequest::default(), &token)).await.unwrap();
     let _ = id.get_account(req(pb::GetAccountRequest { account_id: account.clone() }, "sdt1.bad.token.x")).await;
     // A groups call: a key package that is not MLS is rejected and counted.

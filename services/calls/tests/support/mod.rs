@@ -157,48 +157,40 @@ impl Phone {
         tokio::time::timeout(within, self.events.next()).await.ok().flatten()
     }
 
-    /// Waits for a call event of `id` matching `pred` (skipping others).
-    pub async fn call_where(&mut self, id: &str, pred: impl Fn(&pb::Call) -> bool) -> pb::Call {
+    /// Waits up to 15 s for the first event `pick` takes (skipping others).
+    pub async fn wait_for<T>(&mut self, what: &str, pick: impl Fn(pb::server_event::Event) -> Option<T>) -> T {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.next(left).await {
-                Some(Ok(pb::ServerEvent { event: Some(pb::server_event::Event::Call(c)) }))
-                    if c.call_id == id && pred(&c) =>
-                {
-                    return c;
+                Some(Ok(pb::ServerEvent { event: Some(e) })) => {
+                    if let Some(t) = pick(e) {
+                        return t;
+                    }
                 }
                 Some(Ok(_)) => continue,
-                Some(Err(s)) => panic!("{} stream failed: {s:?}", self.dev.device),
-                None => panic!("{} saw no matching event of {id}", self.dev.device),
+                Some(Err(s)) => panic!("{} stream failed waiting for {what}: {s:?}", self.dev.device),
+                None => panic!("{} saw no {what}", self.dev.device),
             }
         }
     }
 
-    /// Waits for the first call event of any call (skipping other events).
-    pub async fn any_call(&mut self) -> pb::Call {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.next(left).await {
-                Some(Ok(pb::ServerEvent { event: Some(pb::server_event::Event::Call(c)) })) => return c,
-                Some(Ok(_)) => continue,
-                other => panic!("{} saw no call event: {other:?}", self.dev.device),
-            }
-        }
+    /// Waits for a call event of `id` matching `pred` (skipping others).
+    pub async fn call_where(&mut self, id: &str, pred: impl Fn(&pb::Call) -> bool) -> pb::Call {
+        self.wait_for(&format!("matching event of {id}"), |e| match e {
+            pb::server_event::Event::Call(c) if c.call_id == id && pred(&c) => Some(c),
+            _ => None,
+        })
+        .await
     }
 
     /// Waits for a relayed payload.
     pub async fn signal(&mut self) -> pb::IncomingSignal {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.next(left).await {
-                Some(Ok(pb::ServerEvent { event: Some(pb::server_event::Event::Signal(s)) })) => return s,
-                Some(Ok(_)) => continue,
-                other => panic!("{} got no signal: {other:?}", self.dev.device),
-            }
-        }
+        self.wait_for("signal", |e| match e {
+            pb::server_event::Event::Signal(s) => Some(s),
+            _ => None,
+        })
+        .await
     }
 
     /// Sends a payload on the stream and waits for its result.
@@ -214,17 +206,11 @@ impl Phone {
             })),
         };
         self.out.send(msg).await.expect("stream open");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.next(left).await {
-                Some(Ok(pb::ServerEvent { event: Some(pb::server_event::Event::SignalResult(s)) })) if s.r#ref == r => {
-                    return s;
-                }
-                Some(Ok(_)) => continue,
-                other => panic!("{} got no signal result: {other:?}", self.dev.device),
-            }
-        }
+        self.wait_for("signal result", |e| match e {
+            pb::server_event::Event::SignalResult(s) if s.r#ref == r => Some(s),
+            _ => None,
+        })
+        .await
     }
 
     /// Asserts that no call event arrives within `d`.
@@ -244,15 +230,17 @@ impl Phone {
     }
 
     pub async fn start(&self, callee: Option<PeerRef>, video: bool) -> Result<pb::Call, Status> {
-        self.calls()
-            .start_call(self.req(pb::StartCallRequest {
-                request_id: format!("r{}", rand::random::<u32>()),
-                callee,
-                video,
-                caller_handle: String::new(),
-            }))
-            .await
-            .map(|r| r.into_inner())
+        self.start_with(&format!("r{}", rand::random::<u32>()), callee, video).await
+    }
+
+    pub async fn start_with(&self, request_id: &str, callee: Option<PeerRef>, video: bool) -> Result<pb::Call, Status> {
+        let r = pb::StartCallRequest { request_id: request_id.into(), callee, video, caller_handle: String::new() };
+        self.calls().start_call(self.req(r)).await.map(|r| r.into_inner())
+    }
+
+    pub async fn start_group(&self, request_id: &str, group_id: &[u8]) -> Result<pb::Call, Status> {
+        let r = pb::StartGroupCallRequest { request_id: request_id.into(), group_id: group_id.to_vec(), video: false };
+        self.calls().start_group_call(self.req(r)).await.map(|r| r.into_inner())
     }
 
     pub async fn answer(&self, id: &str) -> Result<pb::Call, Status> {

@@ -67,6 +67,12 @@ pub fn operator(etcd: &str) -> String {
 
 /// A new account with one device: (account id, device id, device token).
 pub async fn device(id: &mut IdentityClient<Channel>, cred: &str) -> (String, String, String) {
+    let d = device_with_key(id, cred).await;
+    (d.0, d.1, d.2)
+}
+
+/// [`device`], with the device's raw public key last.
+pub async fn device_with_key(id: &mut IdentityClient<Channel>, cred: &str) -> (String, String, String, Vec<u8>) {
     let rid = format!("r{}", rand::random::<u64>());
     let account = id
         .create_account(req(ipb::CreateAccountRequest { request_id: rid.clone() }, cred))
@@ -81,7 +87,7 @@ pub async fn device(id: &mut IdentityClient<Channel>, cred: &str) -> (String, St
                 request_id: rid,
                 account_id: account.clone(),
                 signature_scheme: 1,
-                signature_public_key: key,
+                signature_public_key: key.clone(),
             },
             cred,
         ))
@@ -102,5 +108,5 @@ pub async fn device(id: &mut IdentityClient<Channel>, cred: &str) -> (String, St
         .unwrap()
         .into_inner()
         .token;
-    (account, device, token)
+    (account, device, token, key)
 }
