@@ -42,6 +42,8 @@ pub const SESSION_BUFFER: usize = 512;
 
 struct Local {
     sid: String,
+    /// When the token the stream opened with expires (Unix seconds).
+    expires_at: i64,
     tx: mpsc::Sender<pb::ServerEvent>,
     end: Option<oneshot::Sender<Status>>,
     /// The version of each call last sent, so nothing goes out twice or
@@ -657,7 +659,7 @@ impl Cluster {
     /// Opens a device's signalling session: the `synced` snapshot first,
     /// then every change, from this node's mirror; registered in the store
     /// so payloads and replacements find it.
-    pub async fn open(self: &Arc<Self>, dev: DevKey) -> Result<SessionOut> {
+    pub async fn open(self: &Arc<Self>, dev: DevKey, expires_at: i64) -> Result<SessionOut> {
         self.wait_ready().await;
         let sid = format!("{:016x}", rand::random::<u64>());
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
@@ -682,10 +684,10 @@ impl Cluster {
             calls.sort_by_key(|c| c.version);
             let synced = pb::ServerEvent { event: Some(pb::server_event::Event::Synced(pb::Synced { calls })) };
             tx.try_send(synced).expect("empty channel");
-            v.local
-                .entry(dev.account_key())
-                .or_default()
-                .insert(dev.device.clone(), Local { sid: sid.clone(), tx: tx.clone(), end: Some(end_tx), sent });
+            v.local.entry(dev.account_key()).or_default().insert(
+                dev.device.clone(),
+                Local { sid: sid.clone(), expires_at, tx: tx.clone(), end: Some(end_tx), sent },
+            );
         }
         let sys = self.rt.system_store();
         let rec = SessionRec { node: self.me.clone(), sid: sid.clone(), region: self.region.clone() };
@@ -710,25 +712,27 @@ impl Cluster {
         })
     }
 
-    /// Ends the streams of devices revoked since they connected (their
-    /// token was checked only when the stream opened).
-    pub fn close_revoked(&self) {
+    /// Ends the streams of devices revoked since they connected, and those
+    /// whose token expired: a token is checked only when its stream opens,
+    /// and a stream must not outlive it. The device reconnects with a fresh
+    /// token and `synced` brings it up to date.
+    pub fn close_unauthenticated(&self) {
+        let now = spine_runtime::now_secs();
         let mut v = self.view.lock().expect("view lock");
-        let revoked: Vec<DevKey> = v
-            .local
-            .iter()
-            .flat_map(|(a, devices)| {
-                devices.keys().map(|d| DevKey {
-                    tenant: a.tenant.clone(),
-                    account: a.account.clone(),
-                    device: d.clone(),
-                })
-            })
-            .filter(|d| self.rt.auth.is_revoked(&d.tenant, &d.device))
-            .collect();
-        for d in revoked {
+        let mut ended: Vec<(DevKey, &'static str)> = Vec::new();
+        for (a, devices) in &v.local {
+            for (d, l) in devices {
+                let dev = DevKey { tenant: a.tenant.clone(), account: a.account.clone(), device: d.clone() };
+                if self.rt.auth.is_revoked(&dev.tenant, &dev.device) {
+                    ended.push((dev, "invalid credentials"));
+                } else if l.expires_at <= now {
+                    ended.push((dev, "token expired: reconnect with a fresh token"));
+                }
+            }
+        }
+        for (d, why) in ended {
             if let Some(l) = v.remove_local(&d) {
-                l.kill(Status::unauthenticated("invalid credentials"));
+                l.kill(Status::unauthenticated(why));
             }
         }
     }

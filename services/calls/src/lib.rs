@@ -97,7 +97,7 @@ async fn finish_deletions(node: &Node) -> Result<(), String> {
 async fn timers(node: &Node, rosters: bool) -> Result<(), String> {
     let now = model::now_ms();
     let idle = node.idle_ms();
-    node.cluster.close_revoked();
+    node.cluster.close_unauthenticated();
     node.cluster.adopt_orphans().await;
     for (rec, rev) in node.cluster.my_calls() {
         if rec.state == model::State::Ended {

@@ -39,6 +39,15 @@ pub struct CallsApi(pub(crate) Arc<Node>);
 pub struct CallRecordsApi;
 pub struct MediaNodesApi(pub(crate) Arc<Node>);
 
+/// The calling device and when its token expires.
+fn device_until<T>(req: &Request<T>) -> Result<(DevKey, i64), Status> {
+    let d = device(req)?;
+    match Caller::of(req)?.principal() {
+        Principal::Device { expires_at, .. } => Ok((d, *expires_at)),
+        _ => Err(Status::permission_denied("calls methods are for devices (device tokens)")),
+    }
+}
+
 fn device<T>(req: &Request<T>) -> Result<DevKey, Status> {
     match Caller::of(req)?.principal() {
         Principal::Device { tenant, account_id, device_id, .. } => {
@@ -430,9 +439,9 @@ impl Calls for CallsApi {
         &self,
         req: Request<Streaming<pb::ClientMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let me = device(&req)?;
+        let (me, token_expires) = device_until(&req)?;
         let auth = req.metadata().get("authorization").cloned();
-        let out = self.0.cluster.open(me.clone()).await?;
+        let out = self.0.cluster.open(me.clone(), token_expires).await?;
         let tx = out.tx.clone();
         let mut inbound = req.into_inner();
         let node = self.0.clone();

@@ -384,3 +384,68 @@ async fn records_follow_the_tenants_policy() {
     let left: Vec<_> = env.rt.store.range_all(&format!("/spine/t/{}/calls/rec", t.id)).await.unwrap();
     assert!(left.is_empty(), "records of a deleted account remain: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_with_their_token_or_when_too_slow() {
+    let n = nodes(Backend::Embedded, 1, |_, _| {}).await;
+    let env = &n[0];
+    let t = env.tenant("messenger").await;
+    let (a, b) = (env.account(&t).await, env.account(&t).await);
+    everyone_can_call(env, &t, &b).await;
+
+    // A stream does not outlive the token it opened with.
+    let mut short = env.device_of(&t, &a).await;
+    short.token = env
+        .identity()
+        .issue_device_token(req(
+            ipb::IssueDeviceTokenRequest {
+                account_id: a.clone(),
+                device_id: short.device.clone(),
+                scopes: vec![],
+                ttl_seconds: 2,
+            },
+            &t.cred,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut p = Phone::connect(env, short).await;
+    match p.next(Duration::from_secs(6)).await {
+        Some(Err(s)) => {
+            assert_eq!((s.code(), s.message()), (Code::Unauthenticated, "token expired: reconnect with a fresh token"))
+        }
+        other => panic!("the stream outlived its token: {other:?}"),
+    }
+
+    // A device that stops reading is dropped, not waited for.
+    let mut alice = Phone::connect(env, env.device_of(&t, &a).await).await;
+    let mut bob = Phone::connect(env, env.device_of(&t, &b).await).await;
+    let call = alice.start(account_ref(&b), false).await.unwrap();
+    bob.call_where(&call.call_id, |c| ring(c) == pb::RingState::Ringing).await;
+    let answered = bob.answer(&call.call_id).await.unwrap();
+    let mut sent = 0;
+    loop {
+        let r = alice.send_signal(&call.call_id, &answered.your_leg_id, vec![1u8; 32 * 1024]).await;
+        assert_eq!(r.code, 0);
+        if r.delivered == 0 {
+            break;
+        }
+        sent += 1;
+        assert!(sent < 5000, "a device that never reads was never dropped");
+    }
+    assert!(sent >= 512, "dropped after only {sent} events");
+    loop {
+        match bob.next(Duration::from_secs(10)).await {
+            Some(Ok(_)) => continue,
+            Some(Err(s)) => {
+                assert_eq!((s.code(), reason(&s).as_str()), (Code::ResourceExhausted, "STREAM_TOO_SLOW"));
+                break;
+            }
+            None => panic!("the slow stream neither ended nor failed"),
+        }
+    }
+    // Reconnecting brings it back up to date.
+    let bob = Phone::connect(env, bob.dev).await;
+    assert_eq!(bob.synced.iter().map(|c| c.call_id.as_str()).collect::<Vec<_>>(), vec![call.call_id.as_str()]);
+}

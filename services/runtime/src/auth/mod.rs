@@ -57,8 +57,9 @@ pub enum Principal {
     Operator { operator_id: String },
     /// A product's server, acting for its whole tenant.
     TenantServer { tenant: TenantId, credential_id: String },
-    /// A device of an account, with the scopes its token grants.
-    Device { tenant: TenantId, account_id: String, device_id: String, scopes: Vec<Scope> },
+    /// A device of an account, with the scopes its token grants and when
+    /// the token expires (Unix seconds), for streams that outlive requests.
+    Device { tenant: TenantId, account_id: String, device_id: String, scopes: Vec<Scope>, expires_at: i64 },
 }
 
 /// The authenticated caller of a request. Handlers find it in the request's

@@ -241,7 +241,7 @@ impl AuthRing {
                 return Err(AuthError::Revoked);
             }
             let scopes = c.s.iter().map(|s| Scope::parse(s).ok_or(AuthError::Malformed)).collect::<Result<_, _>>()?;
-            return Ok(Principal::Device { tenant, account_id: c.a, device_id: c.d, scopes });
+            return Ok(Principal::Device { tenant, account_id: c.a, device_id: c.d, scopes, expires_at: c.exp });
         }
         let (id, secret) = bearer.split_once('.').ok_or(AuthError::Malformed)?;
         if ids::parse(Kind::TenantCredential, id).is_some() {
