@@ -250,6 +250,9 @@ impl Cluster {
                                 if let Err(e) = c.register().await {
                                     tracing::warn!(error = %e, "calls node re-registration failed");
                                 }
+                                if !state && let Err(e) = c.register_sessions().await {
+                                    tracing::warn!(error = %e, "sessions not registered again");
+                                }
                             }
                             Err(e) => tracing::warn!(error = %e, "calls node lease grant failed"),
                         }
@@ -258,6 +261,31 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Registers every stream this node holds again (after its
+    /// registration lease, which they hang on, was lost).
+    async fn register_sessions(&self) -> Result<(), StoreError> {
+        let sessions: Vec<(DevKey, String)> = {
+            let v = self.view.lock().expect("view lock");
+            v.local
+                .iter()
+                .flat_map(|(a, d)| {
+                    d.iter().map(|(dev, l)| {
+                        (
+                            DevKey { tenant: a.tenant.clone(), account: a.account.clone(), device: dev.clone() },
+                            l.sid.clone(),
+                        )
+                    })
+                })
+                .collect()
+        };
+        let sys = self.rt.system_store();
+        for (dev, sid) in sessions {
+            let rec = SessionRec { node: self.me.clone(), sid, region: self.region.clone() };
+            sys.txn(Txn::new().then(Op::put_leased(sys.key(&session_key(&dev)), json(&rec), self.reg_lease()))).await?;
+        }
+        Ok(())
     }
 
     /// Draining: hand every call this node runs to another live node, end
@@ -322,10 +350,26 @@ impl Cluster {
             let v = self.view.lock().expect("view lock");
             v.calls.values().filter(|(r, _)| !v.nodes.contains_key(&r.home)).map(|(r, _)| r.id.clone()).collect()
         };
+        let sys = self.rt.system_store();
+        let mut gone: HashMap<String, bool> = HashMap::new();
         for id in orphans {
+            let Some((rec, _)) = self.call(&id) else { continue };
+            // The mirror may not have seen a node that just joined: adopt
+            // only from a node whose registration the store lacks too.
+            let absent = match gone.get(&rec.home) {
+                Some(g) => *g,
+                None => {
+                    let g = matches!(sys.get(&node_key(&rec.home)).await, Ok(None));
+                    gone.insert(rec.home.clone(), g);
+                    g
+                }
+            };
+            if !absent {
+                continue;
+            }
             let lease = self.state_lease();
-            let alive = |r: &CallRec| !self.view.lock().expect("view lock").nodes.contains_key(&r.home);
-            match self.relocate(&id, &self.me, lease, alive).await {
+            let orphan = |r: &CallRec| r.home == rec.home;
+            match self.relocate(&id, &self.me, lease, orphan).await {
                 Ok(true) => tracing::info!("adopted a call of a node that is gone"),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "could not adopt a call"),
@@ -692,8 +736,8 @@ impl Cluster {
         let sys = self.rt.system_store();
         let rec = SessionRec { node: self.me.clone(), sid: sid.clone(), region: self.region.clone() };
         let key = sys.key(&session_key(&dev));
-        let rev = match sys.txn(Txn::new().then(Op::put_leased(key.clone(), json(&rec), self.reg_lease()))).await {
-            Ok(out) => out.revision,
+        match sys.txn(Txn::new().then(Op::put_leased(key.clone(), json(&rec), self.reg_lease()))).await {
+            Ok(_) => {}
             Err(e) => {
                 let mut v = self.view.lock().expect("view lock");
                 if v.local.get(&dev.account_key()).and_then(|m| m.get(&dev.device)).is_some_and(|l| l.sid == sid) {
@@ -701,14 +745,14 @@ impl Cluster {
                 }
                 return Err(e.into());
             }
-        };
+        }
         crate::metrics::sessions(1);
         Ok(SessionOut {
             rx,
             tx,
             end: Some(end_rx),
             done: false,
-            _guard: SessionGuard { cluster: Arc::downgrade(self), dev, sid, key, rev },
+            _guard: SessionGuard { cluster: Arc::downgrade(self), dev, sid, key },
         })
     }
 
@@ -776,7 +820,6 @@ struct SessionGuard {
     dev: DevKey,
     sid: String,
     key: String,
-    rev: i64,
 }
 
 impl Drop for SessionGuard {
@@ -793,10 +836,19 @@ impl Drop for SessionGuard {
                 v.remove_local(&self.dev);
             }
         }
-        let (key, rev) = (self.key.clone(), self.rev);
+        let (key, sid) = (self.key.clone(), self.sid.clone());
         tokio::spawn(async move {
-            let txn = Txn::new().when(Compare::ModRevision(key.clone(), rev)).then(Op::delete(key));
-            if let Err(e) = c.rt.store.txn(txn).await {
+            // Only this stream's registration: a newer stream of the device
+            // (here or on another node) has its own session id.
+            let result = async {
+                let Some(kv) = c.rt.store.get(&key).await? else { return Ok(()) };
+                if serde_json::from_slice::<SessionRec>(&kv.value).is_ok_and(|s| s.sid == sid) {
+                    let txn = Txn::new().when(Compare::ModRevision(key.clone(), kv.mod_revision)).then(Op::delete(key));
+                    c.rt.store.txn(txn).await?;
+                }
+                Ok::<(), StoreError>(())
+            };
+            if let Err(e) = result.await {
                 tracing::debug!(error = %e, "session key left to its lease");
             }
         });

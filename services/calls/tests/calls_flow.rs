@@ -104,6 +104,11 @@ async fn one_to_one_across_nodes() {
     );
     let gone = alice2.calls().get_call(alice2.req(pb::GetCallRequest { call_id: id.clone() })).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
+    // Open streams are registered once each; closed ones leave nothing.
+    let sessions = || async { n[0].rt.store.count("/spine/sys/calls/sess/").await.unwrap() };
+    assert_eq!(sessions().await, 3, "alice (replaced once), b1, b2");
+    drop((alice, alice2, b1, b2));
+    assert!(spine_runtime::testing::eventually(Duration::from_secs(5), || async { sessions().await == 0 }).await);
 }
 
 fn clone_dev(d: &spine_identity::testing::Device) -> spine_identity::testing::Device {
