@@ -337,6 +337,7 @@ impl Cluster {
             if let Some(aux) = aux_key(&rec) {
                 txn = txn.then(Op::put_leased(sys.key(&aux), rec.id.clone().into_bytes(), lease));
             }
+            txn = txn.then_all(in_call_ops(&sys, None, &rec, lease, true));
             if sys.txn(txn).await?.succeeded {
                 return Ok(true);
             }
@@ -592,7 +593,8 @@ impl Cluster {
         let txn = Txn::new()
             .when(Compare::Absent(sys.key(&aux)))
             .then(Op::put_leased(sys.key(&call_key(&rec.id)), json(&rec), lease))
-            .then(Op::put_leased(sys.key(&aux), rec.id.clone().into_bytes(), lease));
+            .then(Op::put_leased(sys.key(&aux), rec.id.clone().into_bytes(), lease))
+            .then_all(in_call_ops(&sys, None, &rec, lease, true));
         let out = sys.txn(txn).await?;
         if out.succeeded {
             crate::metrics::started(&rec);
@@ -667,6 +669,7 @@ impl Cluster {
                     Op::put_leased(sys.key(&aux), rec.id.clone().into_bytes(), lease)
                 });
             }
+            txn = txn.then_all(in_call_ops(&sys, Some(&before), &rec, lease, rec.home != before.home));
             let out = sys.txn(txn).await?;
             if !out.succeeded {
                 continue;
@@ -800,6 +803,36 @@ impl Cluster {
         let v = self.view.lock().expect("view lock");
         v.nodes.iter().map(|(id, (n, _))| (id.clone(), n.region.clone())).collect()
     }
+}
+
+/// Most in-call markers one call keeps (its transactions stay within the
+/// store's operation limit); participants past it are not shown in call.
+const MAX_IN_CALL_MARKERS: usize = 100;
+
+/// The accounts presence shows IN_CALL for this call: those with a device
+/// in it once it is answered (or, for group calls, running).
+fn in_call(rec: &CallRec) -> std::collections::BTreeSet<AccountKey> {
+    if rec.state != State::Active {
+        return Default::default();
+    }
+    rec.legs.iter().map(|l| l.dev.account_key()).take(MAX_IN_CALL_MARKERS).collect()
+}
+
+/// The writes that bring the in-call markers from `before` to `after`
+/// (all of `after`'s again when the lease changes).
+fn in_call_ops(
+    sys: &spine_runtime::store::SystemStore,
+    before: Option<&CallRec>,
+    after: &CallRec,
+    lease: LeaseId,
+    relet: bool,
+) -> Vec<Op> {
+    let old = before.map(in_call).unwrap_or_default();
+    let new = in_call(after);
+    let key = |a: &AccountKey| sys.key(&spine_runtime::directory::in_call_key(&a.tenant, &a.account, &after.id));
+    let mut ops: Vec<Op> = old.difference(&new).map(|a| Op::delete(key(a))).collect();
+    ops.extend(new.iter().filter(|a| relet || !old.contains(*a)).map(|a| Op::put_leased(key(a), Vec::new(), lease)));
+    ops
 }
 
 /// The pair key of a direct call, the group key of a group call.

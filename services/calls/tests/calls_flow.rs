@@ -283,3 +283,47 @@ async fn a_draining_node_hands_its_calls_over() {
     alice.hang_up(&id).await.unwrap();
     assert_eq!(end(&bob.call_where(&id, |c| state(c) == pb::CallState::Ended).await), pb::EndReason::HungUp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn presence_shows_in_call_while_a_call_is_answered() {
+    use spine_proto::presence::v1 as ppb;
+    use spine_proto::presence::v1::presence_client::PresenceClient;
+    let n = nodes(Backend::Etcd, 2, |_, _| {}).await;
+    let t = n[0].tenant("messenger").await;
+    let (a, b, w) = (n[0].account(&t).await, n[0].account(&t).await, n[0].account(&t).await);
+    everyone_can_call(&n[0], &t, &b).await;
+    let alice = Phone::connect(&n[0], n[0].device_of(&t, &a).await).await;
+    let mut bob = Phone::connect(&n[1], n[0].device_of(&t, &b).await).await;
+    let watcher = n[0].device_of(&t, &w).await;
+    // Bob shows his presence to his contacts; the watcher is one.
+    n[0].identity()
+        .add_contact(req(ipb::AddContactRequest { account_id: String::new(), peer: account_ref(&w) }, &bob.dev.token))
+        .await
+        .unwrap();
+    PresenceClient::new(n[1].channel.clone())
+        .announce(req(ppb::AnnounceRequest { status: ppb::Status::Online as i32, ttl_seconds: 60 }, &bob.dev.token))
+        .await
+        .unwrap();
+    let mut watch = PresenceClient::new(n[0].channel.clone())
+        .watch(req(
+            ppb::WatchRequest {
+                targets: vec![ppb::Target { target: Some(ppb::target::Target::AccountId(b.clone())) }],
+            },
+            &watcher.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_status = async || {
+        use futures::StreamExt;
+        let u = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.unwrap().unwrap().unwrap();
+        ppb::Status::try_from(u.states[0].status).unwrap()
+    };
+    assert_eq!(next_status().await, ppb::Status::Online);
+    let id = alice.start(account_ref(&b), false).await.unwrap().call_id;
+    bob.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
+    bob.answer(&id).await.unwrap();
+    assert_eq!(next_status().await, ppb::Status::InCall, "an answered call shows");
+    alice.hang_up(&id).await.unwrap();
+    assert_eq!(next_status().await, ppb::Status::Online, "and goes with the call");
+}

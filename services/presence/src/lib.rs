@@ -11,6 +11,7 @@
 //! watcher tell an account it may not see from one that does not exist.
 
 mod data;
+mod in_call;
 mod ring;
 mod service;
 mod state;
@@ -89,6 +90,7 @@ pub async fn install(
         peers: Mutex::new(HashMap::new()),
     });
     rt.register_account_data(Arc::new(data::PresenceData(node.owner.clone())));
+    in_call::follow(rt.clone(), Arc::downgrade(&node.owner));
     routes.add_service(PresenceServer::new(service::PresenceApi(node.clone())));
     Runtime::spawn_upkeep(
         Arc::downgrade(&node.owner),

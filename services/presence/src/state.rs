@@ -55,6 +55,8 @@ struct Entry {
     last_publish: Option<Instant>,
     pending: bool,
     subs: Vec<Sub>,
+    /// In an answered call, as the calls service's markers say.
+    in_call: bool,
 }
 
 fn now_secs() -> i64 {
@@ -63,6 +65,9 @@ fn now_secs() -> i64 {
 
 impl Entry {
     fn derived(&self, now: Instant) -> Status {
+        if self.in_call {
+            return Status::InCall;
+        }
         let live = self.devices.values().filter(|(_, exp)| *exp > now).map(|(s, _)| *s);
         live.max_by_key(|s| match s {
             Status::InCall => 3,
@@ -130,6 +135,34 @@ impl Owner {
         self.settle(&account, e);
     }
 
+    /// Sets whether the accounts in `in_call` are in a call, and that no
+    /// other account is (a full read of the calls service's markers).
+    pub fn replace_in_call(&self, in_call: &std::collections::HashSet<AccountKey>) {
+        let mut map = self.accounts.lock().expect("presence lock");
+        for a in in_call {
+            map.entry(a.clone()).or_default();
+        }
+        let keys: Vec<AccountKey> = map.keys().cloned().collect();
+        for k in keys {
+            let e = map.get_mut(&k).expect("listed key");
+            let now = in_call.contains(&k);
+            if e.in_call != now {
+                e.in_call = now;
+                self.settle(&k, e);
+            }
+        }
+    }
+
+    /// Sets whether one account is in a call.
+    pub fn set_in_call(&self, account: &AccountKey, in_call: bool) {
+        let mut map = self.accounts.lock().expect("presence lock");
+        let e = map.entry(account.clone()).or_default();
+        if e.in_call != in_call {
+            e.in_call = in_call;
+            self.settle(account, e);
+        }
+    }
+
     /// Forgets everything about an account (its deletion).
     pub fn forget(&self, account: &AccountKey) {
         let mut map = self.accounts.lock().expect("presence lock");
@@ -156,7 +189,7 @@ impl Owner {
     ) -> Option<PresenceState> {
         let map = self.accounts.lock().expect("presence lock");
         match map.get(account) {
-            Some(e) if !e.devices.is_empty() || e.last_online > 0 => {
+            Some(e) if !e.devices.is_empty() || e.last_online > 0 || e.in_call => {
                 Some(render(target, Some(e.derived(Instant::now())), e.last_online, view))
             }
             _ if warming => None,

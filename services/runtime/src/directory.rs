@@ -54,6 +54,22 @@ pub fn handle_index_key(handle: &str) -> String {
     format!("handles/{handle}")
 }
 
+/// Control plane: `calls/incall/<tenant>/<account>/<call>`, present while
+/// the account takes part in an answered call (under the call's lease).
+/// Calls writes these; presence reads them to show IN_CALL.
+pub const IN_CALL_PREFIX: &str = "calls/incall/";
+
+pub fn in_call_key(tenant: &str, account: &str, call: &str) -> String {
+    format!("{IN_CALL_PREFIX}{tenant}/{account}/{call}")
+}
+
+/// The (tenant, account, call) of an in-call marker key relative to the
+/// control plane.
+pub fn parse_in_call_key(rel: &str) -> Option<(String, String, String)> {
+    let mut it = rel.strip_prefix(IN_CALL_PREFIX)?.splitn(3, '/');
+    Some((it.next()?.to_string(), it.next()?.to_string(), it.next()?.to_string()))
+}
+
 /// Control plane: `tenants/<tenant>`.
 pub fn tenant_key(tenant: &str) -> String {
     format!("tenants/{tenant}")

@@ -26,7 +26,7 @@ pub fn config() -> Config {
     c
 }
 
-/// `n` nodes on one store, each running identity, groups and calls; the
+/// `n` nodes on one store, each running identity, groups, calls and presence; the
 /// first holds the etcd server if any. `tweak` adjusts node i's config.
 pub async fn nodes(backend: Backend, n: usize, tweak: impl Fn(usize, &mut Config)) -> Vec<Env> {
     nodes_with_views(backend, n, tweak).await.0
@@ -57,6 +57,9 @@ pub async fn nodes_with_views(
                 let (more, view) =
                     spine_calls::install(&rt, &mut routes, addr.to_string()).await.expect("calls install");
                 v.lock().unwrap().push(view);
+                names.extend(more);
+                let (more, _) =
+                    spine_presence::install(&rt, &mut routes, addr.to_string()).await.expect("presence install");
                 names.extend(more);
                 (routes, names)
             })
