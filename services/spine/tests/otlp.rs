@@ -15,6 +15,9 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use spine_proto::calls::v1 as cpb;
+use spine_proto::calls::v1::calls_client::CallsClient;
+use spine_proto::common::v1::{PeerRef, peer_ref};
 use spine_proto::identity::v1 as pb;
 use spine_proto::identity::v1::identity_client::IdentityClient;
 use spine_proto::identity::v1::tenant_admin_client::TenantAdminClient;
@@ -125,6 +128,34 @@ async fn spans_and_metrics_reach_an_otlp_receiver_without_identifiers() {
         ))
         .await;
     assert_eq!(rejected.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // A call: started, answered, hung up (metrics by kind, outcome, setup time).
+    let (callee, _, callee_token) = support::device(&mut id, &cred).await;
+    id.update_settings(req(
+        pb::UpdateSettingsRequest {
+            account_id: callee.clone(),
+            settings: Some(pb::PrivacySettings { who_can_call: pb::WhoCanCall::Everyone as i32, ..Default::default() }),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["who_can_call".into()] }),
+        },
+        &cred,
+    ))
+    .await
+    .unwrap();
+    let mut calls = CallsClient::new(channel_for_groups.clone());
+    let call = calls
+        .start_call(req(
+            cpb::StartCallRequest {
+                request_id: "c".into(),
+                callee: Some(PeerRef { peer: Some(peer_ref::Peer::AccountId(callee.clone())) }),
+                video: false,
+                caller_handle: String::new(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    calls.answer(req(cpb::AnswerRequest { call_id: call.call_id.clone() }, &callee_token)).await.unwrap();
+    calls.hang_up(req(cpb::HangUpRequest { call_id: call.call_id.clone() }, &callee_token)).await.unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -133,6 +164,8 @@ async fn spans_and_metrics_reach_an_otlp_receiver_without_identifiers() {
         if spans.contains("/spine.identity.v1.Identity/GetAccount")
             && metrics.contains("spine.rpc.duration")
             && metrics.contains("spine.auth.failures")
+            && metrics.contains("spine.calls.setup")
+            && metrics.contains("spine.calls.ring_outcomes")
         {
             break;
         }
@@ -165,6 +198,8 @@ async fn spans_and_metrics_reach_an_otlp_receiver_without_identifiers() {
         ("operator secret", operator.split('.').nth(1).unwrap()),
         ("public key", b64_key.as_str()),
         ("loopback IP", "127.0.0.1"),
+        ("callee account id", callee.as_str()),
+        ("call id", call.call_id.as_str()),
     ] {
         assert!(!exported.contains(needle), "{what} exported in telemetry");
     }
