@@ -18,19 +18,22 @@ use support::*;
 use tonic::Code;
 
 async fn settings_refuse(backend: Backend) {
-    let n = nodes(backend, 1, |_, _| {}).await;
+    // Two nodes on one store: Alice calls through one, Bob listens on the other.
+    let n = nodes(backend, 2, |_, _| {}).await;
     let env = &n[0];
     let t = env.tenant("messenger").await;
     let other = env.tenant("whats").await;
     let (a, b) = (env.account(&t).await, env.account(&t).await);
     let alice = Phone::connect(env, env.device_of(&t, &a).await).await;
-    let mut bob = Phone::connect(env, env.device_of(&t, &b).await).await;
+    let mut bob = Phone::connect(&n[1], env.device_of(&t, &b).await).await;
+    let placed_ids = std::sync::Mutex::new(Vec::new());
     let placed = |video: bool| {
-        let alice = &alice;
+        let (alice, ids) = (&alice, &placed_ids);
         let b = b.clone();
         async move {
             let r = alice.start(account_ref(&b), video).await;
             if let Ok(c) = &r {
+                ids.lock().unwrap().push(c.call_id.clone());
                 alice.hang_up(&c.call_id).await.unwrap();
             }
             r
@@ -94,8 +97,16 @@ async fn settings_refuse(backend: Backend) {
     alice.hang_up(&c.call_id).await.unwrap();
     set(env, &other, &x, "cross_app", reach(ipb::CrossAppReachability::Off)).await;
     assert_not_placed(alice.start(interop_ref(&other.id, &h), false).await);
-    // Throughout, Bob's device only ever rang for the calls placed.
+    // Throughout, Bob's device only ever heard of the calls placed.
     assert!(live_state(env).await.is_empty());
+    let mut heard = std::collections::BTreeSet::new();
+    while let Some(Ok(e)) = bob.next(Duration::from_millis(300)).await {
+        if let Some(pb::server_event::Event::Call(c)) = e.event {
+            heard.insert(c.call_id);
+        }
+    }
+    let placed: std::collections::BTreeSet<String> = placed_ids.lock().unwrap().iter().skip(1).cloned().collect();
+    assert_eq!(heard, placed, "Bob's device heard of exactly the calls placed (after the first, already awaited)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
