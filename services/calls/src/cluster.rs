@@ -706,7 +706,10 @@ impl Cluster {
     /// Opens a device's signalling session: the `synced` snapshot first,
     /// then every change, from this node's mirror; registered in the store
     /// so payloads and replacements find it.
-    pub async fn open(self: &Arc<Self>, dev: DevKey, expires_at: i64) -> Result<SessionOut> {
+    pub async fn open(self: &Arc<Self>, dev: DevKey, expires_at: i64) -> std::result::Result<SessionOut, Status> {
+        if self.rt.drain.is_cancelled() {
+            return Err(draining());
+        }
         self.wait_ready().await;
         let sid = format!("{:016x}", rand::random::<u64>());
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
@@ -746,7 +749,7 @@ impl Cluster {
                 if v.local.get(&dev.account_key()).and_then(|m| m.get(&dev.device)).is_some_and(|l| l.sid == sid) {
                     v.remove_local(&dev);
                 }
-                return Err(e.into());
+                return Err(CallError::from(e).into());
             }
         }
         crate::metrics::sessions(1);
