@@ -69,3 +69,13 @@ def test_calls_pods_advertise_themselves_and_take_turn_secrets_from_a_secret(ove
     config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "spine-config")
     toml = tomllib.loads(config["data"]["spine.toml"])
     assert "secrets" not in toml.get("calls", {}).get("turn", {}), "TURN secrets never sit in the ConfigMap"
+
+
+def test_production_serves_tls_everywhere_and_peers_verify_each_other():
+    docs = render("production")
+    for dep in (d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].startswith("spine-")):
+        env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["SPINE_TLS__CERT"] and env["SPINE_TLS__KEY"], dep["metadata"]["name"]
+        if dep["metadata"]["name"] in ("spine-presence", "spine-calls"):
+            assert env["SPINE_TLS__PEER_CA"] == "/etc/spine/tls/ca.crt"
+            assert env["SPINE_TLS__PEER_NAME"] == "spine-peer.spine.svc"

@@ -26,7 +26,7 @@ use spine_proto::calls::v1 as pb;
 use spine_runtime::Runtime;
 use spine_runtime::store::{Compare, EventKind, KeyValue, LeaseId, Op, StoreError, Txn};
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::error::{CallError, Result};
@@ -169,6 +169,8 @@ impl Cluster {
     /// Registers this node (reachable by peers at `addr`) and starts
     /// following the others; ready once the mirror is loaded.
     pub async fn start(rt: &Arc<Runtime>, addr: String) -> Result<Arc<Cluster>, StoreError> {
+        // Misconfigured peer TLS fails the start, not the first relay.
+        spine_runtime::server::peer_endpoint(&rt.config, &addr).map_err(StoreError::Backend)?;
         let ttl = Duration::from_secs(rt.config.calls.node_ttl_secs.max(1));
         let reg = rt.store.grant_lease(ttl).await?;
         let state = rt.store.grant_lease(ttl * 3).await?;
@@ -793,8 +795,8 @@ impl Cluster {
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
-        let c = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|_| Status::internal("internal error"))?
+        let c = spine_runtime::server::peer_endpoint(&self.rt.config, addr)
+            .map_err(|e| spine_runtime::error::internal(&e))?
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
         peers.insert(addr.to_string(), c.clone());

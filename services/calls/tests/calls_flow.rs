@@ -314,16 +314,20 @@ async fn presence_shows_in_call_while_a_call_is_answered() {
         .await
         .unwrap()
         .into_inner();
-    let mut next_status = async || {
+    let mut next_status = async |step: &str| {
         use futures::StreamExt;
-        let u = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.unwrap().unwrap().unwrap();
+        let u = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("no presence update for {step}"))
+            .unwrap()
+            .unwrap();
         ppb::Status::try_from(u.states[0].status).unwrap()
     };
-    assert_eq!(next_status().await, ppb::Status::Online);
+    assert_eq!(next_status("online").await, ppb::Status::Online);
     let id = alice.start(account_ref(&b), false).await.unwrap().call_id;
     bob.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
     bob.answer(&id).await.unwrap();
-    assert_eq!(next_status().await, ppb::Status::InCall, "an answered call shows");
+    assert_eq!(next_status("in call").await, ppb::Status::InCall, "an answered call shows");
     alice.hang_up(&id).await.unwrap();
-    assert_eq!(next_status().await, ppb::Status::Online, "and goes with the call");
+    assert_eq!(next_status("call over").await, ppb::Status::Online, "and goes with the call");
 }

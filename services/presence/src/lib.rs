@@ -26,7 +26,7 @@ use spine_runtime::Runtime;
 use spine_runtime::store::StoreError;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub use ring::owner_of;
 
@@ -51,8 +51,8 @@ impl Node {
         if let Some(c) = peers.get(addr) {
             return Ok(c.clone());
         }
-        let c = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|_| tonic::Status::internal("internal error"))?
+        let c = spine_runtime::server::peer_endpoint(&self.rt.config, addr)
+            .map_err(|e| spine_runtime::error::internal(&e))?
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
         peers.insert(addr.to_string(), c.clone());
@@ -82,6 +82,8 @@ pub async fn install(
     routes: &mut RoutesBuilder,
     advertise: String,
 ) -> Result<(Vec<&'static str>, RingView), StoreError> {
+    // Misconfigured peer TLS fails the start, not the first forward.
+    spine_runtime::server::peer_endpoint(&rt.config, &advertise).map_err(StoreError::Backend)?;
     let ring = ring::Ring::start(rt, advertise).await?;
     let node = Arc::new(Node {
         rt: rt.clone(),

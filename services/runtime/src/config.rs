@@ -49,6 +49,15 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    /// PEM CA certificate(s) that signed the other nodes' certificates:
+    /// presence and calls nodes reach each other over TLS, verified
+    /// against it. Required with TLS for those services.
+    #[serde(default)]
+    pub peer_ca: Option<PathBuf>,
+    /// The name the nodes' certificates carry for each other (nodes are
+    /// reached by address, so one shared name, e.g. `spine-peer.spine.svc`).
+    #[serde(default)]
+    pub peer_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -57,6 +57,24 @@ async fn set_all(health: &HealthReporter, names: &[&'static str], status: Servin
     }
 }
 
+/// An endpoint to another Spine node at `addr` (`host:port`): over TLS,
+/// verified against `tls.peer_ca` for the name `tls.peer_name`, when this
+/// node serves TLS; plaintext otherwise.
+pub fn peer_endpoint(config: &crate::Config, addr: &str) -> Result<tonic::transport::Endpoint, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let Some(tls) = &config.tls else {
+        return Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string());
+    };
+    let (Some(ca), Some(name)) = (&tls.peer_ca, &tls.peer_name) else {
+        return Err("with TLS on, tls.peer_ca and tls.peer_name are needed to reach other nodes".into());
+    };
+    let pem = std::fs::read(ca).map_err(|e| format!("tls.peer_ca {}: {e}", ca.display()))?;
+    Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)).domain_name(name.clone()))
+        .map_err(|e| e.to_string())
+}
+
 /// Serves `routes` (whose fully-qualified service names are `names`) on
 /// `listener` until `shutdown` resolves, then drains.
 pub async fn serve(

@@ -125,6 +125,7 @@ where
 #[derive(Debug)]
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
+    config: crate::Config,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), crate::server::ServeError>>,
 }
@@ -151,7 +152,7 @@ impl TestServer {
             let _ = rx.await;
         }));
         rt.auth.wait_synced().await;
-        Self { addr, stop: Some(tx), task }
+        Self { addr, config: rt.config.clone(), stop: Some(tx), task }
     }
 
     pub fn endpoint(&self) -> String {
@@ -159,8 +160,10 @@ impl TestServer {
     }
 
     /// A connected channel.
+    /// A connected channel (over TLS, as a peer node would connect, when
+    /// the server serves TLS).
     pub async fn channel(&self) -> tonic::transport::Channel {
-        tonic::transport::Endpoint::from_shared(self.endpoint())
+        crate::server::peer_endpoint(&self.config, &self.addr.to_string())
             .expect("endpoint")
             .connect()
             .await

@@ -39,6 +39,7 @@ pub async fn nodes_with_views(
     tweak: impl Fn(usize, &mut Config),
 ) -> (Vec<Env>, Vec<spine_calls::CallsView>) {
     let views = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rings = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let (store, mut etcd): (std::sync::Arc<dyn Store>, _) = match backend {
         Backend::Embedded => (std::sync::Arc::new(EmbeddedStore::in_memory()), None),
         Backend::Etcd => {
@@ -50,7 +51,7 @@ pub async fn nodes_with_views(
     for i in 0..n {
         let mut c = config();
         tweak(i, &mut c);
-        let v = views.clone();
+        let (v, r) = (views.clone(), rings.clone());
         let env =
             spine_identity::testing::start_on_with(store.clone(), etcd.take(), c, |rt, mut routes, addr| async move {
                 let mut names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
@@ -58,8 +59,9 @@ pub async fn nodes_with_views(
                     spine_calls::install(&rt, &mut routes, addr.to_string()).await.expect("calls install");
                 v.lock().unwrap().push(view);
                 names.extend(more);
-                let (more, _) =
+                let (more, ring) =
                     spine_presence::install(&rt, &mut routes, addr.to_string()).await.expect("presence install");
+                r.lock().unwrap().push(ring);
                 names.extend(more);
                 (routes, names)
             })
@@ -71,10 +73,20 @@ pub async fn nodes_with_views(
         assert!(
             spine_runtime::testing::eventually(Duration::from_secs(10), || async {
                 env.rt.store.count("/spine/sys/calls/nodes/").await.unwrap() as usize == n
+                    && env.rt.store.count("/spine/sys/presence/nodes/").await.unwrap() as usize == n
             })
             .await
         );
     }
+    // And every presence node's ring has every node (so all agree who owns
+    // an account before a test announces or watches).
+    let all_rings = std::mem::take(&mut *rings.lock().unwrap());
+    assert!(
+        spine_runtime::testing::eventually(Duration::from_secs(10), || async {
+            all_rings.iter().all(|r| r.members().len() == n)
+        })
+        .await
+    );
     let views = std::mem::take(&mut *views.lock().unwrap());
     (out, views)
 }
