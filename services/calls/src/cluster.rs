@@ -24,6 +24,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use spine_proto::calls::v1 as pb;
 use spine_runtime::Runtime;
+use spine_runtime::error::with_reason;
 use spine_runtime::store::{Compare, EventKind, KeyValue, LeaseId, Op, StoreError, Txn};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
@@ -67,10 +68,6 @@ struct View {
     calls: HashMap<String, (CallRec, i64)>,
     by_account: HashMap<AccountKey, HashSet<String>>,
     local: HashMap<AccountKey, HashMap<String, Local>>,
-}
-
-fn with_reason(code: Code, message: &str, reason: &str) -> Status {
-    spine_runtime::error::with_reason(code, message.to_string(), reason)
 }
 
 fn replaced() -> Status {
@@ -156,7 +153,7 @@ pub struct Cluster {
     state_lease: Mutex<LeaseId>,
     view: Mutex<View>,
     ready: watch::Sender<bool>,
-    peers: Mutex<HashMap<String, Channel>>,
+    peers: spine_runtime::server::PeerChannels,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -184,26 +181,11 @@ impl Cluster {
             state_lease: Mutex::new(state),
             view: Mutex::new(View::default()),
             ready: watch::channel(false).0,
-            peers: Mutex::new(HashMap::new()),
+            peers: Default::default(),
         });
         c.register().await?;
         tokio::spawn(Self::keep_alive(Arc::downgrade(&c), rt.clone()));
-        {
-            let (weak, rt) = (Arc::downgrade(&c), rt.clone());
-            tokio::spawn(async move {
-                loop {
-                    let Some(c) = weak.upgrade() else { return };
-                    if let Err(e) = c.follow().await {
-                        tracing::warn!(error = %e, "calls mirror lost its watch; re-reading");
-                    }
-                    drop(c);
-                    tokio::select! {
-                        _ = rt.drain.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                }
-            });
-        }
+        rt.spawn_follower(Arc::downgrade(&c), "calls", |c: Arc<Cluster>| async move { c.follow().await });
         let mut ready = c.ready.subscribe();
         let _ = tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r)).await;
         Ok(c)
@@ -791,22 +773,7 @@ impl Cluster {
 
     /// A channel to another calls node.
     pub fn peer(&self, addr: &str) -> Result<Channel, Status> {
-        let mut peers = self.peers.lock().expect("peers lock");
-        if let Some(c) = peers.get(addr) {
-            return Ok(c.clone());
-        }
-        let c = spine_runtime::server::peer_endpoint(&self.rt.config, addr)
-            .map_err(|e| spine_runtime::error::internal(&e))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy();
-        peers.insert(addr.to_string(), c.clone());
-        Ok(c)
-    }
-
-    /// The live nodes: (id, region).
-    pub fn nodes(&self) -> Vec<(String, String)> {
-        let v = self.view.lock().expect("view lock");
-        v.nodes.iter().map(|(id, (n, _))| (id.clone(), n.region.clone())).collect()
+        self.peers.get(&self.rt.config, addr)
     }
 }
 

@@ -34,13 +34,12 @@ use spine_proto::calls::v1::call_records_server::CallRecordsServer;
 use spine_proto::calls::v1::calls_server::CallsServer;
 use spine_proto::calls::v1::media_nodes_server::MediaNodesServer;
 use spine_runtime::Runtime;
-use spine_runtime::ids::TenantId;
 use spine_runtime::store::{GroupSpace, StoreError};
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
 
 pub use service::MAX_PAYLOAD;
-pub use turn::{mint as mint_turn_credentials, opaque_id as turn_user_id};
+pub use turn::mint as mint_turn_credentials;
 
 pub(crate) struct Node {
     rt: Arc<Runtime>,
@@ -52,14 +51,6 @@ pub(crate) struct Node {
 pub struct CallsView(Arc<Node>);
 
 impl CallsView {
-    /// This node's id.
-    pub fn me(&self) -> &str {
-        &self.0.cluster.me
-    }
-    /// The live calls nodes: (id, region).
-    pub fn nodes(&self) -> Vec<(String, String)> {
-        self.0.cluster.nodes()
-    }
     /// Deletes every call record of every tenant that expired by `now`
     /// (unix seconds); the upkeep does this with the current time.
     pub async fn expire_records(&self, now: i64) -> Result<usize, StoreError> {
@@ -70,8 +61,7 @@ impl CallsView {
 async fn expire_all(rt: &Runtime, now: i64) -> Result<usize, StoreError> {
     let sys = rt.system_store();
     let mut n = 0;
-    for kv in sys.range_all("tenants/").await? {
-        let Some(tenant) = TenantId::parse(sys.relative(&kv.key).trim_start_matches("tenants/")) else { continue };
+    for tenant in sys.tenant_ids().await? {
         n += records::expire(&sys.tenant_for_maintenance(&tenant), now).await?;
     }
     Ok(n)
@@ -81,8 +71,7 @@ async fn expire_all(rt: &Runtime, now: i64) -> Result<usize, StoreError> {
 /// that calls has not finished yet.
 async fn finish_deletions(node: &Node) -> Result<(), String> {
     let sys = node.rt.system_store();
-    for kv in sys.range_all("tenants/").await.map_err(|e| e.to_string())? {
-        let Some(tenant) = TenantId::parse(sys.relative(&kv.key).trim_start_matches("tenants/")) else { continue };
+    for tenant in sys.tenant_ids().await.map_err(|e| e.to_string())? {
         let t = sys.tenant_for_maintenance(&tenant);
         for account in spine_runtime::data::pending_deletions(&t, "calls").await.map_err(|e| e.to_string())? {
             data::delete_account(node, &t, &account).await.map_err(|e| e.message().to_string())?;
@@ -92,13 +81,10 @@ async fn finish_deletions(node: &Node) -> Result<(), String> {
     Ok(())
 }
 
-/// Timers of the calls this node runs: ring timeouts, idle group calls,
-/// roster changes of group calls, ended calls left behind.
-async fn timers(node: &Node, rosters: bool) -> Result<(), String> {
+/// Every 200 ms: ring timeouts and idle ends of the calls this node runs,
+/// and ended calls left behind.
+async fn timers(node: &Node) -> Result<(), String> {
     let now = model::now_ms();
-    let idle = node.idle_ms();
-    node.cluster.close_unauthenticated();
-    node.cluster.adopt_orphans().await;
     for (rec, rev) in node.cluster.my_calls() {
         if rec.state == model::State::Ended {
             if rec.ended_ms.is_some_and(|e| e + 3000 < now) {
@@ -106,8 +92,8 @@ async fn timers(node: &Node, rosters: bool) -> Result<(), String> {
             }
             continue;
         }
-        let mut probe = rec.clone();
-        if machine::tick(&mut probe, now) {
+        // A copy first: most ticks change nothing and need no store work.
+        if machine::tick(&mut rec.clone(), now) {
             let r = node.cluster.update(&rec.id, |c| {
                 machine::tick(c, model::now_ms());
                 Ok(())
@@ -115,21 +101,28 @@ async fn timers(node: &Node, rosters: bool) -> Result<(), String> {
             if let Err(e) = r.await {
                 tracing::debug!(error = %e, "call timer not applied");
             }
-            continue;
         }
-        if rosters && let Some(g) = &rec.group {
-            let roster =
-                spine_runtime::directory::group_roster(&node.groups, &g.gid).await.map_err(|e| e.to_string())?;
-            let roster = roster.unwrap_or(spine_runtime::directory::GroupRoster { epoch: g.epoch, roster: vec![] });
-            let mut probe = rec.clone();
-            if machine::apply_roster(&mut probe, &roster, now, idle) {
-                let r = node.cluster.update(&rec.id, |c| {
-                    machine::apply_roster(c, &roster, model::now_ms(), idle);
-                    Ok(())
-                });
-                if let Err(e) = r.await {
-                    tracing::debug!(error = %e, "group call roster change not applied");
-                }
+    }
+    Ok(())
+}
+
+/// Every second: streams whose token expired or device was revoked, calls
+/// of nodes that are gone, and roster changes of group calls this node runs.
+async fn housekeeping(node: &Node) -> Result<(), String> {
+    node.cluster.close_unauthenticated();
+    node.cluster.adopt_orphans().await;
+    let idle = node.idle_ms();
+    for (rec, _) in node.cluster.my_calls() {
+        let Some(g) = rec.group.as_ref().filter(|_| rec.state != model::State::Ended) else { continue };
+        let roster = spine_runtime::directory::group_roster(&node.groups, &g.gid).await.map_err(|e| e.to_string())?;
+        let roster = roster.unwrap_or(spine_runtime::directory::GroupRoster { epoch: g.epoch, roster: vec![] });
+        if machine::apply_roster(&mut rec.clone(), &roster, model::now_ms(), idle) {
+            let r = node.cluster.update(&rec.id, |c| {
+                machine::apply_roster(c, &roster, model::now_ms(), idle);
+                Ok(())
+            });
+            if let Err(e) = r.await {
+                tracing::debug!(error = %e, "group call roster change not applied");
             }
         }
     }
@@ -153,11 +146,14 @@ pub async fn install(
         Arc::downgrade(&node),
         Duration::from_millis(200),
         "calls-timers",
-        |n: Arc<Node>| async move { timers(&n, false).await },
+        |n: Arc<Node>| async move { timers(&n).await },
     );
-    Runtime::spawn_upkeep(Arc::downgrade(&node), Duration::from_secs(1), "calls-rosters", |n: Arc<Node>| async move {
-        timers(&n, true).await
-    });
+    Runtime::spawn_upkeep(
+        Arc::downgrade(&node),
+        Duration::from_secs(1),
+        "calls-housekeeping",
+        |n: Arc<Node>| async move { housekeeping(&n).await },
+    );
     Runtime::spawn_upkeep(Arc::downgrade(&node), Duration::from_secs(30), "calls-records", |n: Arc<Node>| async move {
         expire_all(&n.rt, spine_runtime::now_secs()).await.map_err(|e| e.to_string())?;
         finish_deletions(&n).await

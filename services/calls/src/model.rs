@@ -289,16 +289,9 @@ pub fn json<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 /// A new opaque id with a prefix (`cl_` calls, `lg_` legs, `cr_` records).
-pub fn new_id(prefix: &str) -> String {
-    let body = spine_runtime::ids::new(spine_runtime::ids::Kind::Account);
-    format!("{prefix}{}", &body[3..])
-}
-
+pub use spine_runtime::ids::new_prefixed as new_id;
 /// Checks an id made by [`new_id`].
-pub fn parse_id<'a>(prefix: &str, s: &'a str) -> Option<&'a str> {
-    let body = s.strip_prefix(prefix)?;
-    spine_runtime::ids::parse(spine_runtime::ids::Kind::Account, &format!("ac_{body}")).map(|_| s)
-}
+pub use spine_runtime::ids::parse_prefixed as parse_id;
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)

@@ -51,12 +51,17 @@ pub async fn policy(t: &TenantStore) -> Result<Policy, StoreError> {
     Ok(t.get(POLICY).await?.and_then(|kv| serde_json::from_slice(&kv.value).ok()).unwrap_or_default())
 }
 
-/// Sets the policy, creating the tenant's hashing key on first use.
+/// Sets the policy, creating the tenant's hashing key on first use (one
+/// transaction: a policy is never without its key).
 pub async fn set_policy(t: &TenantStore, p: &Policy) -> Result<(), StoreError> {
     use spine_runtime::store::Compare;
     let salt: [u8; 32] = rand::random();
-    t.txn(Txn::new().when(Compare::Absent(t.key(SALT))).then(Op::put(t.key(SALT), hex::encode(salt)))).await?;
-    t.txn(Txn::new().then(Op::put(t.key(POLICY), json(p)))).await?;
+    let txn = Txn::new()
+        .when(Compare::Absent(t.key(SALT)))
+        .then(Op::put(t.key(SALT), hex::encode(salt)))
+        .then(Op::put(t.key(POLICY), json(p)))
+        .otherwise(Op::put(t.key(POLICY), json(p)));
+    t.txn(txn).await?;
     Ok(())
 }
 

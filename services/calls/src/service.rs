@@ -33,7 +33,6 @@ use crate::view::render;
 const FORWARDED: &str = "x-spine-calls-forwarded";
 /// Largest signalling payload.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
-const MAX_REQUEST_ID: usize = 64;
 
 pub struct CallsApi(pub(crate) Arc<Node>);
 pub struct CallRecordsApi;
@@ -41,41 +40,28 @@ pub struct MediaNodesApi(pub(crate) Arc<Node>);
 
 /// The calling device and when its token expires.
 fn device_until<T>(req: &Request<T>) -> Result<(DevKey, i64), Status> {
-    let d = device(req)?;
     match Caller::of(req)?.principal() {
-        Principal::Device { expires_at, .. } => Ok((d, *expires_at)),
+        Principal::Device { tenant, account_id, device_id, expires_at, .. } => Ok((
+            DevKey { tenant: tenant.to_string(), account: account_id.clone(), device: device_id.clone() },
+            *expires_at,
+        )),
         _ => Err(Status::permission_denied("calls methods are for devices (device tokens)")),
     }
 }
 
 fn device<T>(req: &Request<T>) -> Result<DevKey, Status> {
-    match Caller::of(req)?.principal() {
-        Principal::Device { tenant, account_id, device_id, .. } => {
-            Ok(DevKey { tenant: tenant.to_string(), account: account_id.clone(), device: device_id.clone() })
-        }
-        _ => Err(Status::permission_denied("calls methods are for devices (device tokens)")),
-    }
-}
-
-fn token_chars(v: &str) -> bool {
-    v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    device_until(req).map(|(d, _)| d)
 }
 
 fn node_id(v: &str) -> Result<&str, CallError> {
-    if v.is_empty() || v.len() > 64 || !token_chars(v) {
+    if !ids::token_chars(v) {
         return Err(invalid("node_id", "1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'"));
     }
     Ok(v)
 }
 
 fn request_id(v: &str) -> Result<&str, CallError> {
-    if v.is_empty() || v.len() > MAX_REQUEST_ID {
-        return Err(invalid("request_id", format!("required, 1 to {MAX_REQUEST_ID} characters")));
-    }
-    if !token_chars(v) {
-        return Err(invalid("request_id", "only A-Z, a-z, 0-9, '.', '_' and '-'"));
-    }
-    Ok(v)
+    ids::request_id(v).map_err(|m| invalid("request_id", m))
 }
 
 fn call_id(v: &str) -> Result<&str, CallError> {

@@ -10,7 +10,6 @@ use std::time::Duration;
 use spine_identity::testing::req;
 use spine_proto::calls::v1 as pb;
 use spine_proto::common::v1::peer_ref;
-use spine_proto::identity::v1 as ipb;
 use spine_runtime::config::Backend;
 use support::*;
 use tonic::Code;
@@ -226,13 +225,7 @@ async fn cross_tenant_through_an_interop_handle() {
     assert_not_placed(start(alice_h.clone()).await.map(|r| r.into_inner()));
     erin.quiet(Duration::from_millis(300)).await;
     // She lists Alice (by Alice's handle) as a contact: now it rings.
-    n[0].identity()
-        .add_contact(req(
-            ipb::AddContactRequest { account_id: String::new(), peer: interop_ref(&messenger.id, &alice_h) },
-            &erin.dev.token,
-        ))
-        .await
-        .unwrap();
+    n[0].add_contact(&erin.dev.token, interop_ref(&messenger.id, &alice_h)).await;
     // A handle that is not the caller's own is refused.
     let bad = start(erin_h.clone()).await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
@@ -296,10 +289,7 @@ async fn presence_shows_in_call_while_a_call_is_answered() {
     let mut bob = Phone::connect(&n[1], n[0].device_of(&t, &b).await).await;
     let watcher = n[0].device_of(&t, &w).await;
     // Bob shows his presence to his contacts; the watcher is one.
-    n[0].identity()
-        .add_contact(req(ipb::AddContactRequest { account_id: String::new(), peer: account_ref(&w) }, &bob.dev.token))
-        .await
-        .unwrap();
+    n[0].add_contact(&bob.dev.token, account_ref(&w)).await;
     PresenceClient::new(n[1].channel.clone())
         .announce(req(ppb::AnnounceRequest { status: ppb::Status::Online as i32, ttl_seconds: 60 }, &bob.dev.token))
         .await

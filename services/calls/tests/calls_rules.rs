@@ -45,10 +45,7 @@ async fn settings_refuse(backend: Backend) {
     bob.quiet(silent).await;
     // A contact may call.
     let alice_ref = account_ref(&a);
-    env.identity()
-        .add_contact(req(ipb::AddContactRequest { account_id: String::new(), peer: alice_ref.clone() }, &bob.dev.token))
-        .await
-        .unwrap();
+    env.add_contact(&bob.dev.token, alice_ref.clone()).await;
     let c = placed(false).await.unwrap();
     bob.call_where(&c.call_id, |c| state(c) == pb::CallState::Ended).await;
     // Nobody.

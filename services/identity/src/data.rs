@@ -7,7 +7,6 @@ use spine_proto::common::v1::{DataItem, DataReportSection, Retention, retention}
 use spine_proto::identity::v1 as pb;
 use spine_runtime::auth::records;
 use spine_runtime::data::{self, AccountData, TOMBSTONE_DAYS, Tombstone};
-use spine_runtime::ids::TenantId;
 use spine_runtime::now_secs;
 use spine_runtime::store::{Compare, Op, TenantStore, Txn};
 use spine_runtime::telemetry::redact;
@@ -237,17 +236,13 @@ async fn finish_for(node: &Node, t: &TenantStore, account: &str) {
     let key = format!("{}{account}", data::TOMBSTONES);
     for holder in node.rt.account_data() {
         let Ok(Some(kv)) = t.get(&key).await else { return };
-        let Ok(mut tomb) = serde_json::from_slice::<Tombstone>(&kv.value) else { return };
+        let Ok(tomb) = serde_json::from_slice::<Tombstone>(&kv.value) else { return };
         if tomb.done.iter().any(|s| s == holder.service()) {
             continue;
         }
         match holder.delete(t, account).await {
             Ok(()) => {
-                tomb.done.push(holder.service().to_string());
-                let txn = Txn::new()
-                    .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-                    .then(Op::put(kv.key.clone(), json(&tomb)));
-                if let Err(e) = t.txn(txn).await {
+                if let Err(e) = data::mark_done(t, account, holder.service()).await {
                     tracing::warn!(error = %e, "could not record finished deletion");
                 }
             }
@@ -262,8 +257,7 @@ async fn finish_for(node: &Node, t: &TenantStore, account: &str) {
 pub(crate) async fn finish_deletions(node: &Node) -> Result<()> {
     let sys = node.rt.system_store();
     let services: Vec<&'static str> = node.rt.account_data().iter().map(|h| h.service()).collect();
-    for kv in sys.range_all("tenants/").await? {
-        let Some(tenant) = TenantId::parse(sys.relative(&kv.key).trim_start_matches("tenants/")) else { continue };
+    for tenant in sys.tenant_ids().await? {
         let t = sys.tenant_for_maintenance(&tenant);
         for tk in t.range_all(data::TOMBSTONES).await? {
             let Ok(tomb) = serde_json::from_slice::<Tombstone>(&tk.value) else { continue };

@@ -170,6 +170,14 @@ impl Env {
         (d.device_id, token)
     }
 
+    /// The device's account lists `peer` as a contact.
+    pub async fn add_contact(&self, device_token: &str, peer: Option<spine_proto::common::v1::PeerRef>) {
+        self.identity()
+            .add_contact(req(pb::AddContactRequest { account_id: String::new(), peer }, device_token))
+            .await
+            .unwrap();
+    }
+
     /// An interop handle of the device's account, open to `tenants`.
     pub async fn interop_handle(&self, device_token: &str, tenants: Vec<String>) -> String {
         self.identity()

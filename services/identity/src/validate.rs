@@ -9,7 +9,6 @@ use spine_runtime::ids::{self, Kind, TenantId};
 use crate::error::{Result, invalid};
 
 pub const MAX_NAME: usize = 64;
-pub const MAX_REQUEST_ID: usize = 64;
 pub const DEFAULT_PAGE: u32 = 100;
 pub const MAX_PAGE: u32 = 1000;
 /// Live devices per account.
@@ -22,13 +21,7 @@ pub const MAX_HANDLES: u64 = 32;
 pub const MAX_HANDLE_TENANTS: usize = 16;
 
 pub fn request_id(v: &str) -> Result<&str> {
-    if v.is_empty() || v.len() > MAX_REQUEST_ID {
-        return Err(invalid("request_id", format!("required, 1 to {MAX_REQUEST_ID} characters")));
-    }
-    if !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
-        return Err(invalid("request_id", "only A-Z, a-z, 0-9, '.', '_' and '-'"));
-    }
-    Ok(v)
+    ids::request_id(v).map_err(|m| invalid("request_id", m))
 }
 
 pub fn name(field: &'static str, v: &str, required: bool) -> Result<String> {

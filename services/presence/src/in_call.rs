@@ -5,8 +5,7 @@
 //! account's settings allow, like any status.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use spine_runtime::Runtime;
@@ -15,25 +14,9 @@ use spine_runtime::store::{EventKind, StoreError};
 
 use crate::state::Owner;
 
-/// Follows the markers for as long as `owner` lives and the node runs.
-pub fn follow(rt: Arc<Runtime>, owner: Weak<Owner>) {
-    tokio::spawn(async move {
-        loop {
-            if owner.upgrade().is_none() {
-                return;
-            }
-            if let Err(e) = follow_once(&rt, &owner).await {
-                tracing::warn!(error = %e, "in-call markers: watch lost; re-reading");
-            }
-            tokio::select! {
-                _ = rt.drain.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
-        }
-    });
-}
-
-async fn follow_once(rt: &Runtime, owner: &Weak<Owner>) -> Result<(), StoreError> {
+/// Reads the markers into `owner`, then follows them until the watch
+/// fails (the runtime's follower starts it again).
+pub async fn follow(rt: Arc<Runtime>, owner: Arc<Owner>) -> Result<(), StoreError> {
     let sys = rt.system_store();
     let rev = rt.store.revision().await?;
     // (tenant, account) -> the calls it is in.
@@ -44,9 +27,7 @@ async fn follow_once(rt: &Runtime, owner: &Weak<Owner>) -> Result<(), StoreError
         }
     }
     let mut events = rt.store.watch(&sys.key(IN_CALL_PREFIX), rev + 1).await?;
-    let Some(o) = owner.upgrade() else { return Ok(()) };
-    o.replace_in_call(&calls.keys().cloned().collect());
-    drop(o);
+    owner.replace_in_call(&calls.keys().cloned().collect());
     while let Some(ev) = events.next().await {
         let ev = ev?;
         let Some((t, a, c)) = parse_in_call_key(sys.relative(&ev.key)) else { continue };
@@ -60,8 +41,7 @@ async fn follow_once(rt: &Runtime, owner: &Weak<Owner>) -> Result<(), StoreError
         if !in_call {
             calls.remove(&key);
         }
-        let Some(o) = owner.upgrade() else { return Ok(()) };
-        o.set_in_call(&key, in_call);
+        owner.set_in_call(&key, in_call);
     }
     Err(StoreError::Unavailable("in-call watch ended".into()))
 }

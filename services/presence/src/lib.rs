@@ -17,12 +17,12 @@ mod service;
 mod state;
 mod visibility;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use spine_proto::presence::v1::presence_server::PresenceServer;
 use spine_runtime::Runtime;
+use spine_runtime::server::PeerChannels;
 use spine_runtime::store::StoreError;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
@@ -41,22 +41,13 @@ pub(crate) struct Node {
     rt: Arc<Runtime>,
     ring: Arc<ring::Ring>,
     owner: Arc<state::Owner>,
-    peers: Mutex<HashMap<String, Channel>>,
+    peers: PeerChannels,
 }
 
 impl Node {
     /// A channel to another presence node.
     fn peer(&self, addr: &str) -> Result<Channel, tonic::Status> {
-        let mut peers = self.peers.lock().expect("peers lock");
-        if let Some(c) = peers.get(addr) {
-            return Ok(c.clone());
-        }
-        let c = spine_runtime::server::peer_endpoint(&self.rt.config, addr)
-            .map_err(|e| spine_runtime::error::internal(&e))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy();
-        peers.insert(addr.to_string(), c.clone());
-        Ok(c)
+        self.peers.get(&self.rt.config, addr)
     }
 }
 
@@ -89,10 +80,13 @@ pub async fn install(
         rt: rt.clone(),
         ring: ring.clone(),
         owner: state::Owner::new(),
-        peers: Mutex::new(HashMap::new()),
+        peers: PeerChannels::default(),
     });
     rt.register_account_data(Arc::new(data::PresenceData(node.owner.clone())));
-    in_call::follow(rt.clone(), Arc::downgrade(&node.owner));
+    rt.spawn_follower(Arc::downgrade(&node.owner), "presence-in-call", {
+        let rt = rt.clone();
+        move |owner| in_call::follow(rt.clone(), owner)
+    });
     routes.add_service(PresenceServer::new(service::PresenceApi(node.clone())));
     Runtime::spawn_upkeep(
         Arc::downgrade(&node.owner),

@@ -92,22 +92,13 @@ impl Ring {
             });
         }
         // Follow the ring: a full read, then a watch; read again on failure.
-        {
-            let (rt, ring) = (rt.clone(), Arc::downgrade(&ring));
-            tokio::spawn(async move {
-                loop {
-                    let Some(r) = ring.upgrade() else { return };
-                    if let Err(e) = r.follow(&rt).await {
-                        tracing::warn!(error = %e, "presence ring watch lost; re-reading");
-                    }
-                    drop(r);
-                    tokio::select! {
-                        _ = rt.drain.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                }
-            });
-        }
+        rt.spawn_follower(Arc::downgrade(&ring), "presence-ring", {
+            let rt = rt.clone();
+            move |r: Arc<Ring>| {
+                let rt = rt.clone();
+                async move { r.follow(&rt).await }
+            }
+        });
         Ok(ring)
     }
 

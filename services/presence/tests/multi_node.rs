@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use spine_identity::testing::{Env, req};
 use spine_proto::common::v1::{PeerRef, peer_ref};
-use spine_proto::identity::v1 as ipb;
 use spine_proto::presence::v1::presence_client::PresenceClient;
 use spine_proto::presence::v1::{self as pb, Status};
 use spine_runtime::config::Backend;
@@ -67,16 +66,8 @@ async fn presence_moves_when_its_owner_leaves_without_a_false_offline() {
     let t = a.tenant("t").await;
     let target = a.device(&t).await;
     let watcher = a.device(&t).await;
-    a.identity()
-        .add_contact(req(
-            ipb::AddContactRequest {
-                account_id: String::new(),
-                peer: Some(PeerRef { peer: Some(peer_ref::Peer::AccountId(watcher.account.clone())) }),
-            },
-            &target.token,
-        ))
-        .await
-        .unwrap();
+    a.add_contact(&target.token, Some(PeerRef { peer: Some(peer_ref::Peer::AccountId(watcher.account.clone())) }))
+        .await;
     let owner = slot_a.lock().unwrap().as_ref().unwrap().owner(&t.id, &target.account);
     let (owner_env, other_env) = if owner == ring(&slot_a).0 { (a, b) } else { (b, a) };
 

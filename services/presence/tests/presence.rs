@@ -185,13 +185,7 @@ async fn last_seen_keeps_the_chosen_precision_and_reciprocity() {
     let a = env.tenant("a").await;
     let target = env.device(&a).await;
     let watcher = env.device(&a).await;
-    env.identity()
-        .add_contact(req(
-            ipb::AddContactRequest { account_id: String::new(), peer: peer(&watcher.account) },
-            &target.token,
-        ))
-        .await
-        .unwrap();
+    env.add_contact(&target.token, peer(&watcher.account)).await;
     announce(&env, &target.token, Status::Online).await;
     announce(&env, &target.token, Status::Offline).await;
     // Defaults: coarse, reciprocal; the watcher's own default is coarse too.
@@ -236,13 +230,7 @@ async fn watchers_see_changes_and_lose_sight_when_settings_close() {
     let a = env.tenant("a").await;
     let target = env.device(&a).await;
     let watcher = env.device(&a).await;
-    env.identity()
-        .add_contact(req(
-            ipb::AddContactRequest { account_id: String::new(), peer: peer(&watcher.account) },
-            &target.token,
-        ))
-        .await
-        .unwrap();
+    env.add_contact(&target.token, peer(&watcher.account)).await;
     let mut stream = client(&env)
         .watch(req(pb::WatchRequest { targets: vec![local(&target.account)] }, &watcher.token))
         .await
@@ -275,13 +263,7 @@ async fn a_flapping_device_cannot_storm_its_watchers() {
     let a = env.tenant("a").await;
     let target = env.device(&a).await;
     let watcher = env.device(&a).await;
-    env.identity()
-        .add_contact(req(
-            ipb::AddContactRequest { account_id: String::new(), peer: peer(&watcher.account) },
-            &target.token,
-        ))
-        .await
-        .unwrap();
+    env.add_contact(&target.token, peer(&watcher.account)).await;
     let stream = client(&env)
         .watch(req(pb::WatchRequest { targets: vec![local(&target.account)] }, &watcher.token))
         .await

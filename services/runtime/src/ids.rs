@@ -38,18 +38,50 @@ impl Kind {
 
 /// A new random id of a kind.
 pub fn new(kind: Kind) -> String {
-    let mut bytes = [0u8; BODY];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let mut s = String::with_capacity(3 + BODY);
-    s.push_str(kind.prefix());
-    s.extend(bytes.iter().map(|b| ALPHABET[(*b & 31) as usize] as char));
-    s
+    new_prefixed(kind.prefix())
 }
 
 /// Checks that `s` is an id of `kind`.
 pub fn parse(kind: Kind, s: &str) -> Option<&str> {
-    let body = s.strip_prefix(kind.prefix())?;
+    parse_prefixed(kind.prefix(), s)
+}
+
+/// A new random id with a service's own prefix (`cl_` for calls, ...),
+/// of the same shape as the runtime's kinds.
+pub fn new_prefixed(prefix: &str) -> String {
+    let mut bytes = [0u8; BODY];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let mut s = String::with_capacity(prefix.len() + BODY);
+    s.push_str(prefix);
+    s.extend(bytes.iter().map(|b| ALPHABET[(*b & 31) as usize] as char));
+    s
+}
+
+/// Checks that `s` is an id made by [`new_prefixed`] with `prefix`.
+pub fn parse_prefixed<'a>(prefix: &str, s: &'a str) -> Option<&'a str> {
+    let body = s.strip_prefix(prefix)?;
     (body.len() == BODY && body.bytes().all(|b| ALPHABET.contains(&b))).then_some(s)
+}
+
+/// Longest idempotency key (`request_id`).
+pub const MAX_REQUEST_ID: usize = 64;
+
+/// Whether `v` is 1 to 64 characters of `[A-Za-z0-9._-]`: the shape of
+/// request ids and of names clients choose (media node ids).
+pub fn token_chars(v: &str) -> bool {
+    !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Checks an idempotency key; the error says what is wrong, for the
+/// caller's INVALID_ARGUMENT on `request_id`.
+pub fn request_id(v: &str) -> Result<&str, String> {
+    if v.is_empty() || v.len() > MAX_REQUEST_ID {
+        return Err(format!("required, 1 to {MAX_REQUEST_ID} characters"));
+    }
+    if !token_chars(v) {
+        return Err("only A-Z, a-z, 0-9, '.', '_' and '-'".into());
+    }
+    Ok(v)
 }
 
 /// A validated tenant id.

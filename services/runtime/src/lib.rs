@@ -110,8 +110,33 @@ impl Runtime {
         self.data.write().expect("data hooks lock").push(holder);
     }
 
-    /// Runs `work` every `every` for as long as `owner` lives and the node
-    /// is not draining, logging failures under `name`: a service's upkeep.
+    /// Keeps `follow` running for as long as `owner` lives and the node is
+    /// not draining: a mirror that reads the store, then follows a watch
+    /// until it fails. On failure it logs under `name` and starts again
+    /// (with a fresh read) 200 ms later.
+    pub fn spawn_follower<T, F, Fut>(self: &Arc<Self>, owner: std::sync::Weak<T>, name: &'static str, follow: F)
+    where
+        T: Send + Sync + 'static,
+        F: Fn(Arc<T>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), StoreError>> + Send,
+    {
+        let rt = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(o) = owner.upgrade() else { return };
+                if let Err(e) = follow(o).await {
+                    tracing::warn!(mirror = name, error = %e, "watch lost; re-reading");
+                }
+                tokio::select! {
+                    _ = rt.drain.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        });
+    }
+
+    /// Runs `work` every `every` for as long as `owner` lives, logging
+    /// failures under `name`: a service's upkeep.
     pub fn spawn_upkeep<T, F, Fut, E>(owner: std::sync::Weak<T>, every: Duration, name: &'static str, work: F)
     where
         T: Send + Sync + 'static,

@@ -57,6 +57,28 @@ async fn set_all(health: &HealthReporter, names: &[&'static str], status: Servin
     }
 }
 
+/// Channels to other nodes of a service, one per address, made lazily
+/// (presence forwarding to owners, calls relaying to stream holders).
+#[derive(Debug, Default)]
+pub struct PeerChannels(std::sync::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>);
+
+impl PeerChannels {
+    /// The channel to the node at `addr`, over the transport this node
+    /// serves ([`peer_endpoint`]).
+    pub fn get(&self, config: &crate::Config, addr: &str) -> Result<tonic::transport::Channel, tonic::Status> {
+        let mut peers = self.0.lock().expect("peer channels lock");
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = peer_endpoint(config, addr)
+            .map_err(|e| crate::error::internal(&e))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        peers.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
 /// An endpoint to another Spine node at `addr` (`host:port`): over TLS,
 /// verified against `tls.peer_ca` for the name `tls.peer_name`, when this
 /// node serves TLS; plaintext otherwise.

@@ -158,6 +158,17 @@ impl SystemStore {
         Self(Rooted { store, prefix: SYS_PREFIX.to_string() })
     }
 
+    /// Every tenant's id (the control plane's `tenants/` records), for work
+    /// that sweeps all tenants.
+    pub async fn tenant_ids(&self) -> Result<Vec<TenantId>, StoreError> {
+        Ok(self
+            .range_all("tenants/")
+            .await?
+            .iter()
+            .filter_map(|kv| TenantId::parse(self.relative(&kv.key).trim_start_matches("tenants/")))
+            .collect())
+    }
+
     /// The underlying store, for watches and leases on control-plane keys.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.0.store
