@@ -275,6 +275,19 @@ impl Verifier {
         Ok(())
     }
 
+    /// Leaves whose removal is proposed (queued for the next commit).
+    pub fn queued_removals(&self) -> Vec<u32> {
+        self.group
+            .queued_proposals(&self.storage)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(_, q)| match q.proposal() {
+                Proposal::Remove(r) => Some(r.removed().u32()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The leaf index of a member by name.
     pub fn index_of(&self, name: &DeviceName) -> Option<u32> {
         self.members().into_iter().find(|m| &m.name == name).map(|m| m.index)

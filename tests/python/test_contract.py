@@ -2,6 +2,7 @@
 talks to a running `spine dev`. Frontends are not all Rust."""
 
 import grpc
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf import field_mask_pb2
@@ -42,9 +43,19 @@ def test_tenant_account_device_and_token(spine, pb):
     created = admin.CreateTenant(I.CreateTenantRequest(request_id="py-tenant", display_name="python app"), metadata=auth(operator))
     tenant_cred = created.credential.secret
     assert created.tenant.tenant_id.startswith("tn_") and tenant_cred.startswith("tc_")
-    # A retry with the same idempotency key gets the same tenant.
+    # A retry with the same idempotency key gets the same tenant and
+    # credential id, but never the secret again (it is not stored).
     again = admin.CreateTenant(I.CreateTenantRequest(request_id="py-tenant", display_name="python app"), metadata=auth(operator))
     assert again.tenant.tenant_id == created.tenant.tenant_id
+    assert again.credential.credential_id == created.credential.credential_id and again.credential.secret == ""
+    # The tenant issues its next credential itself; operators cannot.
+    issued = identity.IssueTenantCredential(I.IssueTenantCredentialRequest(request_id="py-cred", label="rotation"), metadata=auth(tenant_cred))
+    assert issued.secret.startswith(issued.credential_id + ".")
+    with pytest.raises(grpc.RpcError) as e:
+        identity.IssueTenantCredential(I.IssueTenantCredentialRequest(request_id="py-cred-op"), metadata=auth(operator))
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    events = identity.ListAuditEvents(I.ListAuditEventsRequest(), metadata=auth(tenant_cred)).events
+    assert [ev.action for ev in events] == [I.AUDIT_ACTION_TENANT_CREATED, I.AUDIT_ACTION_CREDENTIAL_ISSUED]
 
     account = identity.CreateAccount(I.CreateAccountRequest(request_id="py-acct"), metadata=auth(tenant_cred))
     key = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)

@@ -154,6 +154,8 @@ pub struct Cluster {
     view: Mutex<View>,
     ready: watch::Sender<bool>,
     peers: spine_runtime::server::PeerChannels,
+    /// The key of pair keys (see [`crate::model::pair_key`]).
+    pub pair_secret: Vec<u8>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -182,6 +184,7 @@ impl Cluster {
             view: Mutex::new(View::default()),
             ready: watch::channel(false).0,
             peers: Default::default(),
+            pair_secret: pair_secret(rt).await?,
         });
         c.register().await?;
         tokio::spawn(Self::keep_alive(Arc::downgrade(&c), rt.clone()));
@@ -318,7 +321,7 @@ impl Cluster {
                 json(&rec),
                 lease,
             ));
-            if let Some(aux) = aux_key(&rec) {
+            if let Some(aux) = aux_key(&self.pair_secret, &rec) {
                 txn = txn.then(Op::put_leased(sys.key(&aux), rec.id.clone().into_bytes(), lease));
             }
             txn = txn.then_all(in_call_ops(&sys, None, &rec, lease, true));
@@ -571,7 +574,7 @@ impl Cluster {
     /// is taken (by the call it names).
     pub async fn create(&self, mut rec: CallRec) -> Result<Result<(CallRec, i64), String>> {
         let sys = self.rt.system_store();
-        let aux = aux_key(&rec).expect("new calls have a pair or group key");
+        let aux = aux_key(&self.pair_secret, &rec).expect("new calls have a pair or group key");
         rec.home = self.me.clone();
         let lease = self.state_lease();
         let txn = Txn::new()
@@ -646,7 +649,7 @@ impl Cluster {
                 json(&rec),
                 lease,
             ));
-            if let Some(aux) = aux_key(&rec) {
+            if let Some(aux) = aux_key(&self.pair_secret, &rec) {
                 txn = txn.then(if rec.state == State::Ended {
                     Op::delete(sys.key(&aux))
                 } else {
@@ -807,10 +810,41 @@ fn in_call_ops(
     ops
 }
 
+/// Loads (or, the first time, creates) the deployment's pair-key secret,
+/// sealed with the key-encryption key; a value sealed under a key being
+/// rotated out is sealed again.
+async fn pair_secret(rt: &Runtime) -> Result<Vec<u8>, StoreError> {
+    let sys = rt.system_store();
+    let key = sys.key(crate::model::PAIR_SECRET);
+    for _ in 0..3 {
+        if let Some(kv) = sys.get(crate::model::PAIR_SECRET).await? {
+            let sealed = String::from_utf8_lossy(&kv.value).into_owned();
+            let (secret, stale) = rt
+                .sealer
+                .open_current(&key, &sealed)
+                .map_err(|e| StoreError::Backend(format!("calls pair-key secret: {e}")))?;
+            if stale {
+                let txn = Txn::new()
+                    .when(Compare::ModRevision(key.clone(), kv.mod_revision))
+                    .then(Op::put(key.clone(), rt.sealer.seal(&key, &secret)));
+                sys.txn(txn).await?;
+            }
+            return Ok(secret);
+        }
+        let secret: [u8; 32] = rand::random();
+        // Nodes starting together agree on one secret: the first write wins.
+        sys.txn(
+            Txn::new().when(Compare::Absent(key.clone())).then(Op::put(key.clone(), rt.sealer.seal(&key, &secret))),
+        )
+        .await?;
+    }
+    Err(StoreError::Backend("calls pair-key secret did not settle".into()))
+}
+
 /// The pair key of a direct call, the group key of a group call.
-pub fn aux_key(rec: &CallRec) -> Option<String> {
+pub fn aux_key(pair_secret: &[u8], rec: &CallRec) -> Option<String> {
     match rec.kind {
-        Kind::Direct => Some(pair_key(&rec.caller()?.who, &rec.callee()?.who)),
+        Kind::Direct => Some(pair_key(pair_secret, &rec.caller()?.who, &rec.callee()?.who)),
         Kind::Group => Some(group_call_key(&rec.group.as_ref()?.gid)),
     }
 }

@@ -13,6 +13,9 @@ pub enum CallError {
     /// it: one answer for both.
     #[error("call not found")]
     NotFound,
+    /// Something other than a call does not exist (a leg, a credential).
+    #[error("{0} not found")]
+    Missing(&'static str),
     /// The callee's settings refuse the call (or the callee does not
     /// exist): one answer whatever the rule.
     #[error("the call could not be placed")]
@@ -51,7 +54,7 @@ fn with_info(code: Code, message: String, reason: &str, meta: HashMap<String, St
 impl From<CallError> for Status {
     fn from(e: CallError) -> Self {
         match e {
-            CallError::NotFound => Status::not_found(e.to_string()),
+            CallError::NotFound | CallError::Missing(_) => Status::not_found(e.to_string()),
             CallError::NotPlaced => {
                 with_info(Code::FailedPrecondition, e.to_string(), "CALL_NOT_PLACED", HashMap::new())
             }

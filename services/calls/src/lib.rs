@@ -45,6 +45,8 @@ pub(crate) struct Node {
     rt: Arc<Runtime>,
     cluster: Arc<cluster::Cluster>,
     groups: GroupSpace,
+    /// Lease for idempotency answers (media-node credentials).
+    idem_lease: spine_runtime::store::SharedLease,
 }
 
 /// How a calls node sees the cluster (for tests and tools).
@@ -137,7 +139,12 @@ pub async fn install(
     advertise: String,
 ) -> Result<(Vec<&'static str>, CallsView), StoreError> {
     let cluster = cluster::Cluster::start(rt, advertise).await?;
-    let node = Arc::new(Node { rt: rt.clone(), cluster, groups: GroupSpace::new(rt.store.clone()) });
+    let node = Arc::new(Node {
+        rt: rt.clone(),
+        cluster,
+        groups: GroupSpace::new(rt.store.clone()),
+        idem_lease: spine_runtime::idempotency::lease(rt.store.clone()),
+    });
     rt.register_account_data(Arc::new(data::CallsData(node.clone())));
     routes.add_service(CallsServer::new(service::CallsApi(node.clone())));
     routes.add_service(CallRecordsServer::new(service::CallRecordsApi));

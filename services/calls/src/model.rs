@@ -54,18 +54,22 @@ pub fn record_index_key(hash: &str, id: &str) -> String {
     format!("{RECORD_INDEX}{hash}/{id}")
 }
 
-/// The pair key of two accounts, the same whichever calls whom. Hashed, so
-/// the key itself names nobody.
-pub fn pair_key(a: &AccountKey, b: &AccountKey) -> String {
-    use sha2::{Digest, Sha256};
+/// The pair key of two accounts, the same whichever calls whom: a keyed
+/// hash (HMAC-SHA256 under the deployment's pair-key secret, `calls/pair-
+/// secret`, sealed like the other private keys), so the key names nobody to
+/// anyone who does not hold the secret.
+pub fn pair_key(secret: &[u8], a: &AccountKey, b: &AccountKey) -> String {
+    use hmac::{Hmac, Mac};
     let (x, y) = if a <= b { (a, b) } else { (b, a) };
-    let d = Sha256::new()
-        .chain_update(format!("{}/{}", x.tenant, x.account))
-        .chain_update([0])
-        .chain_update(format!("{}/{}", y.tenant, y.account))
-        .finalize();
-    format!("{PAIRS}{}", hex::encode(&d[..16]))
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("any key length");
+    mac.update(format!("{}/{}", x.tenant, x.account).as_bytes());
+    mac.update(&[0]);
+    mac.update(format!("{}/{}", y.tenant, y.account).as_bytes());
+    format!("{PAIRS}{}", hex::encode(&mac.finalize().into_bytes()[..16]))
 }
+
+/// Control plane: the pair-key secret (sealed).
+pub const PAIR_SECRET: &str = "calls/pair-secret";
 
 /// An account, across tenants.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

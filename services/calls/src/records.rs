@@ -90,13 +90,27 @@ pub async fn keep(rt: &Runtime, rec: &CallRec) {
     }
 }
 
+/// When a record of a call that ended at `ended` (Unix seconds) expires.
+/// The expiry sits in the record's key and value, so when the policy keeps
+/// no time field it must not date the call precisely: it is rounded up to a
+/// multiple of the retention (at most a day), and says only to within that
+/// when the call ended. Such records are kept up to that much longer.
+pub fn expiry(p: &Policy, ended: i64) -> i64 {
+    let exact = ended + p.retention_seconds;
+    if p.has(RecordField::StartTime) || p.has(RecordField::Duration) {
+        return exact;
+    }
+    let grain = p.retention_seconds.clamp(1, 86_400);
+    exact.div_euclid(grain) * grain + grain
+}
+
 async fn keep_in(t: &TenantStore, rec: &CallRec) -> Result<(), StoreError> {
     let p = policy(t).await?;
     if p.fields.is_empty() {
         return Ok(());
     }
     let ended = rec.ended_ms.unwrap_or(rec.started_ms);
-    let expires_at = ended / 1000 + p.retention_seconds;
+    let expires_at = expiry(&p, ended / 1000);
     let answered = rec.answered_ms.is_some();
     let mut s = Stored { id: new_id("cr_"), expires_at, ..Default::default() };
     if p.has(RecordField::StartTime) {
@@ -206,4 +220,24 @@ pub fn describe(s: &Stored) -> String {
         s.participants.len(),
         s.expires_at
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expiry_without_time_fields_does_not_date_the_call() {
+        let outcome = Policy { fields: vec![RecordField::Outcome as i32], retention_seconds: 7 * 86_400 };
+        // Two calls ending the same (UTC) day.
+        let a = expiry(&outcome, 1_700_006_401);
+        let b = expiry(&outcome, 1_700_050_000);
+        assert_eq!(a, b, "calls of the same day expire at the same time");
+        assert!(a > 1_700_050_000 + 7 * 86_400 && a <= 1_700_006_401 + 8 * 86_400);
+        let short = Policy { fields: vec![RecordField::Kind as i32], retention_seconds: 60 };
+        let e = expiry(&short, 1_700_000_001);
+        assert!(e % 60 == 0 && e > 1_700_000_061 && e <= 1_700_000_121);
+        let timed = Policy { fields: vec![RecordField::StartTime as i32], retention_seconds: 60 };
+        assert_eq!(expiry(&timed, 1_700_000_001), 1_700_000_061);
+    }
 }

@@ -53,13 +53,6 @@ fn device<T>(req: &Request<T>) -> Result<DevKey, Status> {
     device_until(req).map(|(d, _)| d)
 }
 
-fn node_id(v: &str) -> Result<&str, CallError> {
-    if !ids::token_chars(v) {
-        return Err(invalid("node_id", "1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'"));
-    }
-    Ok(v)
-}
-
 fn request_id(v: &str) -> Result<&str, CallError> {
     ids::request_id(v).map_err(|m| invalid("request_id", m))
 }
@@ -248,7 +241,7 @@ impl Node {
             return Err(CallError::NotPlaced.into());
         }
         let request = format!("{}/{rid}", me.device);
-        let pair = pair_key(&mine, &callee);
+        let pair = pair_key(&self.cluster.pair_secret, &mine, &callee);
         for _ in 0..4 {
             let now = now_ms();
             // Calls between these two are glare or a retry, handled below.
@@ -256,7 +249,10 @@ impl Node {
                 .cluster
                 .calls_of(&callee)
                 .iter()
-                .filter(|(c, _)| c.occupies(&callee) && crate::cluster::aux_key(c).as_deref() != Some(pair.as_str()))
+                .filter(|(c, _)| {
+                    c.occupies(&callee)
+                        && crate::cluster::aux_key(&self.cluster.pair_secret, c).as_deref() != Some(pair.as_str())
+                })
                 .count();
             let mut rec = CallRec {
                 id: new_id("cl_"),
@@ -672,9 +668,12 @@ impl MediaNodes for MediaNodesApi {
         &self,
         req: Request<pb::RegisterMediaNodeRequest>,
     ) -> Result<Response<pb::RegisterMediaNodeResponse>, Status> {
-        Caller::of(&req)?.require_operator()?;
+        let mine = Caller::of(&req)?.require_media_node()?.to_string();
         let r = req.get_ref();
-        node_id(&r.node_id)?;
+        media::node_id(&r.node_id)?;
+        if r.node_id != mine {
+            return Err(Status::permission_denied("this credential registers another media node"));
+        }
         if r.address.is_empty() || r.address.len() > 256 {
             return Err(invalid("address", "1 to 256 characters").into());
         }
@@ -709,8 +708,11 @@ impl MediaNodes for MediaNodesApi {
         &self,
         req: Request<pb::DeregisterMediaNodeRequest>,
     ) -> Result<Response<pb::DeregisterMediaNodeResponse>, Status> {
-        Caller::of(&req)?.require_operator()?;
-        let id = node_id(&req.get_ref().node_id)?;
+        let mine = Caller::of(&req)?.require_media_node()?.to_string();
+        let id = media::node_id(&req.get_ref().node_id)?;
+        if id != mine {
+            return Err(Status::permission_denied("this credential deregisters another media node"));
+        }
         media::deregister(&self.0.rt.system_store(), id).await.map_err(spine_runtime::error::store)?;
         Ok(Response::new(pb::DeregisterMediaNodeResponse {}))
     }
@@ -734,5 +736,41 @@ impl MediaNodes for MediaNodesApi {
             })
             .collect();
         Ok(Response::new(pb::ListMediaNodesResponse { nodes }))
+    }
+
+    async fn issue_media_node_credential(
+        &self,
+        req: Request<pb::IssueMediaNodeCredentialRequest>,
+    ) -> Result<Response<pb::MediaNodeCredential>, Status> {
+        Caller::of(&req)?.require_operator()?;
+        let rt = &self.0.rt;
+        let cred = media::issue_credential(
+            &rt.system_store(),
+            &self.0.idem_lease,
+            |k, v| rt.auth.observe(k, v),
+            req.get_ref(),
+        )
+        .await?;
+        Ok(Response::new(cred))
+    }
+
+    async fn list_media_node_credentials(
+        &self,
+        req: Request<pb::ListMediaNodeCredentialsRequest>,
+    ) -> Result<Response<pb::ListMediaNodeCredentialsResponse>, Status> {
+        Caller::of(&req)?.require_operator()?;
+        let credentials = media::credentials(&self.0.rt.system_store()).await.map_err(spine_runtime::error::store)?;
+        Ok(Response::new(pb::ListMediaNodeCredentialsResponse { credentials }))
+    }
+
+    async fn revoke_media_node_credential(
+        &self,
+        req: Request<pb::RevokeMediaNodeCredentialRequest>,
+    ) -> Result<Response<pb::RevokeMediaNodeCredentialResponse>, Status> {
+        Caller::of(&req)?.require_operator()?;
+        let rt = &self.0.rt;
+        media::revoke_credential(&rt.system_store(), |k, v| rt.auth.observe(k, v), &req.get_ref().credential_id)
+            .await?;
+        Ok(Response::new(pb::RevokeMediaNodeCredentialResponse {}))
     }
 }

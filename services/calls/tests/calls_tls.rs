@@ -95,7 +95,8 @@ async fn tls_without_a_peer_ca_fails_at_start() {
     let rt = spine_runtime::Runtime::with_store(
         config,
         std::sync::Arc::new(spine_runtime::store::EmbeddedStore::in_memory()),
-    );
+    )
+    .unwrap();
     let mut routes = tonic::service::RoutesBuilder::default();
     let err = spine_calls::install(&rt, &mut routes, "127.0.0.1:1".into()).await.err().expect("must not start");
     assert!(err.to_string().contains("tls.peer_ca"), "{err}");

@@ -32,7 +32,25 @@ fn device_of(m: &Member) -> Device {
     }
 }
 
-async fn register_sfu(env: &spine_identity::testing::Env, id: &str, region: &str, capacity: u32, load: u32, ttl: u32) {
+/// Registers a media node with a credential of its own (issued by the
+/// operator), which is returned.
+async fn register_sfu(
+    env: &spine_identity::testing::Env,
+    id: &str,
+    region: &str,
+    capacity: u32,
+    load: u32,
+    ttl: u32,
+) -> String {
+    let cred = MediaNodesClient::new(env.channel.clone())
+        .issue_media_node_credential(req(
+            pb::IssueMediaNodeCredentialRequest { request_id: id.into(), node_id: id.into(), label: id.into() },
+            &env.operator,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
     MediaNodesClient::new(env.channel.clone())
         .register_media_node(req(
             pb::RegisterMediaNodeRequest {
@@ -43,10 +61,11 @@ async fn register_sfu(env: &spine_identity::testing::Env, id: &str, region: &str
                 load,
                 ttl_seconds: ttl,
             },
-            &env.operator,
+            &cred,
         ))
         .await
         .unwrap();
+    cred
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -60,10 +79,11 @@ async fn group_call_keyed_by_mls() {
     // Media nodes: one about to lapse (least loaded of all), a busy one,
     // a full one, and one in another region.
     register_sfu(env, "sfu-eu-lapsing", "eu", 10, 0, 5).await;
-    register_sfu(env, "sfu-eu-busy", "eu", 10, 9, 60).await;
-    register_sfu(env, "sfu-eu-full", "eu", 5, 5, 60).await;
-    register_sfu(env, "sfu-eu-ok", "eu", 10, 2, 60).await;
-    register_sfu(env, "sfu-us", "us", 100, 0, 60).await;
+    let mut sfus = std::collections::HashMap::new();
+    sfus.insert("sfu-eu-busy", register_sfu(env, "sfu-eu-busy", "eu", 10, 9, 60).await);
+    sfus.insert("sfu-eu-full", register_sfu(env, "sfu-eu-full", "eu", 5, 5, 60).await);
+    sfus.insert("sfu-eu-ok", register_sfu(env, "sfu-eu-ok", "eu", 10, 2, 60).await);
+    sfus.insert("sfu-us", register_sfu(env, "sfu-us", "us", 100, 0, 60).await);
     let lapse_from = std::time::Instant::now();
 
     let messenger = env.tenant("messenger").await;
@@ -215,7 +235,7 @@ async fn group_call_keyed_by_mls() {
     // No media node with room: no group call.
     for id in ["sfu-eu-busy", "sfu-eu-full", "sfu-eu-ok", "sfu-us"] {
         MediaNodesClient::new(env.channel.clone())
-            .deregister_media_node(req(pb::DeregisterMediaNodeRequest { node_id: id.into() }, &env.operator))
+            .deregister_media_node(req(pb::DeregisterMediaNodeRequest { node_id: id.into() }, &sfus[id]))
             .await
             .unwrap();
     }

@@ -290,7 +290,14 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
         let seq = meta.next_seq;
         let recipients: Vec<Device> = old_roster.iter().map(|r| r.device.clone()).filter(|d| d != me).collect();
         let mut entry = LogEntry::new(EntryKind::Commit, &req.commit, from_epoch, recipients);
-        entry.removed = removed.iter().map(|m| Device::of(&m.name)).collect();
+        // Devices the commit takes out of the group. A device that rejoins
+        // by external commit replaces its own old leaf: it is removed and
+        // added at once, and stays a member (its index entry must stay).
+        entry.removed = removed
+            .iter()
+            .map(|m| Device::of(&m.name))
+            .filter(|d| !meta.roster.iter().any(|r| &r.device == d))
+            .collect();
         let mut txn = Txn::new()
             .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
             .then(Op::put(node.groups.key(&model::state_key(&g)), l.verifier.to_bytes()))
@@ -395,6 +402,23 @@ pub(crate) async fn dispute(node: &Node, me: &Device, req: pb::ReportDisputeRequ
     Ok(())
 }
 
+/// Deletes the disputes a device filed in a group (its account is gone).
+pub(crate) async fn forget_disputes(node: &Node, g: &str, d: &Device) -> Result<()> {
+    let mine = format!("/{}", model::gone_id(d));
+    let ops: Vec<Op> = node
+        .groups
+        .range_all(&model::disputes_prefix(g))
+        .await?
+        .into_iter()
+        .filter(|kv| kv.key.ends_with(&mine))
+        .map(|kv| Op::delete(kv.key))
+        .collect();
+    for chunk in ops.chunks(spine_runtime::store::MAX_TXN_OPS) {
+        node.groups.txn(Txn::new().then_all(chunk.to_vec())).await?;
+    }
+    Ok(())
+}
+
 /// Proposes the removal of a device from a group, as its external sender,
 /// and queues the proposal for the members (their next commit includes it).
 pub(crate) async fn propose_removal(node: &Node, g: &str, d: &Device) -> Result<bool> {
@@ -454,52 +478,105 @@ pub(crate) fn spawn_fanout(node: &Node, g: String) {
     });
 }
 
-/// Upkeep: finishes fan-outs, and proposes the removal of members whose
-/// device no longer exists (revoked, or its account deleted) and who have
-/// no removal pending yet.
+/// How long a group may keep a device that no longer exists (revoked, or
+/// its account deleted) in its roster after Spine proposed its removal,
+/// waiting for a member to commit it. Past that the group is deleted: the
+/// roster, public state and GroupInfo would otherwise keep naming the
+/// device for as long as nobody commits.
+pub const GONE_RETENTION_SECS: i64 = 14 * 86_400;
+
+/// Upkeep: finishes fan-outs, proposes the removal of members whose device
+/// no longer exists (and who have no removal queued yet), and deletes
+/// groups whose every member is gone, or that kept a gone device past
+/// [`GONE_RETENTION_SECS`]. A group that fails is skipped (and counted);
+/// the others go on.
 pub(crate) async fn sweep(node: &Node) -> Result<()> {
-    let sys = node.rt.system_store();
     let metas = node.groups.range_all("").await?;
+    let mut failed = 0;
     for kv in metas.iter().filter(|kv| kv.key.ends_with("/s/meta")) {
         let g = node.groups.relative(&kv.key).trim_end_matches("/s/meta").to_string();
-        crate::mailbox::fanout(&node.rt, &node.groups, &node.mailbox_lease, &g).await?;
-        let meta: GroupMeta = parse(kv)?;
-        let mut gone = Vec::new();
-        for r in &meta.roster {
-            let Some(tenant) = TenantId::parse(&r.device.tenant) else { continue };
-            let t = sys.tenant_for_delivery(&tenant);
-            if directory::device(&t, &r.device.account, &r.device.device).await?.is_none() {
-                gone.push(r.device.clone());
-            }
+        if let Err(e) = sweep_group(node, &g, kv).await {
+            failed += 1;
+            crate::metrics::upkeep_failure();
+            tracing::warn!(group = %redact(&g), error = %e, "group upkeep failed; going on with the others");
         }
-        if gone.len() == meta.roster.len() {
-            // No member device exists any more: nobody can commit, and the
-            // group's data has no one left to serve. Delete it.
-            let txn = Txn::new()
-                .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-                .then(Op::delete_prefix(node.groups.key(&format!("{g}/"))));
-            if node.groups.txn(txn).await?.succeeded {
-                tracing::info!(group = %redact(&g), "group deleted: no member device left");
-            }
-            continue;
+    }
+    if failed > 0 {
+        return Err(GroupsError::Internal(format!("upkeep failed for {failed} group(s)")));
+    }
+    Ok(())
+}
+
+async fn sweep_group(node: &Node, g: &str, kv: &KeyValue) -> Result<()> {
+    let sys = node.rt.system_store();
+    crate::mailbox::fanout(&node.rt, &node.groups, &node.mailbox_lease, g).await?;
+    let meta: GroupMeta = parse(kv)?;
+    let mut gone = Vec::new();
+    for r in &meta.roster {
+        let Some(tenant) = TenantId::parse(&r.device.tenant) else { continue };
+        let t = sys.tenant_for_delivery(&tenant);
+        if directory::device(&t, &r.device.account, &r.device.device).await?.is_none() {
+            gone.push(r.clone());
         }
-        for d in &gone {
-            if !removal_pending(node, &g, &meta, d).await? {
-                propose_removal(node, &g, d).await?;
-            }
+    }
+    if gone.len() == meta.roster.len() {
+        // No member device exists any more: nobody can commit, and the
+        // group's data has no one left to serve. Delete it.
+        return delete_group(node, g, kv, &meta, "no member device left").await;
+    }
+    // When each gone device was first noticed; markers of devices that
+    // left the roster since are dropped.
+    let now = now_secs();
+    let markers = node.groups.range_all(&model::gone_prefix(g)).await?;
+    let mut oldest = now;
+    let mut ops = Vec::new();
+    for m in &markers {
+        let id = node.groups.relative(&m.key).rsplit('/').next().unwrap_or_default();
+        if gone.iter().any(|r| model::gone_id(&r.device) == id) {
+            oldest = oldest.min(String::from_utf8_lossy(&m.value).parse().unwrap_or(now));
+        } else {
+            ops.push(Op::delete(m.key.clone()));
+        }
+    }
+    for r in &gone {
+        let key = model::gone_key(g, &r.device);
+        if !markers.iter().any(|m| node.groups.relative(&m.key) == key) {
+            ops.push(Op::put(node.groups.key(&key), now.to_string().into_bytes()));
+        }
+    }
+    if !ops.is_empty() {
+        node.groups.txn(Txn::new().then_all(ops)).await?;
+    }
+    if now - oldest > GONE_RETENTION_SECS {
+        return delete_group(node, g, kv, &meta, "a gone device's removal was never committed").await;
+    }
+    let queued = match load(node, g).await? {
+        Some(l) => l.verifier.queued_removals(),
+        None => return Ok(()),
+    };
+    for r in &gone {
+        if !queued.contains(&r.leaf) {
+            propose_removal(node, g, &r.device).await?;
         }
     }
     Ok(())
 }
 
-/// Whether a Remove proposal for `d` is queued in the current epoch (in
-/// the log since the last commit).
-async fn removal_pending(node: &Node, g: &str, meta: &GroupMeta, d: &Device) -> Result<bool> {
-    let entries = node.groups.range_all(&model::log_prefix(g)).await?;
-    Ok(entries
-        .iter()
-        .rev()
-        .filter_map(|kv| parse::<LogEntry>(kv).ok())
-        .take_while(|e| e.kind != EntryKind::Commit as i32)
-        .any(|e| e.kind == EntryKind::Proposal as i32 && e.epoch == meta.epoch && e.removed.contains(d)))
+/// Deletes a group and every member's index entry of it, if it is unchanged
+/// since `kv` was read.
+async fn delete_group(node: &Node, g: &str, kv: &KeyValue, meta: &GroupMeta, why: &str) -> Result<()> {
+    let sys = node.rt.system_store();
+    let mut txn = Txn::new()
+        .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+        .then(Op::delete_prefix(node.groups.key(&format!("{g}/"))));
+    for r in meta.roster.iter().take(spine_runtime::store::MAX_TXN_OPS - 1) {
+        let Some(tenant) = TenantId::parse(&r.device.tenant) else { continue };
+        let t = sys.tenant_for_delivery(&tenant);
+        txn = txn.then(Op::delete(t.key(&model::gm_key(&r.device.account, &r.device.device, g))));
+    }
+    if node.groups.txn(txn).await?.succeeded {
+        tracing::info!(group = %redact(g), reason = why, "group deleted");
+        crate::metrics::group_deleted(why);
+    }
+    Ok(())
 }

@@ -76,18 +76,38 @@ impl Node {
     }
 }
 
-/// Loads (or, the first time, creates) the delivery service's key.
+/// Loads (or, the first time, creates) the delivery service's key, sealed
+/// with the key-encryption key like the token signing keys. A key sealed
+/// under a key-encryption key being rotated out is sealed again under the
+/// current one; a key stored unsealed by an older version is sealed now.
 async fn delivery_service(rt: &Runtime) -> Result<DeliveryService, StoreError> {
     let sys = rt.system_store();
+    let key = sys.key(DS_KEY);
+    let backend = |e: &dyn std::fmt::Display| StoreError::Backend(format!("delivery service key: {e}"));
     for _ in 0..3 {
         if let Some(kv) = sys.get(DS_KEY).await? {
-            return DeliveryService::from_bytes(&kv.value)
-                .map_err(|e| StoreError::Backend(format!("delivery service key: {e}")));
+            let stored =
+                String::from_utf8(kv.value.clone()).ok().filter(|v| v.starts_with("v1:") || v.starts_with("plain:"));
+            let (bytes, reseal) = match stored {
+                Some(sealed) => rt.sealer.open_current(&key, &sealed).map_err(|e| backend(&e))?,
+                // Written unsealed by an earlier version.
+                None => (kv.value.clone(), true),
+            };
+            let ds = DeliveryService::from_bytes(&bytes).map_err(|e| backend(&e))?;
+            if reseal {
+                let txn = Txn::new()
+                    .when(Compare::ModRevision(key.clone(), kv.mod_revision))
+                    .then(Op::put(key.clone(), rt.sealer.seal(&key, &bytes)));
+                sys.txn(txn).await?;
+                tracing::info!("delivery service key sealed under the current key-encryption key");
+            }
+            return Ok(ds);
         }
-        let ds = DeliveryService::generate().map_err(|e| StoreError::Backend(e.to_string()))?;
-        let bytes = ds.to_bytes().map_err(|e| StoreError::Backend(e.to_string()))?;
+        let ds = DeliveryService::generate().map_err(|e| backend(&e))?;
+        let bytes = ds.to_bytes().map_err(|e| backend(&e))?;
         // Nodes starting together agree on one key: the first write wins.
-        sys.txn(Txn::new().when(Compare::Absent(sys.key(DS_KEY))).then(Op::put(sys.key(DS_KEY), bytes))).await?;
+        sys.txn(Txn::new().when(Compare::Absent(key.clone())).then(Op::put(key.clone(), rt.sealer.seal(&key, &bytes))))
+            .await?;
     }
     Err(StoreError::Backend("delivery service key did not settle".into()))
 }

@@ -104,13 +104,16 @@ pub(crate) async fn fanout(rt: &Arc<Runtime>, groups: &GroupSpace, lease: &Share
             elapsed_ms = started.elapsed().as_millis() as u64,
             "fanned out"
         );
-        // Advance the cursor; if another node advanced it meanwhile, its
-        // value is at least ours (both deliver in order).
+        // Advance the cursor and drop the delivered entry (the log holds
+        // only what is still to be delivered); if another node advanced the
+        // cursor meanwhile, its value is at least ours (both deliver in
+        // order).
         let out = groups
             .txn(
                 Txn::new()
                     .when(Compare::ModRevision(groups.key(&model::fanout_key(g)), cursor_rev))
-                    .then(Op::put(groups.key(&model::fanout_key(g)), json(&Counter { n: gseq }))),
+                    .then(Op::put(groups.key(&model::fanout_key(g)), json(&Counter { n: gseq })))
+                    .then(Op::delete(kv.key.clone())),
             )
             .await?;
         if !out.succeeded {

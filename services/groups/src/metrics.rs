@@ -16,6 +16,10 @@ pub(crate) struct GroupsMetrics {
     pub pool_depth: Histogram<u64>,
     /// Seconds from a message entering a group's log to reaching a mailbox.
     pub fanout_lag: Histogram<f64>,
+    /// Groups the upkeep failed on (it goes on with the others).
+    pub upkeep_failures: Counter<u64>,
+    /// Groups the upkeep deleted, by reason.
+    pub groups_deleted: Counter<u64>,
 }
 
 pub(crate) fn metrics() -> &'static GroupsMetrics {
@@ -37,12 +41,25 @@ pub(crate) fn metrics() -> &'static GroupsMetrics {
                 .with_unit("s")
                 .with_description("Log to mailbox delay")
                 .build(),
+            upkeep_failures: m
+                .u64_counter("spine.groups.upkeep.failures")
+                .with_description("Groups the upkeep failed on")
+                .build(),
+            groups_deleted: m.u64_counter("spine.groups.deleted").with_description("Groups deleted, by reason").build(),
         }
     })
 }
 
 pub(crate) fn commit(result: &'static str) {
     metrics().commits.add(1, &[KeyValue::new("result", result)]);
+}
+
+pub(crate) fn upkeep_failure() {
+    metrics().upkeep_failures.add(1, &[]);
+}
+
+pub(crate) fn group_deleted(reason: &str) {
+    metrics().groups_deleted.add(1, &[KeyValue::new("reason", reason.to_string())]);
 }
 
 pub(crate) fn key_package(op: &'static str, result: &'static str) {

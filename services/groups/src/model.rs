@@ -50,11 +50,26 @@ pub fn fanout_key(g: &str) -> String {
 pub fn committer_key(g: &str, epoch: u64) -> String {
     format!("{g}/committers/{epoch:020}")
 }
+pub fn committers_prefix(g: &str) -> String {
+    format!("{g}/committers/")
+}
 pub fn disputes_prefix(g: &str) -> String {
     format!("{g}/disputes/")
 }
 pub fn dispute_key(g: &str, epoch: u64, tenant: &str, device: &str) -> String {
     format!("{g}/disputes/{epoch:020}/{tenant}.{device}")
+}
+
+/// `<g>/gone/<tenant>.<device>`: when Spine first saw that a member device
+/// no longer exists (its removal is proposed, not yet committed).
+pub fn gone_prefix(g: &str) -> String {
+    format!("{g}/gone/")
+}
+pub fn gone_id(d: &Device) -> String {
+    format!("{}.{}", d.tenant, d.device)
+}
+pub fn gone_key(g: &str, d: &Device) -> String {
+    format!("{g}/gone/{}", gone_id(d))
 }
 
 pub fn kp_prefix(account: &str, device: &str) -> String {

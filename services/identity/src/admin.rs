@@ -1,56 +1,27 @@
-//! `TenantAdmin`: operators create tenants, issue and revoke their
-//! credentials, and rotate token signing keys. Operators never see accounts.
+//! `TenantAdmin`: operators create tenants, revoke their credentials in an
+//! emergency (both recorded in the tenant's audit log), and rotate and
+//! revoke token signing keys. Operators never see accounts, and never issue
+//! a tenant's credentials after its first.
 
 use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use prost::Message;
-use sha2::{Digest, Sha256};
 use spine_proto::identity::v1 as pb;
 use spine_proto::identity::v1::tenant_admin_server::TenantAdmin;
-use spine_runtime::auth::records::{self, TenantCredential as CredRec};
-use spine_runtime::ids::{self, Kind, TenantId};
-use spine_runtime::store::{Compare, KeyValue, Op, SystemStore, Txn};
-use spine_runtime::{Caller, now_secs};
+use spine_runtime::Caller;
+use spine_runtime::auth::records;
+use spine_runtime::ids::{Kind, TenantId};
+use spine_runtime::store::{KeyValue, SystemStore};
 use tonic::{Request, Response, Status};
 
 use crate::Node;
+use crate::credentials::{self, Actor, ts};
 use crate::error::{IdentityError, Result};
-use crate::keys::json;
-use crate::model::{self, IdemRec, TenantRec};
+use crate::model::{self, TenantRec};
 use crate::validate;
 
 pub struct Admin(pub(crate) Arc<Node>);
-
-pub(crate) fn ts(secs: i64) -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp { seconds: secs, nanos: 0 })
-}
-
-/// Fingerprint of a request, to tell a retry from a reuse of its key.
-pub(crate) fn fingerprint<M: Message>(m: &M) -> String {
-    hex::encode(Sha256::digest(m.encode_to_vec()))
-}
-
-/// The stored answer for an idempotency key: `None` if the key is new, the
-/// answer if this is a retry of the same request, an error if the key was
-/// used for a different request.
-pub(crate) fn replay<R: Message + Default>(kv: Option<KeyValue>, fp: &str) -> Result<Option<R>> {
-    let Some(kv) = kv else { return Ok(None) };
-    let rec: IdemRec = serde_json::from_slice(&kv.value).map_err(|e| IdentityError::Internal(e.to_string()))?;
-    if rec.fingerprint != fp {
-        return Err(IdentityError::IdempotencyKeyReused);
-    }
-    let bytes = B64.decode(rec.response).map_err(|e| IdentityError::Internal(e.to_string()))?;
-    R::decode(bytes.as_slice()).map(Some).map_err(|e| IdentityError::Internal(e.to_string()))
-}
-
-/// The write that records an answer under an idempotency key.
-pub(crate) fn record<R: Message>(abs_key: String, fp: &str, resp: &R, lease: i64) -> Op {
-    let rec =
-        IdemRec { fingerprint: fp.to_string(), response: B64.encode(resp.encode_to_vec()), created_at: now_secs() };
-    Op::put_leased(abs_key, json(&rec), lease)
-}
 
 fn tenant_of(kv: &KeyValue, sys: &SystemStore) -> Result<pb::Tenant> {
     let rec: TenantRec = serde_json::from_slice(&kv.value).map_err(|e| IdentityError::Internal(e.to_string()))?;
@@ -59,122 +30,17 @@ fn tenant_of(kv: &KeyValue, sys: &SystemStore) -> Result<pb::Tenant> {
 }
 
 impl Admin {
-    fn operator<T>(req: &Request<T>) -> Result<()> {
-        Caller::of(req).map_err(|_| IdentityError::Internal("no caller".into()))?.require_operator()?;
-        Ok(())
+    /// The calling operator, as the actor of what it does.
+    fn operator<T>(req: &Request<T>) -> Result<Actor> {
+        let caller = Caller::of(req).map_err(|_| IdentityError::Internal("no caller".into()))?;
+        caller.require_operator()?;
+        Actor::of(caller).ok_or(IdentityError::Internal("operator without an id".into()))
     }
 
     async fn existing_tenant(&self, sys: &SystemStore, id: &str) -> Result<TenantId> {
         let tenant = validate::tenant_id("tenant_id", id)?;
         sys.get(&model::tenant_key(tenant.as_str())).await?.ok_or(IdentityError::NotFound("tenant"))?;
         Ok(tenant)
-    }
-
-    /// A new credential: the record to store and the answer with the secret.
-    fn new_credential(tenant: &TenantId, label: String) -> (String, CredRec, pb::TenantCredential) {
-        let id = ids::new(Kind::TenantCredential);
-        let secret = ids::secret();
-        let now = now_secs();
-        let rec = CredRec {
-            tenant_id: tenant.to_string(),
-            secret_sha256: records::hash_secret(&secret),
-            label: label.clone(),
-            created_at: now,
-        };
-        let answer = pb::TenantCredential {
-            credential_id: id.clone(),
-            tenant_id: tenant.to_string(),
-            label,
-            secret: format!("{id}.{secret}"),
-            created_at: ts(now),
-        };
-        (id, rec, answer)
-    }
-
-    async fn create_tenant(&self, req: pb::CreateTenantRequest) -> Result<pb::CreateTenantResponse> {
-        validate::request_id(&req.request_id)?;
-        let display_name = validate::name("display_name", &req.display_name, true)?;
-        let sys = self.0.rt.system_store();
-        let fp = fingerprint(&req);
-        let idem = model::admin_idem_key(&req.request_id);
-        if let Some(r) = replay(sys.get(&idem).await?, &fp)? {
-            return Ok(r);
-        }
-        let tenant = TenantId::generate();
-        let now = now_secs();
-        let (cred_id, cred, answer) = Self::new_credential(&tenant, "initial".into());
-        let resp = pb::CreateTenantResponse {
-            tenant: Some(pb::Tenant {
-                tenant_id: tenant.to_string(),
-                display_name: display_name.clone(),
-                created_at: ts(now),
-            }),
-            credential: Some(answer),
-        };
-        let cred_key = format!("{}{cred_id}", records::TENANT_CREDS);
-        let out = self
-            .0
-            .idem_lease
-            .txn(|lease| {
-                Txn::new()
-                    .when(Compare::Absent(sys.key(&idem)))
-                    .then(Op::put(
-                        sys.key(&model::tenant_key(tenant.as_str())),
-                        json(&TenantRec { display_name: display_name.clone(), created_at: now }),
-                    ))
-                    .then(Op::put(sys.key(&cred_key), json(&cred)))
-                    .then(record(sys.key(&idem), &fp, &resp, lease))
-            })
-            .await?;
-        if !out.succeeded {
-            // A concurrent retry with the same key won; answer as it did.
-            return replay(sys.get(&idem).await?, &fp)?.ok_or(IdentityError::Conflict);
-        }
-        self.0.rt.auth.observe(&cred_key, Some(&json(&cred)));
-        tracing::info!(tenant = %tenant, "tenant created");
-        Ok(resp)
-    }
-
-    async fn issue_credential(&self, req: pb::IssueTenantCredentialRequest) -> Result<pb::TenantCredential> {
-        validate::request_id(&req.request_id)?;
-        let label = validate::name("label", &req.label, false)?;
-        let sys = self.0.rt.system_store();
-        let tenant = self.existing_tenant(&sys, &req.tenant_id).await?;
-        let fp = fingerprint(&req);
-        let idem = model::admin_idem_key(&req.request_id);
-        if let Some(r) = replay(sys.get(&idem).await?, &fp)? {
-            return Ok(r);
-        }
-        let (cred_id, cred, answer) = Self::new_credential(&tenant, label);
-        let cred_key = format!("{}{cred_id}", records::TENANT_CREDS);
-        let remembered = pb::TenantCredential { secret: String::new(), ..answer.clone() };
-        let out = self
-            .0
-            .idem_lease
-            .txn(|lease| {
-                Txn::new()
-                    .when(Compare::Absent(sys.key(&idem)))
-                    .when(Compare::Present(sys.key(&model::tenant_key(tenant.as_str()))))
-                    .then(Op::put(sys.key(&cred_key), json(&cred)))
-                    .then(record(sys.key(&idem), &fp, &remembered, lease))
-            })
-            .await?;
-        if !out.succeeded {
-            return replay(sys.get(&idem).await?, &fp)?.ok_or(IdentityError::NotFound("tenant"));
-        }
-        self.0.rt.auth.observe(&cred_key, Some(&json(&cred)));
-        Ok(answer)
-    }
-
-    async fn credentials(&self, tenant: &TenantId, sys: &SystemStore) -> Result<Vec<(String, CredRec)>> {
-        let mut out = Vec::new();
-        for kv in sys.range_all(records::TENANT_CREDS).await? {
-            let rec: CredRec = serde_json::from_slice(&kv.value).map_err(|e| IdentityError::Internal(e.to_string()))?;
-            if rec.tenant_id == tenant.as_str() {
-                out.push((sys.relative(&kv.key).trim_start_matches(records::TENANT_CREDS).to_string(), rec));
-            }
-        }
-        Ok(out)
     }
 }
 
@@ -184,8 +50,8 @@ impl TenantAdmin for Admin {
         &self,
         req: Request<pb::CreateTenantRequest>,
     ) -> std::result::Result<Response<pb::CreateTenantResponse>, Status> {
-        Self::operator(&req)?;
-        Ok(Response::new(Admin::create_tenant(self, req.into_inner()).await?))
+        let actor = Self::operator(&req)?;
+        Ok(Response::new(credentials::create_tenant(&self.0, &actor, req.into_inner()).await?))
     }
 
     async fn get_tenant(
@@ -218,14 +84,6 @@ impl TenantAdmin for Admin {
         }))
     }
 
-    async fn issue_tenant_credential(
-        &self,
-        req: Request<pb::IssueTenantCredentialRequest>,
-    ) -> std::result::Result<Response<pb::TenantCredential>, Status> {
-        Self::operator(&req)?;
-        Ok(Response::new(self.issue_credential(req.into_inner()).await?))
-    }
-
     async fn list_tenant_credentials(
         &self,
         req: Request<pb::ListTenantCredentialsRequest>,
@@ -233,18 +91,7 @@ impl TenantAdmin for Admin {
         Self::operator(&req)?;
         let sys = self.0.rt.system_store();
         let tenant = self.existing_tenant(&sys, &req.get_ref().tenant_id).await?;
-        let credentials = self
-            .credentials(&tenant, &sys)
-            .await?
-            .into_iter()
-            .map(|(id, rec)| pb::TenantCredential {
-                credential_id: id,
-                tenant_id: rec.tenant_id,
-                label: rec.label,
-                secret: String::new(),
-                created_at: ts(rec.created_at),
-            })
-            .collect();
+        let credentials = credentials::list(&sys, &tenant).await?;
         Ok(Response::new(pb::ListTenantCredentialsResponse { credentials }))
     }
 
@@ -252,24 +99,12 @@ impl TenantAdmin for Admin {
         &self,
         req: Request<pb::RevokeTenantCredentialRequest>,
     ) -> std::result::Result<Response<pb::RevokeTenantCredentialResponse>, Status> {
-        Self::operator(&req)?;
+        let actor = Self::operator(&req)?;
         let req = req.into_inner();
         let sys = self.0.rt.system_store();
         let tenant = self.existing_tenant(&sys, &req.tenant_id).await?;
-        let id = validate::id("credential_id", Kind::TenantCredential, &req.credential_id)?;
-        let key = format!("{}{id}", records::TENANT_CREDS);
-        let kv = sys.get(&key).await.map_err(IdentityError::from)?.ok_or(IdentityError::NotFound("credential"))?;
-        let rec: CredRec = serde_json::from_slice(&kv.value).map_err(|e| IdentityError::Internal(e.to_string()))?;
-        if rec.tenant_id != tenant.as_str() {
-            return Err(IdentityError::NotFound("credential").into());
-        }
-        sys.txn(
-            Txn::new().when(Compare::ModRevision(kv.key.clone(), kv.mod_revision)).then(Op::delete(kv.key.clone())),
-        )
-        .await
-        .map_err(IdentityError::from)?;
-        self.0.rt.auth.observe(&key, None);
-        tracing::info!(tenant = %tenant, credential = %id, "tenant credential revoked");
+        // An emergency: an operator may revoke even the last credential.
+        credentials::revoke(&self.0, &tenant, &actor, &req.credential_id, false).await?;
         Ok(Response::new(pb::RevokeTenantCredentialResponse {}))
     }
 
@@ -289,6 +124,18 @@ impl TenantAdmin for Admin {
         Self::operator(&req)?;
         let keys = self.0.signer.list().await?.into_iter().map(|(id, k)| signing_key(id, k)).collect::<Result<_>>()?;
         Ok(Response::new(pb::ListSigningKeysResponse { keys }))
+    }
+
+    async fn revoke_signing_key(
+        &self,
+        req: Request<pb::RevokeSigningKeyRequest>,
+    ) -> std::result::Result<Response<pb::RevokeSigningKeyResponse>, Status> {
+        Self::operator(&req)?;
+        let kid = validate::id("key_id", Kind::SigningKey, &req.get_ref().key_id)?;
+        if !self.0.signer.revoke(kid).await? {
+            return Err(IdentityError::NotFound("signing key").into());
+        }
+        Ok(Response::new(pb::RevokeSigningKeyResponse {}))
     }
 }
 

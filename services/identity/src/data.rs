@@ -7,26 +7,32 @@ use spine_proto::common::v1::{DataItem, DataReportSection, Retention, retention}
 use spine_proto::identity::v1 as pb;
 use spine_runtime::auth::records;
 use spine_runtime::data::{self, AccountData, TOMBSTONE_DAYS, Tombstone};
+use spine_runtime::directory;
 use spine_runtime::now_secs;
-use spine_runtime::store::{Compare, Op, TenantStore, Txn};
+use spine_runtime::store::{Compare, Op, SystemStore, TenantStore, Txn};
 use spine_runtime::telemetry::redact;
 use tonic::Status;
 
 use crate::Node;
-use crate::admin::ts;
+use crate::credentials::{self, ts};
 use crate::error::{IdentityError, Result};
 use crate::keys::json;
-use crate::model::{self, AccountRec, DeviceRec, HandleRec, PeerList};
+use crate::model::{self, AccountRec, DeviceRec, HandleRec, PeerList, TenantRec};
 use crate::service::{load_settings, parse};
 use crate::validate::Peer;
 
 /// Identity's [`AccountData`] hook.
-#[derive(Debug, Default)]
-pub struct IdentityData;
+#[derive(Debug)]
+pub struct IdentityData {
+    sys: SystemStore,
+    /// How long a device revocation is kept: the longest token lifetime,
+    /// clock skew and the revocation lease's renewal period.
+    revocation_secs: i64,
+}
 
 impl IdentityData {
-    pub fn new() -> Self {
-        Self
+    pub fn new(sys: SystemStore, revocation_secs: i64) -> Self {
+        Self { sys, revocation_secs }
     }
 }
 
@@ -65,12 +71,14 @@ impl AccountData for IdentityData {
     }
 
     async fn report(&self, t: &TenantStore, account: &str) -> std::result::Result<DataReportSection, Status> {
-        Ok(report(t, account).await?)
+        Ok(report(t, account, self.revocation_secs).await?)
     }
 
-    async fn delete(&self, _t: &TenantStore, _account: &str) -> std::result::Result<(), Status> {
-        // Identity deletes its data atomically inside DeleteAccount itself.
-        Ok(())
+    async fn delete(&self, t: &TenantStore, account: &str) -> std::result::Result<(), Status> {
+        // DeleteAccount removed the account, its devices, settings, handles
+        // and answers atomically; what is left are the contact and block
+        // lists that name it, its own and other accounts'.
+        Ok(delete_lists(&self.sys, t, account).await?)
     }
 
     async fn delete_device(&self, _t: &TenantStore, _account: &str, _device: &str) -> std::result::Result<(), Status> {
@@ -79,20 +87,38 @@ impl AccountData for IdentityData {
     }
 }
 
-async fn report(t: &TenantStore, account: &str) -> Result<DataReportSection> {
+async fn report(t: &TenantStore, account: &str, revocation_secs: i64) -> Result<DataReportSection> {
     let root = format!("etcd:/spine/t/{}/", t.tenant());
     let mut items = Vec::new();
     if let Some(kv) = t.get(&model::account_key(account)).await? {
         let rec: AccountRec = parse(&kv)?;
         items.push(item(
             "account",
-            "The account id and when it was created. No name, phone number or profile.",
+            "The account id, when it was created, the idempotency key (`request_id`) of the request that \
+             created it, and how many devices it has. No name, phone number or profile.",
             format!("{root}accounts/<account>"),
             until_deleted(),
-            vec![format!("{account} created {}", rec.created_at)],
+            vec![format!(
+                "{account} created {} by request {} with {} device(s)",
+                rec.created_at,
+                rec.request_id.as_deref().unwrap_or("-"),
+                rec.devices
+            )],
             Some(rec.created_at),
         ));
     }
+    let revoked = t.range_all(&model::revoked_devices_prefix(account)).await?;
+    let mut it = item(
+        "revoked_device",
+        "Devices of the account revoked within the last token lifetime: every node refuses their tokens until \
+         the tokens would have expired anyway. The control-plane entry holds the tenant and device id only.",
+        format!("{root}revoked-dev/<account>/<device> and etcd:/spine/sys/auth/revoked/<tenant>/<device>"),
+        Some(Retention { kind: Some(retention::Kind::MaxAgeSeconds(revocation_secs)) }),
+        revoked.iter().map(|kv| last(&kv.key).to_string()).collect(),
+        None,
+    );
+    it.readers = "every Spine node (to refuse the device's tokens)".into();
+    items.push(it);
     let devices = t.range_all(&model::devices_prefix(account)).await?;
     let mut oldest = None;
     let mut values = Vec::new();
@@ -132,15 +158,24 @@ async fn report(t: &TenantStore, account: &str) -> Result<DataReportSection> {
         None,
     ));
     for (list, kind, description) in [
-        (PeerList::Contacts, "contact", "Accounts (or other apps' interop references) the account lists as contacts."),
-        (PeerList::Blocks, "block", "Accounts (or interop references) the account has blocked."),
+        (
+            PeerList::Contacts,
+            "contact",
+            "Accounts (or other apps' interop references) the account lists as contacts, each with the time it \
+             was added and an entry in the tenant's reverse index (so deleting either account finds it).",
+        ),
+        (
+            PeerList::Blocks,
+            "block",
+            "Accounts (or interop references) the account has blocked, with the time and a reverse-index entry.",
+        ),
     ] {
         let kvs = t.range_all(&model::peers_prefix(list, account)).await?;
         let values = kvs.iter().filter_map(|kv| Peer::from_key(last(&kv.key))).map(|p| p.describe()).collect();
         items.push(item(
             kind,
             description,
-            format!("{root}{}/<account>/<peer>", list.as_str()),
+            format!("{root}{l}/<account>/<peer> and {root}peer-refs/<peer>/{l}.<account>", l = list.as_str()),
             until_deleted(),
             values,
             None,
@@ -163,16 +198,175 @@ async fn report(t: &TenantStore, account: &str) -> Result<DataReportSection> {
     it.readers =
         "the account's devices and tenant servers; callers of the named tenants resolve it to a reference only".into();
     items.push(it);
-    let idem = t.range_all(&model::idem_prefix(account)).await?;
+    let mut idem: Vec<String> =
+        t.range_all(&model::idem_prefix(account)).await?.iter().map(|kv| last(&kv.key).to_string()).collect();
+    if let Some(rid) = t
+        .get(&model::account_key(account))
+        .await?
+        .and_then(|kv| parse::<AccountRec>(&kv).ok())
+        .and_then(|r| r.request_id)
+        && t.get(&model::idem_key("tenant", &rid)).await?.is_some()
+    {
+        idem.push(format!("{rid} (the account's creation)"));
+    }
     items.push(item(
         "idempotency_answer",
-        "The answers to retried writes (a device or handle just created), so a retry gets the same answer.",
-        format!("{root}idem/<account>/<request id>"),
-        Some(Retention { kind: Some(retention::Kind::MaxAgeSeconds(model::IDEMPOTENCY_TTL_SECS as i64 + 3600)) }),
-        idem.iter().map(|kv| last(&kv.key).to_string()).collect(),
+        "The answers to retried writes (the account, a device or a handle just created: ids and times), \
+         so a retry gets the same answer.",
+        format!("{root}idem/<account>/<request_id> and {root}idem/tenant/<request_id>"),
+        Some(Retention {
+            kind: Some(retention::Kind::MaxAgeSeconds(spine_runtime::idempotency::TTL_SECS as i64 + 3600)),
+        }),
+        idem,
         None,
     ));
     Ok(DataReportSection { service: "identity".into(), items })
+}
+
+/// What identity stores about a tenant itself: its record, its
+/// credentials (ids, labels, times; never secrets or their hashes), its
+/// audit log, tenant-wide idempotency answers and deletion tombstones.
+pub(crate) async fn tenant_report(sys: &SystemStore, t: &TenantStore) -> Result<DataReportSection> {
+    let tenant = t.tenant();
+    let root = format!("etcd:/spine/t/{tenant}/");
+    let mut items = Vec::new();
+    if let Some(kv) = sys.get(&model::tenant_key(tenant.as_str())).await? {
+        let rec: TenantRec = parse(&kv)?;
+        let mut it = item(
+            "tenant",
+            "The tenant's id, display name, creation time and how many credentials it holds.",
+            format!("etcd:/spine/sys/tenants/{tenant}"),
+            None,
+            vec![format!(
+                "{tenant} \"{}\" created {} credentials {}",
+                rec.display_name, rec.created_at, rec.credentials
+            )],
+            Some(rec.created_at),
+        );
+        it.readers = "Spine's operators; the tenant's servers".into();
+        items.push(it);
+    }
+    let creds = credentials::list(sys, tenant).await?;
+    let mut it = item(
+        "tenant_credential",
+        "Each credential's id, label and creation time, and a SHA-256 hash of its secret (never the secret).",
+        "etcd:/spine/sys/auth/tenant-creds/<credential>".into(),
+        None,
+        creds
+            .iter()
+            .map(|c| format!("{} \"{}\" created {}", c.credential_id, c.label, c.created_at.map_or(0, |t| t.seconds)))
+            .collect(),
+        None,
+    );
+    it.readers =
+        "every Spine node (the hash, to verify requests); operators and the tenant's servers see ids and labels".into();
+    items.push(it);
+    let events = credentials::audit_all(t).await?;
+    let mut it = item(
+        "audit_event",
+        "Every action on the tenant's credentials: what was done, by whom (an operator or tenant credential id), when.",
+        format!("{root}audit/<time>-<random>"),
+        Some(Retention { kind: Some(retention::Kind::MaxAgeSeconds(credentials::AUDIT_RETENTION_SECS)) }),
+        events
+            .iter()
+            .map(|e| {
+                format!(
+                    "{:?} by {} {} on {} at {}",
+                    pb::AuditAction::try_from(e.action).unwrap_or_default(),
+                    e.actor_kind,
+                    e.actor_id,
+                    e.credential_id,
+                    e.at.map_or(0, |t| t.seconds)
+                )
+            })
+            .collect(),
+        None,
+    );
+    it.readers = "the tenant's servers (append-only: no method changes or deletes an event)".into();
+    items.push(it);
+    let mut idem = t.range_all("idem/tenant/").await?;
+    idem.extend(t.range_all("idem/creds/").await?);
+    let mut it = item(
+        "tenant_idempotency_answer",
+        "Answers to the tenant servers' retried creates (an account or a credential just created; never a secret).",
+        format!("{root}idem/tenant/<request_id>, {root}idem/creds/<request_id>"),
+        Some(Retention {
+            kind: Some(retention::Kind::MaxAgeSeconds(spine_runtime::idempotency::TTL_SECS as i64 + 3600)),
+        }),
+        idem.iter().map(|kv| t.relative(&kv.key).to_string()).collect(),
+        None,
+    );
+    it.readers = "Spine only (replayed to a retry of the same request)".into();
+    items.push(it);
+    let tombs = t.range_all(data::TOMBSTONES).await?;
+    let mut it = item(
+        "deletion_tombstone",
+        "Accounts deleted in the last 7 days, when, and which services have finished deleting their data.",
+        format!("{root}deleted/<account>"),
+        Some(Retention { kind: Some(retention::Kind::MaxAgeSeconds(TOMBSTONE_DAYS * 86_400)) }),
+        tombs.iter().map(|kv| last(&kv.key).to_string()).collect(),
+        None,
+    );
+    it.readers = "Spine only (every service finishes the deletion from it)".into();
+    items.push(it);
+    Ok(DataReportSection { service: "identity".into(), items })
+}
+
+/// Deletes, in batches, list entries with their reverse-index entries:
+/// `entries` are (list entry key, index entry key), both absolute.
+async fn delete_pairs(t: &TenantStore, entries: Vec<(String, String)>) -> Result<()> {
+    for chunk in entries.chunks(spine_runtime::store::MAX_TXN_OPS / 2) {
+        t.txn(Txn::new().then_all(chunk.iter().flat_map(|(a, b)| [Op::delete(a.clone()), Op::delete(b.clone())])))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Removes the entries of other accounts' lists in `t` that name `peer` (a
+/// peer key), found through the reverse index; `only` limits it to one list.
+pub(crate) async fn delete_refs_to(t: &TenantStore, peer: &str, only: Option<PeerList>) -> Result<()> {
+    let mut pairs = Vec::new();
+    for kv in t.range_all(&model::peer_refs_prefix(peer)).await? {
+        let Some((list, owner)) = last(&kv.key).split_once('.') else { continue };
+        let list = match list {
+            "contacts" => PeerList::Contacts,
+            "blocks" => PeerList::Blocks,
+            _ => continue,
+        };
+        if only.is_some_and(|o| o != list) {
+            continue;
+        }
+        pairs.push((t.key(&format!("{}{peer}", model::peers_prefix(list, owner))), kv.key.clone()));
+    }
+    delete_pairs(t, pairs).await
+}
+
+/// Every contact and block list entry naming a deleted account, and the
+/// account's own lists: in its tenant through the reverse index, in the
+/// tenants its handles were open to through theirs.
+async fn delete_lists(sys: &SystemStore, t: &TenantStore, account: &str) -> Result<()> {
+    for list in [PeerList::Contacts, PeerList::Blocks] {
+        let prefix = model::peers_prefix(list, account);
+        let pairs = t
+            .range_all(&prefix)
+            .await?
+            .iter()
+            .map(|kv| (kv.key.clone(), t.key(&model::peer_ref_key(last(&kv.key), list, account))))
+            .collect();
+        delete_pairs(t, pairs).await?;
+    }
+    delete_refs_to(t, &directory::peer_account(account), None).await?;
+    let tomb = match t.get(&format!("{}{account}", data::TOMBSTONES)).await? {
+        Some(kv) => parse::<Tombstone>(&kv)?,
+        None => return Ok(()),
+    };
+    for other in tomb.handle_tenants.iter().filter_map(|x| spine_runtime::ids::TenantId::parse(x)) {
+        let ot = sys.tenant_for_maintenance(&other);
+        for h in &tomb.handles {
+            delete_refs_to(&ot, &directory::peer_interop(t.tenant().as_str(), h), None).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Deletes an account: identity's data atomically (with a tombstone and the
@@ -187,9 +381,15 @@ pub(crate) async fn delete_account(node: &Node, t: &TenantStore, account: &str) 
         let rec: AccountRec = parse(&kv)?;
         let devices: Vec<String> =
             t.range_all(&model::devices_prefix(account)).await?.iter().map(|kv| last(&kv.key).to_string()).collect();
-        let handles: Vec<String> =
-            t.range_all(&model::handles_prefix(account)).await?.iter().map(|kv| last(&kv.key).to_string()).collect();
-        let tomb = Tombstone { deleted_at: now_secs(), done: vec!["identity".into()] };
+        let handle_kvs = t.range_all(&model::handles_prefix(account)).await?;
+        let handles: Vec<String> = handle_kvs.iter().map(|kv| last(&kv.key).to_string()).collect();
+        let mut handle_tenants: Vec<String> =
+            handle_kvs.iter().filter_map(|kv| parse::<HandleRec>(kv).ok()).flat_map(|h| h.allowed).collect();
+        handle_tenants.sort();
+        handle_tenants.dedup();
+        // Identity is not done yet: the lists naming the account are
+        // cleaned by its hook, in batches, retried until they are.
+        let tomb = Tombstone { deleted_at: now_secs(), done: vec![], handles: handles.clone(), handle_tenants };
         let revoked: Vec<String> = devices.iter().map(|d| format!("{}{}/{d}", records::REVOKED, t.tenant())).collect();
         let out = node
             .revocation_lease
@@ -201,8 +401,7 @@ pub(crate) async fn delete_account(node: &Node, t: &TenantStore, account: &str) 
                     .then(Op::delete(akey.clone()))
                     .then(Op::delete_prefix(t.key(&model::devices_prefix(account))))
                     .then(Op::delete(t.key(&model::settings_key(account))))
-                    .then(Op::delete_prefix(t.key(&model::peers_prefix(PeerList::Contacts, account))))
-                    .then(Op::delete_prefix(t.key(&model::peers_prefix(PeerList::Blocks, account))))
+                    .then(Op::delete_prefix(t.key(&model::revoked_devices_prefix(account))))
                     .then(Op::delete_prefix(t.key(&model::handles_prefix(account))))
                     .then(Op::delete_prefix(t.key(&model::idem_prefix(account))))
                     .then(Op::put(t.key(&format!("{}{account}", data::TOMBSTONES)), json(&tomb)));
@@ -253,12 +452,14 @@ async fn finish_for(node: &Node, t: &TenantStore, account: &str) {
     }
 }
 
-/// Upkeep: finishes pending deletions and drops tombstones past their time.
+/// Upkeep: finishes pending deletions, drops tombstones and audit events
+/// past their time.
 pub(crate) async fn finish_deletions(node: &Node) -> Result<()> {
     let sys = node.rt.system_store();
     let services: Vec<&'static str> = node.rt.account_data().iter().map(|h| h.service()).collect();
     for tenant in sys.tenant_ids().await? {
         let t = sys.tenant_for_maintenance(&tenant);
+        credentials::prune_audit(&t, now_secs()).await?;
         for tk in t.range_all(data::TOMBSTONES).await? {
             let Ok(tomb) = serde_json::from_slice::<Tombstone>(&tk.value) else { continue };
             let account = last(&tk.key).to_string();

@@ -24,6 +24,9 @@ pub enum IdentityError {
     /// The caller's role may not call this method.
     #[error(transparent)]
     Authz(#[from] AuthzError),
+    /// A tenant tried to revoke its last credential.
+    #[error("this is the tenant's last credential: issue its successor first")]
+    LastCredential,
     /// Concurrent writes kept conflicting; the client may retry.
     #[error("concurrent update, retry")]
     Conflict,
@@ -35,6 +38,15 @@ pub enum IdentityError {
 }
 
 pub type Result<T> = std::result::Result<T, IdentityError>;
+
+impl From<spine_runtime::idempotency::IdemError> for IdentityError {
+    fn from(e: spine_runtime::idempotency::IdemError) -> Self {
+        match e {
+            spine_runtime::idempotency::IdemError::Reused => IdentityError::IdempotencyKeyReused,
+            spine_runtime::idempotency::IdemError::Corrupt(d) => IdentityError::Internal(d),
+        }
+    }
+}
 
 pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> IdentityError {
     IdentityError::Invalid { field, reason: reason.into() }
@@ -50,6 +62,9 @@ impl From<IdentityError> for Status {
             }
             IdentityError::Limit(msg) => wire::with_reason(Code::ResourceExhausted, msg, "LIMIT_REACHED"),
             IdentityError::Authz(a) => a.into(),
+            IdentityError::LastCredential => {
+                wire::with_reason(Code::FailedPrecondition, e.to_string(), "LAST_CREDENTIAL")
+            }
             IdentityError::Conflict => Status::aborted("concurrent update, retry"),
             IdentityError::Store(s) => wire::store(s),
             IdentityError::Internal(detail) => wire::internal(&detail),

@@ -19,7 +19,7 @@ use spine_runtime::auth::token::CLOCK_SKEW_SECS;
 use spine_runtime::config::AuthConfig;
 use spine_runtime::ids::{self, Kind};
 use spine_runtime::now_secs;
-use spine_runtime::store::{Op, SystemStore, Txn};
+use spine_runtime::store::{Compare, Op, SystemStore, Txn};
 
 use crate::error::{IdentityError, Result};
 
@@ -57,6 +57,7 @@ impl Signer {
         let published = self.sys.range_all(records::KEYS).await?;
         let secrets = self.sys.range_all(records::SIGNING).await?;
         let mut keys = Vec::new();
+        let mut stale = Vec::new();
         for kv in published {
             let id = self.sys.relative(&kv.key).trim_start_matches(records::KEYS).to_string();
             let published: PublishedKey =
@@ -69,8 +70,13 @@ impl Signer {
                 .find(|s| self.sys.relative(&s.key).trim_start_matches(records::SIGNING) == id)
                 .and_then(|s| {
                     let sealed = serde_json::from_slice::<SigningSecret>(&s.value).ok()?;
-                    match self.sealer.open(&s.key, &sealed.seed) {
-                        Ok(seed) => Some(seed),
+                    match self.sealer.open_current(&s.key, &sealed.seed) {
+                        Ok((seed, is_stale)) => {
+                            if is_stale {
+                                stale.push((s.clone(), seed.clone()));
+                            }
+                            Some(seed)
+                        }
                         Err(e) => {
                             tracing::warn!(key_id = %id, error = %e, "signing key unusable");
                             None
@@ -82,6 +88,20 @@ impl Signer {
             keys.push(Key { id, published, secret });
         }
         keys.sort_by(|a, b| (a.published.activates_at, &a.id).cmp(&(b.published.activates_at, &b.id)));
+        // Sealed under a key-encryption key being rotated out: seal again
+        // under the current one (compare-and-swap: another node may do it
+        // at the same time).
+        for (kv, seed) in stale {
+            let resealed = SigningSecret { seed: self.sealer.seal(&kv.key, &seed) };
+            self.sys
+                .txn(
+                    Txn::new()
+                        .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+                        .then(Op::put(kv.key.clone(), json(&resealed))),
+                )
+                .await?;
+            tracing::info!("a signing key was sealed again under the current key-encryption key");
+        }
         *self.cache.lock().expect("signer cache") = Some((Instant::now(), keys.clone()));
         Ok(keys)
     }
@@ -162,6 +182,32 @@ impl Signer {
     /// Published keys, oldest first.
     pub async fn list(&self) -> Result<Vec<(String, PublishedKey)>> {
         Ok(self.load(true).await?.into_iter().map(|k| (k.id, k.published)).collect())
+    }
+
+    /// Withdraws a key at once (a leak): every node stops accepting its
+    /// tokens at watch latency, and if it was the key signing now, a new
+    /// key signs from now on. `false` if no such key is published.
+    pub async fn revoke(&self, kid: &str) -> Result<bool> {
+        let keys = self.load(true).await?;
+        let Some(k) = keys.iter().find(|k| k.id == kid) else { return Ok(false) };
+        let pkey = self.sys.key(&format!("{}{kid}", records::KEYS));
+        self.sys
+            .txn(
+                Txn::new()
+                    .when(Compare::Present(pkey.clone()))
+                    .then(Op::delete(pkey))
+                    .then(Op::delete(self.sys.key(&format!("{}{kid}", records::SIGNING)))),
+            )
+            .await?;
+        self.ring.observe(&format!("{}{kid}", records::KEYS), None);
+        *self.cache.lock().expect("signer cache") = None;
+        tracing::warn!(key_id = %kid, "signing key revoked");
+        // The revoked key was the one signing (or about to): a fresh key
+        // signs at once; the others keep verifying until they retire.
+        if k.published.retires_at.is_none() {
+            self.create(0).await?;
+        }
+        Ok(true)
     }
 
     /// Withdraws keys whose every token has expired.

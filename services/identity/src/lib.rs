@@ -9,6 +9,7 @@
 //! resolving an interop handle that names the caller's tenant.
 
 mod admin;
+mod credentials;
 mod data;
 pub mod error;
 mod keys;
@@ -29,6 +30,7 @@ use spine_runtime::store::SharedLease;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
 
+pub use credentials::recover as recover_tenant_credential;
 pub use data::IdentityData;
 pub use validate::{MAX_DEVICES, MAX_HANDLE_TENANTS, MAX_HANDLES, MAX_PEERS};
 
@@ -50,18 +52,15 @@ pub(crate) struct Node {
 /// starts its upkeep. Returns the service names for health reporting.
 pub fn install(rt: &Arc<Runtime>, routes: &mut RoutesBuilder) -> Vec<&'static str> {
     let max_token = u64::from(rt.config.auth.max_token_ttl_secs) + CLOCK_SKEW_SECS as u64;
-    rt.register_account_data(Arc::new(IdentityData::new()));
+    let revocation_secs = max_token + 300;
+    rt.register_account_data(Arc::new(IdentityData::new(rt.system_store(), revocation_secs as i64)));
     let node = Arc::new(Node {
         rt: rt.clone(),
         signer: keys::Signer::new(rt.system_store(), rt.auth.clone(), rt.sealer.clone(), rt.config.auth.clone()),
-        idem_lease: SharedLease::new(
-            rt.store.clone(),
-            Duration::from_secs(model::IDEMPOTENCY_TTL_SECS + 3600),
-            Duration::from_secs(3600),
-        ),
+        idem_lease: spine_runtime::idempotency::lease(rt.store.clone()),
         revocation_lease: SharedLease::new(
             rt.store.clone(),
-            Duration::from_secs(max_token + 300),
+            Duration::from_secs(revocation_secs),
             Duration::from_secs(300),
         ),
     });
@@ -95,6 +94,17 @@ pub fn install(rt: &Arc<Runtime>, routes: &mut RoutesBuilder) -> Vec<&'static st
 /// first operator cannot call the API yet). Returns the bearer credential,
 /// shown once; only its hash is stored.
 pub async fn bootstrap_operator(rt: &Runtime, label: &str) -> Result<String, spine_runtime::store::StoreError> {
+    let (rel, value, credential) = create_operator(&rt.system_store(), label).await?;
+    rt.auth.observe(&rel, Some(&value));
+    Ok(credential)
+}
+
+/// Writes a new operator credential into the control plane: (its key
+/// relative to `/spine/sys/`, the stored record, the bearer credential).
+async fn create_operator(
+    sys: &spine_runtime::store::SystemStore,
+    label: &str,
+) -> Result<(String, Vec<u8>, String), spine_runtime::store::StoreError> {
     use spine_runtime::auth::records::{self, OperatorCredential};
     use spine_runtime::ids::{self, Kind};
     let id = ids::new(Kind::Operator);
@@ -106,21 +116,25 @@ pub async fn bootstrap_operator(rt: &Runtime, label: &str) -> Result<String, spi
     };
     let rel = format!("{}{id}", records::OPERATORS);
     let value = keys::json(&rec);
-    rt.system_store()
-        .txn(
-            spine_runtime::store::Txn::new()
-                .then(spine_runtime::store::Op::put(rt.system_store().key(&rel), value.clone())),
-        )
-        .await?;
-    rt.auth.observe(&rel, Some(&value));
-    Ok(format!("{id}.{secret}"))
+    sys.txn(spine_runtime::store::Txn::new().then(spine_runtime::store::Op::put(sys.key(&rel), value.clone()))).await?;
+    Ok((rel, value, format!("{id}.{secret}")))
+}
+
+/// [`bootstrap_operator`] for tools that hold only the store (the node
+/// serving requests learns it from its watch).
+pub async fn bootstrap_operator_in(
+    sys: &spine_runtime::store::SystemStore,
+    label: &str,
+) -> Result<String, spine_runtime::store::StoreError> {
+    Ok(create_operator(sys, label).await?.2)
 }
 
 /// Operator credentials on file: (id, label, created_at). Secrets are never
 /// stored, so never listed.
-pub async fn list_operators(rt: &Runtime) -> Result<Vec<(String, String, i64)>, spine_runtime::store::StoreError> {
+pub async fn list_operators(
+    sys: &spine_runtime::store::SystemStore,
+) -> Result<Vec<(String, String, i64)>, spine_runtime::store::StoreError> {
     use spine_runtime::auth::records::{self, OperatorCredential};
-    let sys = rt.system_store();
     let mut out = Vec::new();
     for kv in sys.range_all(records::OPERATORS).await? {
         if let Ok(rec) = serde_json::from_slice::<OperatorCredential>(&kv.value) {
@@ -136,17 +150,16 @@ pub async fn list_operators(rt: &Runtime) -> Result<Vec<(String, String, i64)>, 
 
 /// Revokes an operator credential; it stops working on every node at watch
 /// latency. `false` if there was no such credential.
-pub async fn revoke_operator(rt: &Runtime, operator_id: &str) -> Result<bool, spine_runtime::store::StoreError> {
+pub async fn revoke_operator(
+    sys: &spine_runtime::store::SystemStore,
+    operator_id: &str,
+) -> Result<bool, spine_runtime::store::StoreError> {
     use spine_runtime::auth::records;
     use spine_runtime::store::{Compare, Op, Txn};
     if spine_runtime::ids::parse(spine_runtime::ids::Kind::Operator, operator_id).is_none() {
         return Ok(false);
     }
-    let sys = rt.system_store();
     let rel = format!("{}{operator_id}", records::OPERATORS);
     let out = sys.txn(Txn::new().when(Compare::Present(sys.key(&rel))).then(Op::delete(sys.key(&rel)))).await?;
-    if out.succeeded {
-        rt.auth.observe(&rel, None);
-    }
     Ok(out.succeeded)
 }

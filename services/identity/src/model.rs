@@ -12,6 +12,25 @@ pub use spine_runtime::directory::{
 pub fn peers_prefix(list: PeerList, account: &str) -> String {
     format!("{}/{account}/", list.as_str())
 }
+/// Tenant: `peer-refs/<peer>/<list>.<owner>`: the reverse index of
+/// contacts and blocks (who lists `peer`), written with each entry, so an
+/// account's deletion finds every list that names it without a scan.
+pub fn peer_ref_key(peer: &str, list: PeerList, owner: &str) -> String {
+    format!("peer-refs/{peer}/{}.{owner}", list.as_str())
+}
+pub fn peer_refs_prefix(peer: &str) -> String {
+    format!("peer-refs/{peer}/")
+}
+/// Tenant: `revoked-dev/<account>/<device>`: a device of the account revoked
+/// within the last token lifetime (under the revocation lease), for the
+/// account's data report; the control-plane revocation entry names no
+/// account.
+pub fn revoked_device_key(account: &str, device: &str) -> String {
+    format!("revoked-dev/{account}/{device}")
+}
+pub fn revoked_devices_prefix(account: &str) -> String {
+    format!("revoked-dev/{account}/")
+}
 /// Tenant: `handles/<account>/<handle>`.
 pub fn handles_prefix(account: &str) -> String {
     format!("handles/{account}/")
@@ -28,6 +47,13 @@ pub fn idem_prefix(scope: &str) -> String {
 pub fn admin_idem_key(request_id: &str) -> String {
     format!("idem/admin/{request_id}")
 }
+/// Tenant: `idem/creds/<request id>`: a credential the tenant issued itself
+/// (the answer without its secret).
+pub fn creds_idem_key(request_id: &str) -> String {
+    format!("idem/creds/{request_id}")
+}
+/// Tenant: `audit/<time>-<random>`: the tenant's audit log.
+pub const AUDIT: &str = "audit/";
 
 /// Contacts or blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +75,11 @@ impl PeerList {
 pub struct TenantRec {
     pub display_name: String,
     pub created_at: i64,
+    /// Live credentials: changed (compare-and-swap on this record) with every
+    /// issue and revocation, so the last one cannot be revoked by two
+    /// concurrent requests.
+    #[serde(default)]
+    pub credentials: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,16 +99,3 @@ pub struct HandleRec {
     pub allowed: Vec<String>,
     pub created_at: i64,
 }
-
-/// A stored answer to an idempotent write.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct IdemRec {
-    /// Hex SHA-256 of the encoded request.
-    pub fingerprint: String,
-    /// Base64 of the encoded response.
-    pub response: String,
-    pub created_at: i64,
-}
-
-/// How long idempotency answers are kept.
-pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 3600;

@@ -23,11 +23,12 @@ use spine_runtime::{Caller, Scope, now_secs};
 use tonic::{Request, Response, Status};
 
 use crate::Node;
-use crate::admin::{fingerprint, record, replay, ts};
+use crate::credentials::{self, Actor, ts};
 use crate::error::{IdentityError, Result, invalid};
 use crate::keys::json;
 use crate::model::{self, AccountRec, DeviceRec, HandleIndex, HandleRec, PeerList};
 use crate::validate::{self, MAX_DEVICES, MAX_HANDLE_TENANTS, MAX_HANDLES, MAX_PEERS, Peer};
+use spine_runtime::idempotency::{fingerprint, record, replay};
 
 pub struct IdentityApi(pub(crate) Arc<Node>);
 
@@ -202,6 +203,11 @@ impl IdentityApi {
                         .then(Op::put(akey.clone(), json(&acc)))
                         .then(Op::delete(dkey.clone()))
                         .then(Op::put_leased(sys.key(&revoked), b"{}".to_vec(), lease))
+                        .then(Op::put_leased(
+                            s.store.key(&model::revoked_device_key(&s.account, &device)),
+                            b"{}".to_vec(),
+                            lease,
+                        ))
                 })
                 .await?;
             if out.succeeded {
@@ -383,7 +389,8 @@ impl IdentityApi {
             .txn(
                 Txn::new()
                     .when(Compare::Present(akey))
-                    .then(Op::put(key, json(&serde_json::json!({ "at": now_secs() })))),
+                    .then(Op::put(key, json(&serde_json::json!({ "at": now_secs() }))))
+                    .then(Op::put(s.store.key(&model::peer_ref_key(&peer.key(), list, &s.account)), b"{}".to_vec())),
             )
             .await?;
         if !out.succeeded {
@@ -400,7 +407,8 @@ impl IdentityApi {
         let s = scoped(&req, &req.get_ref().0).await?;
         let peer = Peer::parse(req.get_ref().1.as_ref())?;
         let key = s.store.key(&format!("{}{}", model::peers_prefix(list, &s.account), peer.key()));
-        s.store.txn(Txn::new().then(Op::delete(key))).await?;
+        let index = s.store.key(&model::peer_ref_key(&peer.key(), list, &s.account));
+        s.store.txn(Txn::new().then(Op::delete(key)).then(Op::delete(index))).await?;
         Ok(())
     }
 
@@ -421,8 +429,8 @@ impl IdentityApi {
     }
 
     async fn create_handle(&self, req: Request<pb::CreateInteropHandleRequest>) -> Result<pb::InteropHandle> {
-        validate::request_id(&req.get_ref().request_id)?;
         let s = scoped(&req, &req.get_ref().account_id).await?;
+        validate::request_id(&req.get_ref().request_id)?;
         let req = req.into_inner();
         if req.allowed_tenant_ids.is_empty() || req.allowed_tenant_ids.len() > MAX_HANDLE_TENANTS {
             return Err(invalid("allowed_tenant_ids", format!("1 to {MAX_HANDLE_TENANTS} tenant ids")));
@@ -651,13 +659,15 @@ impl Identity for IdentityApi {
     ) -> std::result::Result<Response<pb::RevokeInteropHandleResponse>, Status> {
         let s = scoped(&req, &req.get_ref().account_id).await?;
         let handle = validate::id("handle", Kind::InteropHandle, &req.get_ref().handle)?;
-        let key = s.store.key(&format!("{}{handle}", model::handles_prefix(&s.account)));
+        let rel = format!("{}{handle}", model::handles_prefix(&s.account));
+        let key = s.store.key(&rel);
         let sys = self.node().rt.system_store();
+        let kv = s.store.get(&rel).await.map_err(IdentityError::from)?.ok_or(IdentityError::NotFound("handle"))?;
         let out = s
             .store
             .txn(
                 Txn::new()
-                    .when(Compare::Present(key.clone()))
+                    .when(Compare::ModRevision(key.clone(), kv.mod_revision))
                     .then(Op::delete(key))
                     .then(Op::delete(sys.key(&model::handle_index_key(handle)))),
             )
@@ -665,6 +675,16 @@ impl Identity for IdentityApi {
             .map_err(IdentityError::from)?;
         if !out.succeeded {
             return Err(IdentityError::NotFound("handle").into());
+        }
+        // Contacts in other tenants that reached the account through this
+        // handle now name nothing: remove them (blocks stay, to keep the
+        // person blocked).
+        if let Ok(rec) = parse::<HandleRec>(&kv) {
+            let peer = spine_runtime::directory::peer_interop(s.store.tenant().as_str(), handle);
+            for other in rec.allowed.iter().filter_map(|t| spine_runtime::ids::TenantId::parse(t)) {
+                let ot = sys.tenant_for_maintenance(&other);
+                crate::data::delete_refs_to(&ot, &peer, Some(PeerList::Contacts)).await?;
+            }
         }
         wire(Ok(pb::RevokeInteropHandleResponse {}))
     }
@@ -680,6 +700,62 @@ impl Identity for IdentityApi {
         wire(Ok(pb::ResolveInteropHandleResponse {
             r#ref: Some(InteropRef { tenant_id: target.to_string(), handle: handle.to_string() }),
         }))
+    }
+
+    async fn issue_tenant_credential(
+        &self,
+        req: Request<pb::IssueTenantCredentialRequest>,
+    ) -> std::result::Result<Response<pb::TenantCredential>, Status> {
+        let caller = Caller::of(&req)?;
+        let tenant = credentials::own_tenant(caller, &req.get_ref().tenant_id)?.clone();
+        let actor = Actor::of(caller).ok_or(IdentityError::Internal("tenant server without an id".into()))?;
+        wire(credentials::issue(self.node(), &tenant, &actor, req.into_inner()).await)
+    }
+
+    async fn list_tenant_credentials(
+        &self,
+        req: Request<pb::ListTenantCredentialsRequest>,
+    ) -> std::result::Result<Response<pb::ListTenantCredentialsResponse>, Status> {
+        let tenant = credentials::own_tenant(Caller::of(&req)?, &req.get_ref().tenant_id)?;
+        let credentials = credentials::list(&self.node().rt.system_store(), tenant).await?;
+        wire(Ok(pb::ListTenantCredentialsResponse { credentials }))
+    }
+
+    async fn revoke_tenant_credential(
+        &self,
+        req: Request<pb::RevokeTenantCredentialRequest>,
+    ) -> std::result::Result<Response<pb::RevokeTenantCredentialResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let tenant = credentials::own_tenant(caller, &req.get_ref().tenant_id)?.clone();
+        let actor = Actor::of(caller).ok_or(IdentityError::Internal("tenant server without an id".into()))?;
+        credentials::revoke(self.node(), &tenant, &actor, &req.get_ref().credential_id, true).await?;
+        wire(Ok(pb::RevokeTenantCredentialResponse {}))
+    }
+
+    async fn list_audit_events(
+        &self,
+        req: Request<pb::ListAuditEventsRequest>,
+    ) -> std::result::Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        credentials::own_tenant(caller, "")?;
+        let t = caller.tenant_store().map_err(IdentityError::from)?;
+        wire(credentials::audit_page(&t, req.get_ref().page_size, &req.get_ref().page_token).await)
+    }
+
+    async fn get_tenant_data_report(
+        &self,
+        req: Request<pb::GetTenantDataReportRequest>,
+    ) -> std::result::Result<Response<DataReport>, Status> {
+        let caller = Caller::of(&req)?;
+        credentials::own_tenant(caller, "")?;
+        let t = caller.tenant_store().map_err(IdentityError::from)?;
+        let mut sections = vec![crate::data::tenant_report(&self.node().rt.system_store(), &t).await?];
+        for holder in self.node().rt.account_data() {
+            if let Some(section) = holder.tenant_report(&t).await? {
+                sections.push(section);
+            }
+        }
+        wire(Ok(DataReport { account_id: String::new(), generated_at: ts(now_secs()), sections }))
     }
 
     async fn get_data_report(

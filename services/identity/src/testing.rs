@@ -25,9 +25,14 @@ pub struct Env {
     pub etcd: Option<EtcdServer>,
 }
 
+/// The key-encryption key of every test node (nodes sharing a store must
+/// share it), so tests run with private keys sealed, as in production.
+pub const TEST_KEK: &str = "c3BpbmUtdGVzdC1rZXktZW5jcnlwdGlvbi1rZXkhISE=";
+
 pub fn test_config() -> Config {
     let mut c = Config::default();
     c.auth.key_activation_delay_secs = 0;
+    c.auth.key_encryption_key = Some(TEST_KEK.into());
     c
 }
 
@@ -64,7 +69,7 @@ where
     F: FnOnce(Arc<Runtime>, RoutesBuilder, std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = (RoutesBuilder, Vec<&'static str>)>,
 {
-    let rt = Runtime::with_store(config, store);
+    let rt = Runtime::with_store(config, store).expect("test config starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let addr = listener.local_addr().expect("local addr");
     let mut routes = RoutesBuilder::default();

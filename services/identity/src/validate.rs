@@ -17,6 +17,8 @@ pub const MAX_DEVICES: u32 = 32;
 pub const MAX_PEERS: u64 = 5000;
 /// Live interop handles per account.
 pub const MAX_HANDLES: u64 = 32;
+/// Live credentials per tenant.
+pub const MAX_TENANT_CREDENTIALS: u32 = 16;
 /// Tenants one handle may name.
 pub const MAX_HANDLE_TENANTS: usize = 16;
 

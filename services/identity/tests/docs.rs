@@ -49,6 +49,16 @@ async fn every_reported_kind_is_in_the_data_inventory() {
         }
     }
     assert!(kinds >= 7);
+    // And the tenant's own report.
+    let report = env
+        .identity()
+        .get_tenant_data_report(req(pb::GetTenantDataReportRequest::default(), &t.cred))
+        .await
+        .unwrap()
+        .into_inner();
+    for item in report.sections.iter().flat_map(|s| &s.items) {
+        assert!(privacy.contains(&format!("| `{}` |", item.kind)), "docs/privacy.md does not list `{}`", item.kind);
+    }
 }
 
 fn capitalize(s: &str) -> String {

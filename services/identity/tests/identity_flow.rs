@@ -22,6 +22,7 @@ on_both_stores!(
     data_report_and_account_deletion,
     tenant_credentials_rotate,
     signing_keys_rotate_without_downtime,
+    a_leaked_signing_key_is_revoked_at_once,
 );
 
 fn local(a: &str) -> Option<PeerRef> {
@@ -504,24 +505,40 @@ async fn data_report_and_account_deletion(env: Env) {
 
 async fn tenant_credentials_rotate(env: Env) {
     let t = env.tenant("messenger").await;
-    let mut admin = env.admin();
-    let new = admin
+    let mut id = env.identity();
+    // The tenant issues its next credential with the one it holds.
+    let new = id
         .issue_tenant_credential(req(
             pb::IssueTenantCredentialRequest {
                 request_id: "rot-1".into(),
-                tenant_id: t.id.clone(),
+                tenant_id: String::new(),
                 label: "rotation".into(),
             },
-            &env.operator,
+            &t.cred,
         ))
         .await
         .unwrap()
         .into_inner();
+    assert!(new.secret.starts_with(&new.credential_id));
+    // A retry gets the same credential, without its secret.
+    let again = id
+        .issue_tenant_credential(req(
+            pb::IssueTenantCredentialRequest {
+                request_id: "rot-1".into(),
+                tenant_id: String::new(),
+                label: "rotation".into(),
+            },
+            &t.cred,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((again.credential_id.as_str(), again.secret.as_str()), (new.credential_id.as_str(), ""));
     // Both work during rotation.
     env.account(&t).await;
     env.account(&spine_identity::testing::Tenant { id: t.id.clone(), cred: new.secret.clone() }).await;
-    let creds = admin
-        .list_tenant_credentials(req(pb::ListTenantCredentialsRequest { tenant_id: t.id.clone() }, &env.operator))
+    let creds = id
+        .list_tenant_credentials(req(pb::ListTenantCredentialsRequest::default(), &new.secret))
         .await
         .unwrap()
         .into_inner()
@@ -529,30 +546,50 @@ async fn tenant_credentials_rotate(env: Env) {
     assert_eq!(creds.len(), 2);
     assert!(creds.iter().all(|c| c.secret.is_empty()), "secrets are never listed");
     let old_id = t.cred.split('.').next().unwrap().to_string();
-    admin
-        .revoke_tenant_credential(req(
-            pb::RevokeTenantCredentialRequest { tenant_id: t.id.clone(), credential_id: old_id },
-            &env.operator,
-        ))
-        .await
-        .unwrap();
+    id.revoke_tenant_credential(req(
+        pb::RevokeTenantCredentialRequest { tenant_id: String::new(), credential_id: old_id.clone() },
+        &new.secret,
+    ))
+    .await
+    .unwrap();
     assert_code(
         env.identity().create_account(req(pb::CreateAccountRequest { request_id: "z".into() }, &t.cred)).await,
         Code::Unauthenticated,
     );
-    env.account(&spine_identity::testing::Tenant { id: t.id.clone(), cred: new.secret }).await;
-    // The stored record holds a hash, never the secret.
-    let stored: Vec<String> = env
-        .rt
-        .store
-        .range_all("/spine/sys/")
+    env.account(&spine_identity::testing::Tenant { id: t.id.clone(), cred: new.secret.clone() }).await;
+    // The last credential cannot be revoked by the tenant itself.
+    let last = id
+        .revoke_tenant_credential(req(
+            pb::RevokeTenantCredentialRequest { tenant_id: String::new(), credential_id: new.credential_id.clone() },
+            &new.secret,
+        ))
+        .await;
+    assert_code(last, Code::FailedPrecondition);
+    // The audit log tells the tenant who did what: the operator created the
+    // tenant, the tenant issued and revoked.
+    let events = id
+        .list_audit_events(req(pb::ListAuditEventsRequest::default(), &new.secret))
         .await
         .unwrap()
-        .into_iter()
-        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
-        .collect();
-    let secret_part = t.cred.split('.').nth(1).unwrap();
-    assert!(stored.iter().all(|v| !v.contains(secret_part)));
+        .into_inner()
+        .events;
+    let summary: Vec<(i32, &str, &str)> =
+        events.iter().map(|e| (e.action, e.actor_kind.as_str(), e.credential_id.as_str())).collect();
+    assert_eq!(
+        summary,
+        vec![
+            (pb::AuditAction::TenantCreated as i32, "operator", old_id.as_str()),
+            (pb::AuditAction::CredentialIssued as i32, "tenant", new.credential_id.as_str()),
+            (pb::AuditAction::CredentialRevoked as i32, "tenant", old_id.as_str()),
+        ]
+    );
+    assert_eq!(events[0].actor_id, env.operator.split('.').next().unwrap());
+    assert_eq!(events[1].actor_id, old_id);
+    // The stored records hold hashes, never a secret, in any encoding.
+    let dump = spine_runtime::testing::dump(&env.rt.store).await;
+    for secret in [&t.cred, &new.secret] {
+        spine_runtime::testing::assert_absent(&dump, secret.split('.').nth(1).unwrap(), "a tenant secret");
+    }
 }
 
 async fn signing_keys_rotate_without_downtime(env: Env) {
@@ -577,6 +614,51 @@ async fn signing_keys_rotate_without_downtime(env: Env) {
     let old = keys.iter().find(|k| k.key_id != rotated.key_id).unwrap();
     assert!(old.retires_at.is_some(), "the old key is scheduled for retirement");
     assert!(keys.iter().find(|k| k.key_id == rotated.key_id).unwrap().retires_at.is_none());
+}
+
+async fn a_leaked_signing_key_is_revoked_at_once(env: Env) {
+    let t = env.tenant("messenger").await;
+    let d = env.device(&t).await;
+    let mut admin = env.admin();
+    let keys =
+        admin.list_signing_keys(req(pb::ListSigningKeysRequest {}, &env.operator)).await.unwrap().into_inner().keys;
+    let leaked = keys[0].key_id.clone();
+    // Rotated first (as operators do routinely): the leaked key is retiring
+    // but would verify for another hour.
+    admin.rotate_signing_key(req(pb::RotateSigningKeyRequest {}, &env.operator)).await.unwrap();
+    env.identity().get_account(req(pb::GetAccountRequest::default(), &d.token)).await.unwrap();
+    // Tenants and devices cannot revoke keys.
+    assert_code(
+        admin.revoke_signing_key(req(pb::RevokeSigningKeyRequest { key_id: leaked.clone() }, &t.cred)).await,
+        Code::PermissionDenied,
+    );
+    admin.revoke_signing_key(req(pb::RevokeSigningKeyRequest { key_id: leaked.clone() }, &env.operator)).await.unwrap();
+    assert_code(
+        env.identity().get_account(req(pb::GetAccountRequest::default(), &d.token)).await,
+        Code::Unauthenticated,
+    );
+    assert_code(
+        admin.revoke_signing_key(req(pb::RevokeSigningKeyRequest { key_id: leaked.clone() }, &env.operator)).await,
+        Code::NotFound,
+    );
+    // Revoking the key that signs now: a fresh one takes over at once.
+    let current =
+        admin.list_signing_keys(req(pb::ListSigningKeysRequest {}, &env.operator)).await.unwrap().into_inner().keys;
+    let signing = current.iter().find(|k| k.retires_at.is_none()).unwrap().key_id.clone();
+    let fresh = env.device(&t).await;
+    admin
+        .revoke_signing_key(req(pb::RevokeSigningKeyRequest { key_id: signing.clone() }, &env.operator))
+        .await
+        .unwrap();
+    assert_code(
+        env.identity().get_account(req(pb::GetAccountRequest::default(), &fresh.token)).await,
+        Code::Unauthenticated,
+    );
+    let after = env.device(&t).await;
+    env.identity().get_account(req(pb::GetAccountRequest::default(), &after.token)).await.unwrap();
+    let keys =
+        admin.list_signing_keys(req(pb::ListSigningKeysRequest {}, &env.operator)).await.unwrap().into_inner().keys;
+    assert!(keys.iter().all(|k| k.key_id != leaked && k.key_id != signing), "{keys:?}");
 }
 
 /// A second node on the same etcd verifies tokens the first issued, and

@@ -171,7 +171,8 @@ async fn every_identity_method_is_siloed(env: Env) {
     let mut admin = env.admin();
     for cred in [w.b.cred.as_str(), w.bob.token.as_str()] {
         refused!(admin.get_tenant(req(pb::GetTenantRequest { tenant_id: w.a.id.clone() }, cred)));
-        refused!(admin.issue_tenant_credential(req(
+        // Tenant B's server cannot issue or list A's credentials either.
+        refused!(id.issue_tenant_credential(req(
             pb::IssueTenantCredentialRequest {
                 request_id: "c".into(),
                 tenant_id: w.a.id.clone(),
@@ -179,6 +180,7 @@ async fn every_identity_method_is_siloed(env: Env) {
             },
             cred
         )));
+        refused!(id.list_tenant_credentials(req(pb::ListTenantCredentialsRequest { tenant_id: w.a.id.clone() }, cred)));
         refused!(
             admin.list_tenant_credentials(req(pb::ListTenantCredentialsRequest { tenant_id: w.a.id.clone() }, cred))
         );
@@ -214,9 +216,9 @@ async fn signing_key(env: &Env) -> (String, SigningKey) {
     let kv = env.rt.store.range_all("/spine/sys/signing/").await.unwrap().pop().unwrap();
     let kid = kv.key.rsplit('/').next().unwrap().to_string();
     let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
-    // Test servers run without a key-encryption key: the seed is `plain:`.
+    // The attacker holds the key-encryption key too.
     let sealed = v["seed"].as_str().unwrap();
-    let seed = spine_runtime::sealing::Sealer::new(None).unwrap().open(&kv.key, sealed).unwrap();
+    let seed = env.rt.sealer.open(&kv.key, sealed).unwrap();
     (kid, SigningKey::from_bytes(&seed.try_into().unwrap()))
 }
 

@@ -71,9 +71,15 @@ pub struct AuthConfig {
     /// every node has it before any token it signed arrives.
     pub key_activation_delay_secs: u32,
     /// Key-encryption key (32 bytes, base64) sealing private keys kept in
-    /// the store. Set it in production (from a secret store); without it
-    /// they are stored plain and a warning is logged.
+    /// the store. Required unless `allow_plain_keys` is set.
     pub key_encryption_key: Option<String>,
+    /// Older key-encryption keys, during a rotation: values sealed with them
+    /// still open and are sealed again under `key_encryption_key`.
+    pub previous_key_encryption_keys: Vec<String>,
+    /// Store private keys unsealed when no key-encryption key is set. Only
+    /// for `spine dev` and tests: a node without a key-encryption key
+    /// refuses to start unless this says plain storage is wanted.
+    pub allow_plain_keys: bool,
 }
 
 impl Default for AuthConfig {
@@ -83,6 +89,8 @@ impl Default for AuthConfig {
             max_token_ttl_secs: 3600,
             key_activation_delay_secs: 10,
             key_encryption_key: None,
+            previous_key_encryption_keys: Vec::new(),
+            allow_plain_keys: false,
         }
     }
 }

@@ -28,6 +28,12 @@ pub struct Tombstone {
     pub deleted_at: i64,
     /// Services that have finished deleting their data.
     pub done: Vec<String>,
+    /// The interop handles the account had, and the tenants they were open
+    /// to: where other tenants' contact and block lists may still name it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handle_tenants: Vec<String>,
 }
 
 /// What a service stores about accounts.
@@ -44,6 +50,11 @@ pub trait AccountData: Send + Sync + 'static {
     /// groups, proposes its removal). Idempotent, like [`AccountData::delete`].
     async fn delete_device(&self, tenant: &TenantStore, account_id: &str, device_id: &str)
     -> Result<(), tonic::Status>;
+    /// What the service stores about the tenant itself rather than about
+    /// one account (for `GetTenantDataReport`), if anything.
+    async fn tenant_report(&self, _tenant: &TenantStore) -> Result<Option<DataReportSection>, tonic::Status> {
+        Ok(None)
+    }
 }
 
 /// Accounts of a tenant whose deletion `service` has not finished.

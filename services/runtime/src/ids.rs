@@ -20,6 +20,7 @@ pub enum Kind {
     Operator,
     SigningKey,
     InteropHandle,
+    MediaCredential,
 }
 
 impl Kind {
@@ -32,6 +33,7 @@ impl Kind {
             Kind::Operator => "op_",
             Kind::SigningKey => "sk_",
             Kind::InteropHandle => "ih_",
+            Kind::MediaCredential => "mc_",
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod data;
 pub mod directory;
 pub mod error;
+pub mod idempotency;
 pub mod ids;
 pub mod sealing;
 pub mod server;
@@ -61,10 +62,27 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The configuration is unusable; the message names the key.
+    #[error("config: {0}")]
+    Config(String),
+}
+
 impl Runtime {
     /// Opens the configured store and starts the auth mirror.
-    pub async fn start(config: Config) -> Result<Arc<Self>, StoreError> {
-        let store: Arc<dyn Store> = match config.store.backend {
+    pub async fn start(config: Config) -> Result<Arc<Self>, StartError> {
+        let store = Self::open_store(&config).await?;
+        Self::with_store(config, store)
+    }
+
+    /// Opens the configured store alone (for tools that only read or write
+    /// control-plane records, such as `spine admin operator`).
+    pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+        Ok(match config.store.backend {
             Backend::Etcd => Arc::new(
                 EtcdStore::connect(
                     &config.store.etcd_endpoints,
@@ -76,28 +94,40 @@ impl Runtime {
                 Some(dir) => Arc::new(EmbeddedStore::open(dir)?),
                 None => Arc::new(EmbeddedStore::in_memory()),
             },
-        };
-        Ok(Self::with_store(config, store))
+        })
+    }
+
+    /// The sealer the configuration asks for: a key-encryption key, or
+    /// plain storage only where `auth.allow_plain_keys` says so.
+    pub fn sealer_of(config: &Config) -> Result<sealing::Sealer, StartError> {
+        let auth = &config.auth;
+        // A configured but unusable key must never silently mean "plain".
+        let sealer = sealing::Sealer::rotating(auth.key_encryption_key.as_deref(), &auth.previous_key_encryption_keys)
+            .map_err(|e| StartError::Config(format!("auth.key_encryption_key / previous_key_encryption_keys: {e}")))?;
+        if !sealer.is_sealing() {
+            if !auth.allow_plain_keys {
+                return Err(StartError::Config(
+                    "auth.key_encryption_key is not set: private keys would be stored unsealed. Set it (32 bytes, \
+                     base64, from a secret store), or set auth.allow_plain_keys = true where plain storage is \
+                     acceptable (development only)"
+                        .into(),
+                ));
+            }
+            tracing::warn!("auth.allow_plain_keys: private keys are stored unsealed (development only)");
+        }
+        Ok(sealer)
     }
 
     /// A runtime over an existing store (tests, several nodes on one store).
-    pub fn with_store(config: Config, store: Arc<dyn Store>) -> Arc<Self> {
+    pub fn with_store(config: Config, store: Arc<dyn Store>) -> Result<Arc<Self>, StartError> {
+        let sealer = Self::sealer_of(&config)?;
         spine_proto::codec::set_max_message_bytes(config.limits.max_message_bytes);
         if let Some(k) = &config.telemetry.id_hash_key {
             telemetry::set_hash_key(k.as_bytes());
         }
-        let sealer = sealing::Sealer::new(config.auth.key_encryption_key.as_deref()).unwrap_or_else(|e| {
-            // A configured but unusable key must not silently mean "plain".
-            panic!("auth.key_encryption_key: {e}")
-        });
-        if !sealer.is_sealing() {
-            tracing::warn!(
-                "auth.key_encryption_key is not set: private keys are stored unsealed (fine for spine dev only)"
-            );
-        }
-        let auth = AuthRing::new(store.clone());
+        let auth = AuthRing::new(store.clone(), i64::from(config.auth.max_token_ttl_secs));
         auth.start();
-        Arc::new(Self { config, store, auth, drain: Default::default(), sealer, data: RwLock::new(Vec::new()) })
+        Ok(Arc::new(Self { config, store, auth, drain: Default::default(), sealer, data: RwLock::new(Vec::new()) }))
     }
 
     /// The control-plane handle.

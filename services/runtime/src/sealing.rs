@@ -30,6 +30,14 @@ pub enum SealError {
 #[derive(Clone)]
 pub struct Sealer {
     cipher: Option<ChaCha20Poly1305>,
+    /// Keys being rotated out: they open, never seal.
+    previous: Vec<ChaCha20Poly1305>,
+}
+
+fn cipher_of(kek_b64: &str) -> Result<ChaCha20Poly1305, SealError> {
+    let bytes = B64.decode(kek_b64.trim()).map_err(|_| SealError::BadKey)?;
+    let key: [u8; 32] = bytes.try_into().map_err(|_| SealError::BadKey)?;
+    Ok(ChaCha20Poly1305::new(Key::from_slice(&key)))
 }
 
 impl std::fmt::Debug for Sealer {
@@ -41,15 +49,18 @@ impl std::fmt::Debug for Sealer {
 impl Sealer {
     /// From the configured key-encryption key (base64), if any.
     pub fn new(kek_b64: Option<&str>) -> Result<Self, SealError> {
-        let cipher = match kek_b64 {
-            None => None,
-            Some(k) => {
-                let bytes = B64.decode(k.trim()).map_err(|_| SealError::BadKey)?;
-                let key: [u8; 32] = bytes.try_into().map_err(|_| SealError::BadKey)?;
-                Some(ChaCha20Poly1305::new(Key::from_slice(&key)))
-            }
-        };
-        Ok(Self { cipher })
+        Self::rotating(kek_b64, &[])
+    }
+
+    /// From the current key-encryption key and the ones being rotated out
+    /// (which only open).
+    pub fn rotating(kek_b64: Option<&str>, previous: &[String]) -> Result<Self, SealError> {
+        let cipher = kek_b64.map(cipher_of).transpose()?;
+        if cipher.is_none() && !previous.is_empty() {
+            return Err(SealError::NoKey);
+        }
+        let previous = previous.iter().map(|k| cipher_of(k)).collect::<Result<_, _>>()?;
+        Ok(Self { cipher, previous })
     }
 
     pub fn is_sealing(&self) -> bool {
@@ -75,11 +86,18 @@ impl Sealer {
 
     /// Opens a value [`Sealer::seal`] wrote under `store_key`.
     pub fn open(&self, store_key: &str, sealed: &str) -> Result<Vec<u8>, SealError> {
+        self.open_current(store_key, sealed).map(|(v, _)| v)
+    }
+
+    /// Opens a value, and says whether it is stale: sealed with a key being
+    /// rotated out, so the caller should store it sealed again
+    /// ([`Sealer::seal`]) under the current key.
+    pub fn open_current(&self, store_key: &str, sealed: &str) -> Result<(Vec<u8>, bool), SealError> {
         if let Some(p) = sealed.strip_prefix("plain:") {
             if self.cipher.is_some() {
                 return Err(SealError::PlainRefused);
             }
-            return B64.decode(p).map_err(|_| SealError::Malformed);
+            return B64.decode(p).map(|v| (v, false)).map_err(|_| SealError::Malformed);
         }
         let body = sealed.strip_prefix("v1:").ok_or(SealError::Malformed)?;
         let c = self.cipher.as_ref().ok_or(SealError::NoKey)?;
@@ -88,8 +106,13 @@ impl Sealer {
             return Err(SealError::Malformed);
         }
         let (nonce, ct) = raw.split_at(12);
-        c.decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: store_key.as_bytes() })
-            .map_err(|_| SealError::WrongKey)
+        let open = |c: &ChaCha20Poly1305| {
+            c.decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: store_key.as_bytes() }).ok()
+        };
+        if let Some(v) = open(c) {
+            return Ok((v, false));
+        }
+        self.previous.iter().find_map(open).map(|v| (v, true)).ok_or(SealError::WrongKey)
     }
 }
 
@@ -112,6 +135,23 @@ mod tests {
         assert_eq!(other.open("/spine/sys/signing/a", &v), Err(SealError::WrongKey));
         assert_eq!(Sealer::new(None).unwrap().open("/spine/sys/signing/a", &v), Err(SealError::NoKey));
         assert_eq!(s.open("k", "v1:AAAA"), Err(SealError::Malformed));
+    }
+
+    #[test]
+    fn a_rotated_out_key_still_opens_and_says_so() {
+        let old = Sealer::new(Some(&kek())).unwrap();
+        let v = old.seal("k", b"seed");
+        let new_key = B64.encode([9u8; 32]);
+        let rotating = Sealer::rotating(Some(&new_key), &[kek()]).unwrap();
+        assert_eq!(rotating.open_current("k", &v).unwrap(), (b"seed".to_vec(), true));
+        let resealed = rotating.seal("k", b"seed");
+        assert_eq!(rotating.open_current("k", &resealed).unwrap(), (b"seed".to_vec(), false));
+        // Once the old key is gone, only the resealed value opens.
+        let after = Sealer::new(Some(&new_key)).unwrap();
+        assert_eq!(after.open("k", &v), Err(SealError::WrongKey));
+        assert_eq!(after.open("k", &resealed).unwrap(), b"seed");
+        assert_eq!(Sealer::rotating(None, &[kek()]).err(), Some(SealError::NoKey));
+        assert_eq!(Sealer::rotating(Some(&new_key), &["nope".into()]).err(), Some(SealError::BadKey));
     }
 
     #[test]

@@ -151,9 +151,58 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// Label of every request whose path names no method Spine serves.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
+/// Every method path this build serves (Spine's services, health,
+/// reflection): the only paths that may become a label.
+fn known_methods() -> &'static std::collections::HashSet<String> {
+    static KNOWN: OnceLock<std::collections::HashSet<String>> = OnceLock::new();
+    KNOWN.get_or_init(|| {
+        use prost::Message;
+        let mut known = std::collections::HashSet::new();
+        for set in [spine_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET] {
+            let fds = prost_types::FileDescriptorSet::decode(set).expect("built-in descriptor set");
+            for f in &fds.file {
+                for svc in &f.service {
+                    for m in &svc.method {
+                        known.insert(format!("/{}.{}/{}", f.package(), svc.name(), m.name()));
+                    }
+                }
+            }
+        }
+        for v in ["v1", "v1alpha"] {
+            known.insert(format!("/grpc.reflection.{v}.ServerReflection/ServerReflectionInfo"));
+        }
+        known
+    })
+}
+
+/// The label for a request path: the path if it names a method Spine
+/// serves, else [`UNKNOWN_METHOD`]. A client chooses the path it sends, so
+/// anything else (an e-mail address, a phone number, an IP) must never
+/// reach a span or a metric.
+pub fn method_label(path: &str) -> &str {
+    if known_methods().contains(path) { path } else { UNKNOWN_METHOD }
+}
+
+/// The caller's W3C trace context, to continue its trace: trace id, parent
+/// span id and flags only. The caller's `tracestate` (free text a client
+/// writes) is dropped, never exported.
+fn remote_parent(headers: &http::HeaderMap) -> opentelemetry::Context {
+    use opentelemetry::trace::{SpanContext, TraceContextExt, TraceState};
+    let extracted = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    let sc = extracted.span().span_context().clone();
+    if !sc.is_valid() {
+        return opentelemetry::Context::new();
+    }
+    let clean = SpanContext::new(sc.trace_id(), sc.span_id(), sc.trace_flags(), true, TraceState::default());
+    opentelemetry::Context::new().with_remote_span_context(clean)
+}
+
 /// One server span per RPC (continuing the caller's W3C trace context) and
 /// its latency and outcome as metrics, labelled by method and code only: no
-/// peer address, no identifiers.
+/// peer address, no identifiers, no path a client made up.
 #[derive(Clone, Debug, Default)]
 pub struct TelemetryLayer;
 
@@ -187,7 +236,7 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let method = req.uri().path().to_string();
+        let method = method_label(req.uri().path()).to_string();
         let start = Instant::now();
         let span = tracing::info_span!(
             "rpc",
@@ -197,7 +246,7 @@ where
             rpc.method = %method,
             rpc.grpc.status_code = tracing::field::Empty,
         );
-        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+        let parent = remote_parent(req.headers());
         // Without an OTLP exporter there is no OpenTelemetry layer to parent to.
         let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
         let fut = async move {
@@ -219,6 +268,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_served_methods_become_labels() {
+        assert_eq!(method_label("/spine.identity.v1.Identity/GetAccount"), "/spine.identity.v1.Identity/GetAccount");
+        assert_eq!(method_label("/grpc.health.v1.Health/Check"), "/grpc.health.v1.Health/Check");
+        for made_up in ["/needle@example.test/+15550001111", "/203.0.113.77/x", "/spine.identity.v1.Identity/Nope", ""]
+        {
+            assert_eq!(method_label(made_up), UNKNOWN_METHOD);
+        }
+    }
 
     #[test]
     fn redaction_is_stable_and_hides_the_id() {

@@ -216,3 +216,71 @@ impl std::io::Write for LogCapture {
         Ok(())
     }
 }
+
+/// Every key and value under `/spine/`, for tests that search the store.
+pub async fn dump(store: &Arc<dyn Store>) -> Vec<crate::store::KeyValue> {
+    store.range_all(crate::store::scoped::ROOT).await.expect("dump the store")
+}
+
+/// The byte strings a stored value may hide `needle` in: the value itself,
+/// and every run of base64 (standard or URL-safe) in it decoded, once more
+/// for base64 inside that (protobuf in base64 in JSON, and the like). A
+/// secret inside base64 at an unaligned offset does not show in the raw
+/// value: decoding the run does.
+pub fn readings(value: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    fn runs(v: &[u8]) -> Vec<&[u8]> {
+        let is_b64 = |b: &u8| b.is_ascii_alphanumeric() || b"+/-_=".contains(b);
+        v.split(|b| !is_b64(b)).filter(|r| r.len() >= 16).collect()
+    }
+    let decode = |r: &[u8]| -> Vec<Vec<u8>> {
+        use base64::alphabet::{STANDARD, URL_SAFE};
+        use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+        let config = GeneralPurposeConfig::new()
+            .with_decode_allow_trailing_bits(true)
+            .with_decode_padding_mode(DecodePaddingMode::Indifferent);
+        let trimmed: Vec<u8> = r.iter().copied().filter(|b| *b != b'=').collect();
+        let mut out = Vec::new();
+        for alphabet in [&STANDARD, &URL_SAFE] {
+            let engine = GeneralPurpose::new(alphabet, config);
+            // Every start offset mod 4, so a run glued to other text still
+            // decodes somewhere.
+            for skip in 0..4.min(trimmed.len()) {
+                let mut part = &trimmed[skip..];
+                if part.len() % 4 == 1 {
+                    part = &part[..part.len() - 1];
+                }
+                if let Ok(d) = engine.decode(part) {
+                    out.push(d);
+                }
+            }
+        }
+        out
+    };
+    let mut out = vec![value.to_vec()];
+    for r in runs(value) {
+        for d in decode(r) {
+            for r2 in runs(&d) {
+                out.extend(decode(r2));
+            }
+            out.push(d);
+        }
+    }
+    out
+}
+
+/// Whether a stored key or value holds `needle`, plainly or in base64.
+pub fn mentions(kv: &crate::store::KeyValue, needle: &str) -> bool {
+    let n = needle.as_bytes();
+    let has = |hay: &[u8]| hay.windows(n.len()).any(|w| w == n);
+    has(kv.key.as_bytes()) || readings(&kv.value).iter().any(|r| has(r))
+}
+
+/// Fails the test if any stored key or value holds `needle` (named `what`
+/// in the message), in any encoding [`readings`] knows.
+#[track_caller]
+pub fn assert_absent(dump: &[crate::store::KeyValue], needle: &str, what: &str) {
+    for kv in dump {
+        assert!(!mentions(kv, needle), "{what} is stored under {}", kv.key);
+    }
+}

@@ -108,6 +108,9 @@ enum AdminCmd {
     /// Device-token signing keys.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Media nodes (SFUs) and their credentials.
+    #[command(subcommand)]
+    Media(MediaCmd),
     /// Operator credentials (writes to the store directly: bootstrap).
     #[command(subcommand)]
     Operator(OperatorCmd),
@@ -128,18 +131,40 @@ enum TenantCmd {
     Get { tenant_id: String },
 }
 
+/// Tenants issue their own further credentials (`Identity.IssueTenantCredential`
+/// with a credential they hold); operators only list and, in an emergency,
+/// revoke them. Every operator action is in the tenant's audit log.
 #[derive(Subcommand)]
 enum CredentialCmd {
-    /// Issue another credential for a tenant.
-    Issue {
+    /// List a tenant's credentials (never their secrets).
+    List { tenant_id: String },
+    /// Revoke a credential (an emergency: a leak the tenant cannot act on).
+    Revoke { tenant_id: String, credential_id: String },
+    /// Write a new credential for a tenant that has none left, straight into
+    /// the store (needs the store, like `operator create`; audited).
+    Recover {
         tenant_id: String,
+        #[arg(long, default_value = "recovery")]
+        label: String,
+        #[command(flatten)]
+        node: NodeFlags,
+    },
+}
+
+#[derive(Subcommand)]
+enum MediaCmd {
+    /// Issue a credential for one media node (it may only register that node).
+    Issue {
+        node_id: String,
         #[arg(long, default_value = "")]
         label: String,
     },
-    /// List a tenant's credentials (never their secrets).
-    List { tenant_id: String },
-    /// Revoke a credential.
-    Revoke { tenant_id: String, credential_id: String },
+    /// List media-node credentials (never their secrets).
+    Credentials,
+    /// Revoke a media-node credential; its node is deregistered.
+    Revoke { credential_id: String },
+    /// List the live media nodes.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -148,6 +173,8 @@ enum KeysCmd {
     Rotate,
     /// List published keys.
     List,
+    /// Withdraw a key at once (it leaked): its tokens stop working now.
+    Revoke { key_id: String },
 }
 
 #[derive(Subcommand)]
@@ -203,20 +230,31 @@ async fn main() -> anyhow::Result<()> {
                     print!("{}", admin::operator(cmd.into()).await?);
                     return Ok(());
                 }
+                AdminCmd::Credential(CredentialCmd::Recover { tenant_id, label, node }) => {
+                    let cmd = admin::OperatorCommand::RecoverCredential { tenant_id, label, config: node.load() };
+                    print!("{}", admin::operator(cmd).await?);
+                    return Ok(());
+                }
                 AdminCmd::Tenant(TenantCmd::Create { name, request_id }) => {
                     admin::Command::TenantCreate { name, request_id }
                 }
                 AdminCmd::Tenant(TenantCmd::List) => admin::Command::TenantList,
                 AdminCmd::Tenant(TenantCmd::Get { tenant_id }) => admin::Command::TenantGet { tenant_id },
-                AdminCmd::Credential(CredentialCmd::Issue { tenant_id, label }) => {
-                    admin::Command::CredentialIssue { tenant_id, label }
-                }
                 AdminCmd::Credential(CredentialCmd::List { tenant_id }) => admin::Command::CredentialList { tenant_id },
                 AdminCmd::Credential(CredentialCmd::Revoke { tenant_id, credential_id }) => {
                     admin::Command::CredentialRevoke { tenant_id, credential_id }
                 }
                 AdminCmd::Keys(KeysCmd::Rotate) => admin::Command::KeysRotate,
                 AdminCmd::Keys(KeysCmd::List) => admin::Command::KeysList,
+                AdminCmd::Keys(KeysCmd::Revoke { key_id }) => admin::Command::KeysRevoke { key_id },
+                AdminCmd::Media(MediaCmd::Issue { node_id, label }) => {
+                    admin::Command::MediaCredentialIssue { node_id, label }
+                }
+                AdminCmd::Media(MediaCmd::Credentials) => admin::Command::MediaCredentialList,
+                AdminCmd::Media(MediaCmd::Revoke { credential_id }) => {
+                    admin::Command::MediaCredentialRevoke { credential_id }
+                }
+                AdminCmd::Media(MediaCmd::List) => admin::Command::MediaNodeList,
             };
             let token = admin::read_token(std::env::var("SPINE_OPERATOR_TOKEN").ok(), &token_file)?;
             let target = admin::Target { endpoint, token, ca_cert };

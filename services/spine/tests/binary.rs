@@ -11,6 +11,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 const BIN: &str = env!("CARGO_BIN_EXE_spine");
+const KEK: &str = "c3BpbmUtdGVzdC1rZXktZW5jcnlwdGlvbi1rZXkhISE=";
 
 struct Proc(Child);
 
@@ -60,7 +61,9 @@ async fn serve_on_etcd_with_layered_config_admin_and_drain() {
     let file = dir.path().join("spine.toml");
     std::fs::write(
         &file,
-        "listen = \"127.0.0.1:1\"\nservices = [\"identity\"]\n[store]\nbackend = \"embedded\"\n[drain]\nready_delay_ms = 1500\ngrace_secs = 5\n",
+        format!(
+            "listen = \"127.0.0.1:1\"\nservices = [\"identity\"]\n[store]\nbackend = \"embedded\"\n[drain]\nready_delay_ms = 1500\ngrace_secs = 5\n[auth]\nkey_encryption_key = \"{KEK}\"\n"
+        ),
     )
     .unwrap();
 
@@ -91,11 +94,26 @@ async fn serve_on_etcd_with_layered_config_admin_and_drain() {
     assert!(created.contains("credential: tc_"));
     let listed = admin(&endpoint, &token, &["tenant", "list"]);
     assert!(listed.contains(&tenant) && listed.contains("messenger"));
-    let issued = admin(&endpoint, &token, &["credential", "issue", &tenant, "--label", "rotation"]);
-    let cred_id = issued.lines().find_map(|l| l.strip_prefix("credential_id: ")).unwrap().to_string();
+    // Operators do not issue a tenant's credentials (the tenant does); in
+    // an emergency they revoke one, and a tenant left with none gets a new
+    // one written straight into the store. Both land in its audit log.
+    let cred_id = created.lines().find_map(|l| l.strip_prefix("credential_id: ")).unwrap().to_string();
     assert!(admin(&endpoint, &token, &["credential", "list", &tenant]).contains(&cred_id));
     admin(&endpoint, &token, &["credential", "revoke", &tenant, &cred_id]);
     assert!(!admin(&endpoint, &token, &["credential", "list", &tenant]).contains(&cred_id));
+    let out = Command::new(BIN)
+        .args(["admin", "credential", "recover", &tenant, "--store", "etcd", "--etcd", etcd.endpoint()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let recovered = String::from_utf8(out.stdout).unwrap();
+    let recovered_id =
+        recovered.lines().find_map(|l| l.strip_prefix("credential: ")).unwrap().split('.').next().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !admin(&endpoint, &token, &["credential", "list", &tenant]).contains(recovered_id) {
+        assert!(Instant::now() < deadline, "the recovered credential never showed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Operator credentials: list and revoke, straight on the store.
     let op = |args: &[&str]| {
         let out = Command::new(BIN)
@@ -160,13 +178,47 @@ async fn serve_on_etcd_with_layered_config_admin_and_drain() {
     assert!(log.contains("draining") && log.contains("drained"), "{log}");
 }
 
+/// A production node stores private keys sealed: without a key-encryption
+/// key (and without saying plain storage is wanted) or with a malformed
+/// one, `spine serve` refuses to start, with an error naming the setting.
+#[tokio::test]
+async fn serve_refuses_to_start_without_a_usable_key_encryption_key() {
+    let etcd = EtcdServer::start().await;
+    for (kek, expect) in [(None, "allow_plain_keys"), (Some("bm90IDMyIGJ5dGVz"), "key_encryption_key")] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--store", "etcd", "--etcd", etcd.endpoint(), "--listen", "127.0.0.1:0"])
+            .args(["--services", "identity"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(k) = kek {
+            cmd.env("SPINE_AUTH__KEY_ENCRYPTION_KEY", k);
+        }
+        let mut proc = Proc(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = proc.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "serve started without a usable key-encryption key");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(!status.success());
+        let mut log = String::new();
+        std::io::Read::read_to_string(proc.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+        assert!(log.contains(expect) && !log.contains("panicked"), "{log}");
+    }
+}
+
 #[tokio::test]
 async fn dev_prints_where_to_start_and_writes_a_private_token() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
+    let data = dir.path().join("data");
     let child = Command::new(BIN)
         .args(["dev", "--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
         .arg(dir.path())
+        .arg("--data-dir")
+        .arg(&data)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -191,5 +243,8 @@ async fn dev_prints_where_to_start_and_writes_a_private_token() {
     let token = std::fs::read_to_string(&token_path).unwrap();
     let endpoint = format!("http://127.0.0.1:{port}");
     assert!(admin(&endpoint, token.trim(), &["tenant", "list"]).contains("no tenants"));
+    // The embedded store's files are the owner's alone.
+    assert_eq!(std::fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(std::fs::metadata(data.join("store.log")).unwrap().permissions().mode() & 0o777, 0o600);
     eprintln!("spine dev was ready in {ready_in:?}");
 }

@@ -53,11 +53,34 @@ impl MetricsService for Collector {
     }
 }
 
+/// What an attacker writes into its own trace state, to see it exported.
+const TRACESTATE: &str = "spine=needle-tracestate-555,other=198.51.100.9";
+
 fn req<T>(m: T, cred: &str) -> Request<T> {
     let mut r = support::req(m, cred);
-    // A caller's trace context, which the server span must continue.
+    // A caller's trace context, which the server span must continue; its
+    // trace state must not be exported.
     r.metadata_mut().insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
+    r.metadata_mut().insert("tracestate", TRACESTATE.parse().unwrap());
     r
+}
+
+/// Requests to paths no service serves, made up to carry personal data into
+/// labels (what a client chooses as the path must never be exported).
+async fn made_up_paths(channel: &tonic::transport::Channel) {
+    for path in ["/needle@example.test/+15550001111", "/203.0.113.77/x", "/spine.identity.v1.Identity/needle-method"] {
+        let mut g = tonic::client::Grpc::new(channel.clone());
+        g.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<pb::GetAccountRequest, pb::Account>::default();
+        let r = g
+            .unary(
+                req(pb::GetAccountRequest::default(), "sdt1.x.y.z"),
+                path.parse::<http::uri::PathAndQuery>().unwrap(),
+                codec,
+            )
+            .await;
+        assert!(r.is_err());
+    }
 }
 
 #[tokio::test]
@@ -140,6 +163,7 @@ async fn spans_and_metrics_reach_an_otlp_receiver_without_identifiers() {
     ))
     .await
     .unwrap();
+    made_up_paths(&channel_for_groups).await;
     let mut calls = CallsClient::new(channel_for_groups.clone());
     let call = calls
         .start_call(req(
@@ -162,6 +186,7 @@ async fn spans_and_metrics_reach_an_otlp_receiver_without_identifiers() {
         let spans = format!("{:?}", collector.spans.lock().unwrap());
         let metrics = format!("{:?}", collector.metrics.lock().unwrap());
         if spans.contains("/spine.identity.v1.Identity/GetAccount")
+            && spans.contains("\"unknown\"")
             && metrics.contains("spine.rpc.duration")
             && metrics.contains("spine.auth.failures")
             && metrics.contains("spine.calls.setup")
@@ -200,7 +225,14 @@ async fn spans_and_metrics_reach_an_otlp_receiver_without_identifiers() {
         ("loopback IP", "127.0.0.1"),
         ("callee account id", callee.as_str()),
         ("call id", call.call_id.as_str()),
+        ("a made-up path's e-mail address", "needle@example.test"),
+        ("a made-up path's phone number", "+15550001111"),
+        ("a made-up path's IP address", "203.0.113.77"),
+        ("a made-up method name", "needle-method"),
+        ("the caller's trace state", "needle-tracestate"),
+        ("the caller's trace state", "198.51.100.9"),
     ] {
         assert!(!exported.contains(needle), "{what} exported in telemetry");
     }
+    assert!(exported.contains("\"unknown\""), "made-up paths are labelled `unknown`");
 }

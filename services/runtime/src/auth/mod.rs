@@ -1,8 +1,10 @@
 //! Authentication: turning a request's credentials into a [`Caller`].
 //!
-//! Three kinds of credential travel as `authorization: Bearer <credential>`:
+//! Four kinds of credential travel as `authorization: Bearer <credential>`:
 //! - operator credentials (`op_<id>.<secret>`), for Spine's operators;
 //! - tenant credentials (`tc_<id>.<secret>`), for a product's servers;
+//! - media-node credentials (`mc_<id>.<secret>`), each for one media node
+//!   (SFU), which may only register that node;
 //! - device tokens (`sdt1.<key id>.<claims>.<signature>`), short-lived and
 //!   Ed25519-signed, for a product's apps.
 //!
@@ -60,6 +62,8 @@ pub enum Principal {
     /// A device of an account, with the scopes its token grants and when
     /// the token expires (Unix seconds), for streams that outlive requests.
     Device { tenant: TenantId, account_id: String, device_id: String, scopes: Vec<Scope>, expires_at: i64 },
+    /// A media node (SFU), which may only register itself.
+    MediaNode { node_id: String, credential_id: String },
 }
 
 /// The authenticated caller of a request. Handlers find it in the request's
@@ -83,14 +87,17 @@ pub enum AuthzError {
     AccountRequired,
     #[error("not found")]
     OtherAccount,
+    #[error("this method is for media-node credentials")]
+    MediaNodeOnly,
 }
 
 impl From<AuthzError> for tonic::Status {
     fn from(e: AuthzError) -> Self {
         match e {
-            AuthzError::OperatorOnly | AuthzError::TenantOnly | AuthzError::TenantServerOnly => {
-                tonic::Status::permission_denied(e.to_string())
-            }
+            AuthzError::OperatorOnly
+            | AuthzError::TenantOnly
+            | AuthzError::TenantServerOnly
+            | AuthzError::MediaNodeOnly => tonic::Status::permission_denied(e.to_string()),
             AuthzError::AccountRequired => tonic::Status::invalid_argument(e.to_string()),
             // A device asking about another account learns nothing of it.
             AuthzError::OtherAccount => tonic::Status::not_found("account not found"),
@@ -119,7 +126,7 @@ impl Caller {
     /// The caller's tenant, if it acts within one.
     pub fn tenant(&self) -> Option<&TenantId> {
         match &self.principal {
-            Principal::Operator { .. } => None,
+            Principal::Operator { .. } | Principal::MediaNode { .. } => None,
             Principal::TenantServer { tenant, .. } | Principal::Device { tenant, .. } => Some(tenant),
         }
     }
@@ -138,6 +145,14 @@ impl Caller {
         }
     }
 
+    /// The media node a media-node credential is for.
+    pub fn require_media_node(&self) -> Result<&str, AuthzError> {
+        match &self.principal {
+            Principal::MediaNode { node_id, .. } => Ok(node_id),
+            _ => Err(AuthzError::MediaNodeOnly),
+        }
+    }
+
     pub fn require_tenant_server(&self) -> Result<&TenantId, AuthzError> {
         match &self.principal {
             Principal::TenantServer { tenant, .. } => Ok(tenant),
@@ -149,7 +164,7 @@ impl Caller {
     /// device acts on its own account (empty or equal `requested`).
     pub fn account<'a>(&'a self, requested: &'a str) -> Result<&'a str, AuthzError> {
         match &self.principal {
-            Principal::Operator { .. } => Err(AuthzError::TenantOnly),
+            Principal::Operator { .. } | Principal::MediaNode { .. } => Err(AuthzError::TenantOnly),
             Principal::TenantServer { .. } if requested.is_empty() => Err(AuthzError::AccountRequired),
             Principal::TenantServer { .. } => Ok(requested),
             Principal::Device { account_id, .. } if requested.is_empty() || requested == account_id => Ok(account_id),

@@ -16,6 +16,8 @@ pub const REVOKED: &str = "auth/revoked/";
 pub const TENANT_CREDS: &str = "auth/tenant-creds/";
 /// `auth/operators/<operator id>`: an operator credential's hash.
 pub const OPERATORS: &str = "auth/operators/";
+/// `auth/media-creds/<credential id>`: a media node's credential hash.
+pub const MEDIA_CREDS: &str = "auth/media-creds/";
 /// `signing/<key id>`: a signing key's private half, read by identity only
 /// (outside `auth/`, so verifying nodes never load it).
 pub const SIGNING: &str = "signing/";
@@ -55,6 +57,15 @@ pub struct TenantCredential {
 /// An operator credential as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct OperatorCredential {
+    pub secret_sha256: String,
+    pub label: String,
+    pub created_at: i64,
+}
+
+/// A media node's credential as stored: the one node it may register.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MediaNodeCredential {
+    pub node_id: String,
     pub secret_sha256: String,
     pub label: String,
     pub created_at: i64,

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use sha2::Digest;
 use tokio::sync::watch;
 
-use super::records::{self, OperatorCredential, PublishedKey, TenantCredential};
+use super::records::{self, MediaNodeCredential, OperatorCredential, PublishedKey, TenantCredential};
 use super::token::{self, TokenError};
 use super::{Principal, Scope};
 use crate::ids::{self, Kind, TenantId};
@@ -57,6 +57,7 @@ struct Mirror {
     revoked: HashSet<(String, String)>,
     tenant_creds: HashMap<String, TenantCredential>,
     operators: HashMap<String, OperatorCredential>,
+    media_creds: HashMap<String, MediaNodeCredential>,
 }
 
 impl Mirror {
@@ -90,6 +91,11 @@ impl Mirror {
                 Some(c) => self.operators.insert(id.to_string(), c),
                 None => self.operators.remove(id),
             };
+        } else if let Some(id) = rel.strip_prefix(records::MEDIA_CREDS) {
+            match value.and_then(|v| serde_json::from_slice(v).ok()) {
+                Some(c) => self.media_creds.insert(id.to_string(), c),
+                None => self.media_creds.remove(id),
+            };
         }
     }
 }
@@ -104,6 +110,9 @@ pub struct AuthRing {
     /// Expiry, the key still being published and revocation are checked on
     /// every request; only the Ed25519 verification is saved.
     verified: std::sync::Mutex<HashMap<[u8; 32], (String, VerifyingKey, token::Claims)>>,
+    /// Longest lifetime a device token may have (`auth.max_token_ttl_secs`):
+    /// a token claiming more lives only this long from its `iat`.
+    max_token_ttl: i64,
 }
 
 /// Most verified tokens remembered; past it the memory starts afresh.
@@ -116,13 +125,16 @@ impl std::fmt::Debug for AuthRing {
 }
 
 impl AuthRing {
-    /// A ring over `store`; call [`AuthRing::start`] to fill and follow it.
-    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+    /// A ring over `store`, accepting device tokens for at most
+    /// `max_token_ttl` seconds from their issue; call [`AuthRing::start`] to
+    /// fill and follow it.
+    pub fn new(store: Arc<dyn Store>, max_token_ttl: i64) -> Arc<Self> {
         Arc::new(Self {
             sys: SystemStore::new(store),
             mirror: RwLock::new(Mirror::default()),
             synced: watch::channel(false).0,
             verified: std::sync::Mutex::new(HashMap::new()),
+            max_token_ttl,
         })
     }
 
@@ -224,7 +236,13 @@ impl AuthRing {
                 Some(c) if c.exp > now => c,
                 Some(_) => return Err(TokenError::Expired.into()),
                 None => {
-                    let c = token::verify(bearer, key, now)?;
+                    let mut c = token::verify(bearer, key, now)?;
+                    // The token's own `exp` is trusted only up to the
+                    // configured longest lifetime.
+                    c.exp = c.exp.min(c.iat.saturating_add(self.max_token_ttl));
+                    if c.exp <= now {
+                        return Err(TokenError::Expired.into());
+                    }
                     let mut v = self.verified.lock().expect("verified tokens lock");
                     if v.len() >= VERIFIED_CACHE {
                         v.clear();
@@ -257,6 +275,12 @@ impl AuthRing {
                 return Err(AuthError::WrongSecret);
             }
             Ok(Principal::Operator { operator_id: id.to_string() })
+        } else if ids::parse(Kind::MediaCredential, id).is_some() {
+            let cred = mirror.media_creds.get(id).ok_or(AuthError::Unknown)?;
+            if !records::hashes_equal(&records::hash_secret(secret), &cred.secret_sha256) {
+                return Err(AuthError::WrongSecret);
+            }
+            Ok(Principal::MediaNode { node_id: cred.node_id.clone(), credential_id: id.to_string() })
         } else {
             Err(AuthError::Malformed)
         }
@@ -272,7 +296,7 @@ mod tests {
     /// a withdrawn key and a revoked device still refuse a token it holds.
     #[tokio::test]
     async fn remembered_tokens_are_still_checked() {
-        let ring = AuthRing::new(Arc::new(EmbeddedStore::in_memory()));
+        let ring = AuthRing::new(Arc::new(EmbeddedStore::in_memory()), 3600);
         let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
         let published = |k: &ed25519_dalek::SigningKey| {
             serde_json::to_vec(&PublishedKey {
@@ -302,12 +326,45 @@ mod tests {
         assert!(matches!(ring.authenticate(&tok, 1050), Err(AuthError::Token(TokenError::UnknownKey))));
     }
 
+    /// A token claiming a longer life than the configured maximum lives only
+    /// the maximum from its issue.
+    #[tokio::test]
+    async fn token_lifetimes_are_capped_by_the_verifier() {
+        let ring = AuthRing::new(Arc::new(EmbeddedStore::in_memory()), 600);
+        let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let published = PublishedKey {
+            public_key: B64.encode(key.verifying_key().to_bytes()),
+            created_at: 0,
+            activates_at: 0,
+            retires_at: None,
+        };
+        ring.observe(&format!("{}sk_1", records::KEYS), Some(&serde_json::to_vec(&published).unwrap()));
+        let claims = token::Claims {
+            t: ids::new(Kind::Tenant),
+            a: ids::new(Kind::Account),
+            d: ids::new(Kind::Device),
+            s: vec![],
+            iat: 1000,
+            exp: 1000 + 86_400 * 365,
+        };
+        let tok = token::sign("sk_1", &key, &claims);
+        match ring.authenticate(&tok, 1100).unwrap() {
+            Principal::Device { expires_at, .. } => assert_eq!(expires_at, 1600),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(ring.authenticate(&tok, 1600), Err(AuthError::Token(TokenError::Expired))));
+        // Remembered or not, the cap holds.
+        let fresh = AuthRing::new(Arc::new(EmbeddedStore::in_memory()), 600);
+        fresh.observe(&format!("{}sk_1", records::KEYS), Some(&serde_json::to_vec(&published).unwrap()));
+        assert!(matches!(fresh.authenticate(&tok, 5000), Err(AuthError::Token(TokenError::Expired))));
+    }
+
     /// A key in the store that the mirror has not seen yet (published a
     /// moment ago by another node) is read on demand; an unknown one is not.
     #[tokio::test]
     async fn a_key_not_mirrored_yet_is_fetched() {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory());
-        let ring = AuthRing::new(store.clone());
+        let ring = AuthRing::new(store.clone(), 3600);
         let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
         let kid = ids::new(Kind::SigningKey);
         let published = PublishedKey {

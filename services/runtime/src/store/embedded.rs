@@ -26,8 +26,12 @@ use super::{
     Compare, EventKind, KeyValue, LeaseId, Op, RangePage, Store, StoreError, Txn, TxnOutcome, WatchEvent, WatchStream,
 };
 
-/// Events kept for watches that start in the past.
+/// Events kept for watches that start in the past: at most this many ...
 const HISTORY: usize = 16_384;
+/// ... and none older than this, so a deleted value does not linger in
+/// memory (like etcd's history until compaction). A watcher that falls
+/// further behind gets `Compacted` and reads again.
+const HISTORY_AGE: Duration = Duration::from_secs(600);
 /// Buffered events per live watcher before it is cancelled as lagging.
 const WATCH_BUFFER: usize = 8_192;
 
@@ -53,7 +57,7 @@ struct State {
     revision: i64,
     leases: HashMap<LeaseId, Lease>,
     next_lease: LeaseId,
-    history: VecDeque<WatchEvent>,
+    history: VecDeque<(Instant, WatchEvent)>,
     log: Option<Log>,
 }
 
@@ -82,6 +86,38 @@ struct LogRecord {
 #[derive(Debug)]
 struct Log {
     file: File,
+    dir: PathBuf,
+    /// Lines appended since the log was last compacted.
+    appended: usize,
+}
+
+/// The log is rewritten (compacted) once it has this many lines more than
+/// live keys, so deleted values do not linger on disk: deletion in the
+/// embedded store reaches the disk within this many writes, and at every
+/// start.
+const COMPACT_AFTER: usize = 1024;
+
+impl Log {
+    /// Rewrites the log as one record per live persistent key (atomically:
+    /// a new file renamed over the old one) and opens it for appending.
+    fn compact(dir: &Path, kv: &BTreeMap<String, Entry>, revision: i64) -> Result<Log, StoreError> {
+        let path = dir.join("store.log");
+        let tmp: PathBuf = dir.join("store.log.tmp");
+        {
+            let mut f = std::io::BufWriter::new(private_file(&tmp)?);
+            for (k, e) in kv.iter().filter(|(_, e)| e.lease == 0) {
+                let rec = LogRecord { r: e.mod_revision, put: vec![(k.clone(), B64.encode(&e.value))], del: vec![] };
+                writeln!(f, "{}", serde_json::to_string(&rec).expect("serialize log record")).map_err(io_err)?;
+            }
+            // Keep the revision even if the last change was a delete.
+            let rec = LogRecord { r: revision, put: vec![], del: vec![] };
+            writeln!(f, "{}", serde_json::to_string(&rec).expect("serialize log record")).map_err(io_err)?;
+            f.into_inner().map_err(|e| io_err(e.into_error()))?.sync_all().map_err(io_err)?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io_err)?;
+        let file = OpenOptions::new().append(true).open(&path).map_err(io_err)?;
+        Ok(Log { file, dir: dir.to_path_buf(), appended: 0 })
+    }
 }
 
 impl EmbeddedStore {
@@ -91,9 +127,12 @@ impl EmbeddedStore {
         Self::from_state(State { next_lease: 1, ..State::default() })
     }
 
-    /// A store persisted under `dir` (created if needed).
+    /// A store persisted under `dir` (created if needed). The directory and
+    /// its files are readable by their owner only (mode 0700 and 0600).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir).map_err(io_err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err)?;
         let path = dir.join("store.log");
         let mut state = State { next_lease: 1, ..State::default() };
         if path.exists() {
@@ -122,22 +161,7 @@ impl EmbeddedStore {
                 state.revision = rec.r;
             }
         }
-        // Compact: rewrite the log as one record per live key.
-        let tmp: PathBuf = dir.join("store.log.tmp");
-        {
-            let mut f = File::create(&tmp).map_err(io_err)?;
-            for (k, e) in &state.kv {
-                let rec = LogRecord { r: e.mod_revision, put: vec![(k.clone(), B64.encode(&e.value))], del: vec![] };
-                writeln!(f, "{}", serde_json::to_string(&rec).expect("serialize log record")).map_err(io_err)?;
-            }
-            // Keep the revision even if the last change was a delete.
-            let rec = LogRecord { r: state.revision, put: vec![], del: vec![] };
-            writeln!(f, "{}", serde_json::to_string(&rec).expect("serialize log record")).map_err(io_err)?;
-            f.sync_all().map_err(io_err)?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io_err)?;
-        let file = OpenOptions::new().append(true).open(&path).map_err(io_err)?;
-        state.log = Some(Log { file });
+        state.log = Some(Log::compact(dir, &state.kv, state.revision)?);
         Ok(Self::from_state(state))
     }
 
@@ -147,6 +171,14 @@ impl EmbeddedStore {
         tokio::spawn(expire_leases(Arc::downgrade(&inner)));
         Self { inner }
     }
+}
+
+/// Creates (or truncates) a file only its owner can read.
+fn private_file(path: &Path) -> Result<File, StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io_err)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+    Ok(f)
 }
 
 fn io_err(e: std::io::Error) -> StoreError {
@@ -162,6 +194,9 @@ async fn expire_leases(inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
         let mut st = inner.state.lock().expect("store lock");
+        while st.history.front().is_some_and(|(at, _)| now.duration_since(*at) > HISTORY_AGE) {
+            st.history.pop_front();
+        }
         let expired: Vec<LeaseId> = st.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
             let keys = st.leases.remove(&id).map(|l| l.keys).unwrap_or_default();
@@ -261,12 +296,17 @@ fn apply(inner: &Inner, st: &mut State, ops: &[Op]) -> Result<i64, StoreError> {
     {
         let line = serde_json::to_string(&rec).expect("serialize log record");
         writeln!(log.file, "{line}").and_then(|_| log.file.sync_data()).map_err(io_err)?;
+        log.appended += 1;
     }
+    if let Some(dir) = st.log.as_ref().filter(|l| l.appended >= COMPACT_AFTER).map(|l| l.dir.clone()) {
+        st.log = Some(Log::compact(&dir, &st.kv, rev)?);
+    }
+    let now = Instant::now();
     for e in &events {
         if st.history.len() == HISTORY {
             st.history.pop_front();
         }
-        st.history.push_back(e.clone());
+        st.history.push_back((now, e.clone()));
     }
     // No receivers is fine: nobody watches.
     let _ = inner.events.send(Arc::new(events));
@@ -350,12 +390,16 @@ impl Store for EmbeddedStore {
         let rx = self.inner.events.subscribe();
         let mut backlog = Vec::new();
         if from_revision > 0 && from_revision <= st.revision {
-            let oldest = st.history.front().map_or(st.revision + 1, |e| e.revision);
+            let oldest = st.history.front().map_or(st.revision + 1, |(_, e)| e.revision);
             if from_revision < oldest {
                 return Err(StoreError::Compacted { requested: from_revision, oldest });
             }
             backlog.extend(
-                st.history.iter().filter(|e| e.revision >= from_revision && e.key.starts_with(prefix)).cloned(),
+                st.history
+                    .iter()
+                    .map(|(_, e)| e)
+                    .filter(|e| e.revision >= from_revision && e.key.starts_with(prefix))
+                    .cloned(),
             );
         }
         let live_after = st.revision.max(from_revision - 1);

@@ -9,6 +9,9 @@ use spine_proto::identity::v1::identity_client::IdentityClient;
 use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_spine");
+/// The key-encryption key every test node is given (nodes sharing a store
+/// must share it).
+pub const KEK: &str = "c3BpbmUtdGVzdC1rZXktZW5jcnlwdGlvbi1rZXkhISE=";
 
 /// A child process killed (SIGKILL) when dropped.
 pub struct Proc(pub Child);
@@ -48,6 +51,7 @@ pub fn serve(etcd: &str, addr: &str, services: &str, env: &[(&str, &str)]) -> Pr
     Proc(
         Command::new(BIN)
             .args(["serve", "--store", "etcd", "--etcd", etcd, "--listen", addr, "--services", services])
+            .env("SPINE_AUTH__KEY_ENCRYPTION_KEY", KEK)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
