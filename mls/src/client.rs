@@ -112,6 +112,20 @@ impl Client {
         Ok(Self { provider, signer, credential, name })
     }
 
+    /// A device whose credential names `identity` verbatim instead of a
+    /// Spine device: what a third-party or hostile client may send. The
+    /// service refuses such members; this exists so tests can show it.
+    pub fn with_raw_identity(key: DeviceKey, identity: Vec<u8>, name: DeviceName) -> Result<Self> {
+        let provider = OpenMlsRustCrypto::default();
+        let signer = key.0;
+        signer.store(provider.storage()).map_err(lib)?;
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(identity).into(),
+            signature_key: signer.public().into(),
+        };
+        Ok(Self { provider, signer, credential, name })
+    }
+
     pub fn name(&self) -> &DeviceName {
         &self.name
     }
@@ -266,6 +280,23 @@ impl Client {
         self.commit(group, |b| b.force_self_update(true))
     }
 
+    /// A commit that sets the group's external senders to delivery-service
+    /// credentials with these signature keys (none: no external sender).
+    /// The delivery service refuses one that drops or changes it.
+    pub fn set_external_senders(&self, group: &mut Group, ds_keys: &[Vec<u8>]) -> Result<CommitBundle> {
+        let senders = ds_keys
+            .iter()
+            .map(|k| {
+                ExternalSender::new(
+                    k.clone().into(),
+                    BasicCredential::new(crate::DELIVERY_SERVICE_IDENTITY.to_vec()).into(),
+                )
+            })
+            .collect();
+        let extensions = Extensions::single(Extension::ExternalSenders(senders)).map_err(lib)?;
+        self.commit_with(group, |b| b.propose_group_context_extensions(extensions).map_err(invalid))
+    }
+
     /// Builds and stages a commit that includes every queued proposal, with
     /// `configure` adding this commit's own proposals.
     fn commit(
@@ -273,7 +304,16 @@ impl Client {
         group: &mut Group,
         configure: impl FnOnce(CommitBuilder<'_, Initial>) -> CommitBuilder<'_, Initial>,
     ) -> Result<CommitBundle> {
-        let built = configure(group.inner.commit_builder().consume_proposal_store(true))
+        self.commit_with(group, |b| Ok(configure(b)))
+    }
+
+    /// [`Client::commit`], with proposals that may fail to build.
+    fn commit_with(
+        &self,
+        group: &mut Group,
+        configure: impl FnOnce(CommitBuilder<'_, Initial>) -> Result<CommitBuilder<'_, Initial>>,
+    ) -> Result<CommitBundle> {
+        let built = configure(group.inner.commit_builder().consume_proposal_store(true))?
             .load_psks(self.provider.storage())
             .map_err(lib)?
             .build(self.provider.rand(), self.provider.crypto(), &self.signer, |_| true)

@@ -119,7 +119,22 @@ impl Verifier {
             .map(|i| i as u32)
     }
 
-    /// The roster.
+    /// The roster, refusing a group any of whose leaves has a credential
+    /// that is not a Spine device identity (such a member would be hidden
+    /// from Spine's roster, and so from every rule that reads it).
+    pub fn roster(&self) -> Result<Vec<Member>> {
+        self.group
+            .members()
+            .map(|m| {
+                let name = DeviceName::from_identity(m.credential.serialized_content())
+                    .ok_or_else(|| MlsError::Invalid("a member's credential is not a Spine device identity".into()))?;
+                Ok(Member { index: m.index.u32(), name, signature_key: m.signature_key })
+            })
+            .collect()
+    }
+
+    /// The members whose credential names a Spine device (see
+    /// [`Verifier::roster`] for the check that no other kind is present).
     pub fn members(&self) -> Vec<Member> {
         self.group
             .members()

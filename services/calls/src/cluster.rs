@@ -43,8 +43,8 @@ pub const SESSION_BUFFER: usize = 512;
 
 struct Local {
     sid: String,
-    /// When the token the stream opened with expires (Unix seconds).
-    expires_at: i64,
+    /// The credential the stream opened with (its expiry, key, device).
+    principal: spine_runtime::Principal,
     tx: mpsc::Sender<pb::ServerEvent>,
     end: Option<oneshot::Sender<Status>>,
     /// The version of each call last sent, so nothing goes out twice or
@@ -154,8 +154,8 @@ pub struct Cluster {
     view: Mutex<View>,
     ready: watch::Sender<bool>,
     peers: spine_runtime::server::PeerChannels,
-    /// The key of pair keys (see [`crate::model::pair_key`]).
-    pub pair_secret: Vec<u8>,
+    /// The deployment's secrets (pair keys, forwarding proofs).
+    pub secrets: spine_runtime::secrets::Secrets,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -184,7 +184,7 @@ impl Cluster {
             view: Mutex::new(View::default()),
             ready: watch::channel(false).0,
             peers: Default::default(),
-            pair_secret: pair_secret(rt).await?,
+            secrets: rt.secrets().await?.clone(),
         });
         c.register().await?;
         tokio::spawn(Self::keep_alive(Arc::downgrade(&c), rt.clone()));
@@ -321,7 +321,7 @@ impl Cluster {
                 json(&rec),
                 lease,
             ));
-            if let Some(aux) = aux_key(&self.pair_secret, &rec) {
+            if let Some(aux) = aux_key(&self.secrets, &rec) {
                 txn = txn.then(Op::put_leased(sys.key(&aux), rec.id.clone().into_bytes(), lease));
             }
             txn = txn.then_all(in_call_ops(&sys, None, &rec, lease, true));
@@ -574,7 +574,7 @@ impl Cluster {
     /// is taken (by the call it names).
     pub async fn create(&self, mut rec: CallRec) -> Result<Result<(CallRec, i64), String>> {
         let sys = self.rt.system_store();
-        let aux = aux_key(&self.pair_secret, &rec).expect("new calls have a pair or group key");
+        let aux = aux_key(&self.secrets, &rec).expect("new calls have a pair or group key");
         rec.home = self.me.clone();
         let lease = self.state_lease();
         let txn = Txn::new()
@@ -649,7 +649,7 @@ impl Cluster {
                 json(&rec),
                 lease,
             ));
-            if let Some(aux) = aux_key(&self.pair_secret, &rec) {
+            if let Some(aux) = aux_key(&self.secrets, &rec) {
                 txn = txn.then(if rec.state == State::Ended {
                     Op::delete(sys.key(&aux))
                 } else {
@@ -693,7 +693,11 @@ impl Cluster {
     /// Opens a device's signalling session: the `synced` snapshot first,
     /// then every change, from this node's mirror; registered in the store
     /// so payloads and replacements find it.
-    pub async fn open(self: &Arc<Self>, dev: DevKey, expires_at: i64) -> std::result::Result<SessionOut, Status> {
+    pub async fn open(
+        self: &Arc<Self>,
+        dev: DevKey,
+        principal: spine_runtime::Principal,
+    ) -> std::result::Result<SessionOut, Status> {
         if self.rt.drain.is_cancelled() {
             return Err(draining());
         }
@@ -723,7 +727,7 @@ impl Cluster {
             tx.try_send(synced).expect("empty channel");
             v.local.entry(dev.account_key()).or_default().insert(
                 dev.device.clone(),
-                Local { sid: sid.clone(), expires_at, tx: tx.clone(), end: Some(end_tx), sent },
+                Local { sid: sid.clone(), principal, tx: tx.clone(), end: Some(end_tx), sent },
             );
         }
         let sys = self.rt.system_store();
@@ -749,27 +753,28 @@ impl Cluster {
         })
     }
 
-    /// Ends the streams of devices revoked since they connected, and those
-    /// whose token expired: a token is checked only when its stream opens,
-    /// and a stream must not outlive it. The device reconnects with a fresh
-    /// token and `synced` brings it up to date.
+    /// Ends the streams whose credential no longer holds (the token
+    /// expired, the device was revoked or its account deleted, the token's
+    /// signing key withdrawn), with the status every service's streams end
+    /// with. The device reconnects with a fresh token and `synced` brings it
+    /// up to date.
     pub fn close_unauthenticated(&self) {
         let now = spine_runtime::now_secs();
         let mut v = self.view.lock().expect("view lock");
-        let mut ended: Vec<(DevKey, &'static str)> = Vec::new();
+        let mut ended: Vec<(DevKey, Status)> = Vec::new();
         for (a, devices) in &v.local {
             for (d, l) in devices {
-                let dev = DevKey { tenant: a.tenant.clone(), account: a.account.clone(), device: d.clone() };
-                if self.rt.auth.is_revoked(&dev.tenant, &dev.device) {
-                    ended.push((dev, "invalid credentials"));
-                } else if l.expires_at <= now {
-                    ended.push((dev, "token expired: reconnect with a fresh token"));
+                if let Err(status) = self.rt.auth.still_valid(&l.principal, now) {
+                    ended.push((
+                        DevKey { tenant: a.tenant.clone(), account: a.account.clone(), device: d.clone() },
+                        status,
+                    ));
                 }
             }
         }
-        for (d, why) in ended {
+        for (d, status) in ended {
             if let Some(l) = v.remove_local(&d) {
-                l.kill(Status::unauthenticated(why));
+                l.kill(status);
             }
         }
     }
@@ -810,41 +815,10 @@ fn in_call_ops(
     ops
 }
 
-/// Loads (or, the first time, creates) the deployment's pair-key secret,
-/// sealed with the key-encryption key; a value sealed under a key being
-/// rotated out is sealed again.
-async fn pair_secret(rt: &Runtime) -> Result<Vec<u8>, StoreError> {
-    let sys = rt.system_store();
-    let key = sys.key(crate::model::PAIR_SECRET);
-    for _ in 0..3 {
-        if let Some(kv) = sys.get(crate::model::PAIR_SECRET).await? {
-            let sealed = String::from_utf8_lossy(&kv.value).into_owned();
-            let (secret, stale) = rt
-                .sealer
-                .open_current(&key, &sealed)
-                .map_err(|e| StoreError::Backend(format!("calls pair-key secret: {e}")))?;
-            if stale {
-                let txn = Txn::new()
-                    .when(Compare::ModRevision(key.clone(), kv.mod_revision))
-                    .then(Op::put(key.clone(), rt.sealer.seal(&key, &secret)));
-                sys.txn(txn).await?;
-            }
-            return Ok(secret);
-        }
-        let secret: [u8; 32] = rand::random();
-        // Nodes starting together agree on one secret: the first write wins.
-        sys.txn(
-            Txn::new().when(Compare::Absent(key.clone())).then(Op::put(key.clone(), rt.sealer.seal(&key, &secret))),
-        )
-        .await?;
-    }
-    Err(StoreError::Backend("calls pair-key secret did not settle".into()))
-}
-
 /// The pair key of a direct call, the group key of a group call.
-pub fn aux_key(pair_secret: &[u8], rec: &CallRec) -> Option<String> {
+pub fn aux_key(secrets: &spine_runtime::secrets::Secrets, rec: &CallRec) -> Option<String> {
     match rec.kind {
-        Kind::Direct => Some(pair_key(pair_secret, &rec.caller()?.who, &rec.callee()?.who)),
+        Kind::Direct => Some(pair_key(secrets, &rec.caller()?.who, &rec.callee()?.who)),
         Kind::Group => Some(group_call_key(&rec.group.as_ref()?.gid)),
     }
 }

@@ -50,7 +50,9 @@ pub async fn issue_credential(
 ) -> Result<pb::MediaNodeCredential, CallError> {
     ids::request_id(&req.request_id).map_err(|m| invalid("request_id", m))?;
     node_id(&req.node_id)?;
-    if req.label.chars().count() > 64 || req.label.chars().any(char::is_control) {
+    if req.label.chars().count() > 64
+        || req.label.chars().any(|c| c.is_control() || spine_runtime::ids::is_bidi_control(c))
+    {
         return Err(invalid("label", "at most 64 characters, no control characters"));
     }
     let fp = fingerprint(req);

@@ -55,21 +55,12 @@ pub fn record_index_key(hash: &str, id: &str) -> String {
 }
 
 /// The pair key of two accounts, the same whichever calls whom: a keyed
-/// hash (HMAC-SHA256 under the deployment's pair-key secret, `calls/pair-
-/// secret`, sealed like the other private keys), so the key names nobody to
-/// anyone who does not hold the secret.
-pub fn pair_key(secret: &[u8], a: &AccountKey, b: &AccountKey) -> String {
-    use hmac::{Hmac, Mac};
+/// hash under the deployment's pseudonym secret (`spine_runtime::secrets`),
+/// so the key names nobody to anyone without that secret.
+pub fn pair_key(secrets: &spine_runtime::secrets::Secrets, a: &AccountKey, b: &AccountKey) -> String {
     let (x, y) = if a <= b { (a, b) } else { (b, a) };
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("any key length");
-    mac.update(format!("{}/{}", x.tenant, x.account).as_bytes());
-    mac.update(&[0]);
-    mac.update(format!("{}/{}", y.tenant, y.account).as_bytes());
-    format!("{PAIRS}{}", hex::encode(&mac.finalize().into_bytes()[..16]))
+    format!("{PAIRS}{}", secrets.pseudonym("call-pair", &[&x.tenant, &x.account, &y.tenant, &y.account]))
 }
-
-/// Control plane: the pair-key secret (sealed).
-pub const PAIR_SECRET: &str = "calls/pair-secret";
 
 /// An account, across tenants.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

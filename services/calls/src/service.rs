@@ -29,8 +29,7 @@ use crate::records;
 use crate::turn;
 use crate::view::render;
 
-/// Marks a Signal one node forwarded to another: delivered where it lands.
-const FORWARDED: &str = "x-spine-calls-forwarded";
+const SIGNAL: &str = "/spine.calls.v1.Calls/Signal";
 /// Largest signalling payload.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 
@@ -38,19 +37,14 @@ pub struct CallsApi(pub(crate) Arc<Node>);
 pub struct CallRecordsApi;
 pub struct MediaNodesApi(pub(crate) Arc<Node>);
 
-/// The calling device and when its token expires.
-fn device_until<T>(req: &Request<T>) -> Result<(DevKey, i64), Status> {
+/// The calling device.
+fn device<T>(req: &Request<T>) -> Result<DevKey, Status> {
     match Caller::of(req)?.principal() {
-        Principal::Device { tenant, account_id, device_id, expires_at, .. } => Ok((
-            DevKey { tenant: tenant.to_string(), account: account_id.clone(), device: device_id.clone() },
-            *expires_at,
-        )),
+        Principal::Device { tenant, account_id, device_id, .. } => {
+            Ok(DevKey { tenant: tenant.to_string(), account: account_id.clone(), device: device_id.clone() })
+        }
         _ => Err(Status::permission_denied("calls methods are for devices (device tokens)")),
     }
-}
-
-fn device<T>(req: &Request<T>) -> Result<DevKey, Status> {
-    device_until(req).map(|(d, _)| d)
 }
 
 fn request_id(v: &str) -> Result<&str, CallError> {
@@ -113,6 +107,10 @@ impl Node {
         if !r.to_leg_id.is_empty() && parse_id("lg_", &r.to_leg_id).is_none() {
             return Err(invalid("to_leg_id", "not a leg id").into());
         }
+        if !forwarded {
+            // Counted once, where the device sent it.
+            self.rt.limits.check(spine_runtime::rate::Kind::Signals, &me.tenant, &me.account, 1.0)?;
+        }
         let (rec, _) = self.call_for(id, me, forwarded).await?;
         if rec.state == State::Ended {
             return Err(precondition("CALL_ENDED", "the call has ended").into());
@@ -153,12 +151,17 @@ impl Node {
                 payload: r.payload.clone(),
             })),
         };
+        // `delivered` counts devices in the call (legs) only: a payload to a
+        // callee's ringing devices is delivered to every one connected, but
+        // how many that is stays hidden (it would tell a caller how many
+        // devices someone has online before they answer).
         let mut delivered = 0;
         let mut remote = BTreeSet::new();
         for t in targets.iter().filter(|t| *t != me) {
             match self.cluster.session_of(t) {
                 Some((node, ..)) if node == self.cluster.me => {
-                    delivered += u32::from(self.cluster.deliver_local(t, event.clone()));
+                    let reached = self.cluster.deliver_local(t, event.clone());
+                    delivered += u32::from(reached && rec.leg_of(t).is_some());
                 }
                 Some((_, addr, _)) if !forwarded && !addr.is_empty() => {
                     remote.insert(addr);
@@ -171,7 +174,10 @@ impl Node {
             if let Some(a) = auth {
                 fwd.metadata_mut().insert("authorization", a.clone());
             }
-            fwd.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
+            if let Some(a) = auth {
+                let mark = self.cluster.secrets.peer_mark(SIGNAL, a.as_bytes());
+                fwd.metadata_mut().insert(spine_runtime::secrets::FORWARDED, mark.parse().expect("ascii"));
+            }
             fwd.set_timeout(Duration::from_secs(5));
             match CallsClient::new(self.cluster.peer(&addr)?).signal(fwd).await {
                 Ok(resp) => delivered += resp.into_inner().delivered,
@@ -233,7 +239,7 @@ impl Node {
                 _ => return Err(invalid("caller_handle", "not your live handle open to the callee's tenant").into()),
             }
         }
-        if !crate::rules::may_ring(&sys, &callee_t, &mine, &callee, r.video)
+        if !crate::rules::may_ring(&self.cluster.secrets, &callee_t, &mine, &callee, r.video)
             .await
             .map_err(spine_runtime::error::store)?
         {
@@ -241,7 +247,7 @@ impl Node {
             return Err(CallError::NotPlaced.into());
         }
         let request = format!("{}/{rid}", me.device);
-        let pair = pair_key(&self.cluster.pair_secret, &mine, &callee);
+        let pair = pair_key(&self.cluster.secrets, &mine, &callee);
         for _ in 0..4 {
             let now = now_ms();
             // Calls between these two are glare or a retry, handled below.
@@ -251,7 +257,7 @@ impl Node {
                 .iter()
                 .filter(|(c, _)| {
                     c.occupies(&callee)
-                        && crate::cluster::aux_key(&self.cluster.pair_secret, c).as_deref() != Some(pair.as_str())
+                        && crate::cluster::aux_key(&self.cluster.secrets, c).as_deref() != Some(pair.as_str())
                 })
                 .count();
             let mut rec = CallRec {
@@ -357,8 +363,9 @@ impl Node {
             let mut parties = Vec::new();
             let mut ringing = false;
             for (who, devices) in accounts {
+                let t = self.tenant_of(caller, &who.tenant)?;
                 let rings = who != me.account_key()
-                    && crate::rules::group_rings(&self.tenant_of(caller, &who.tenant)?, &who.account, r.video)
+                    && crate::rules::group_rings(&self.cluster.secrets, &t, &me.account_key(), &who, r.video)
                         .await
                         .map_err(spine_runtime::error::store)?;
                 ringing |= rings;
@@ -409,8 +416,11 @@ impl Node {
     }
 }
 
-fn forwarded(meta: &MetadataMap) -> bool {
-    meta.get(FORWARDED).is_some()
+/// Whether a peer node forwarded this Signal (then it is delivered only to
+/// this node's streams): only a proof made with the deployment's peer
+/// secret counts, which no client can make.
+fn forwarded(node: &Node, meta: &MetadataMap) -> bool {
+    spine_runtime::secrets::forwarded_by_peer(&node.cluster.secrets, meta, SIGNAL)
 }
 
 #[tonic::async_trait]
@@ -421,9 +431,10 @@ impl Calls for CallsApi {
         &self,
         req: Request<Streaming<pb::ClientMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let (me, token_expires) = device_until(&req)?;
+        let me = device(&req)?;
+        let principal = Caller::of(&req)?.principal().clone();
         let auth = req.metadata().get("authorization").cloned();
-        let out = self.0.cluster.open(me.clone(), token_expires).await?;
+        let out = self.0.cluster.open(me.clone(), principal).await?;
         let tx = out.tx.clone();
         let mut inbound = req.into_inner();
         let node = self.0.clone();
@@ -480,12 +491,14 @@ impl Calls for CallsApi {
     async fn start_call(&self, req: Request<pb::StartCallRequest>) -> Result<Response<pb::Call>, Status> {
         let me = device(&req)?;
         let caller = Caller::of(&req)?;
+        self.0.rt.limits.check(spine_runtime::rate::Kind::CallStarts, &me.tenant, &me.account, 1.0)?;
         Ok(Response::new(self.0.start_direct(caller, &me, req.get_ref()).await?))
     }
 
     async fn start_group_call(&self, req: Request<pb::StartGroupCallRequest>) -> Result<Response<pb::Call>, Status> {
         let me = device(&req)?;
         let caller = Caller::of(&req)?;
+        self.0.rt.limits.check(spine_runtime::rate::Kind::CallStarts, &me.tenant, &me.account, 1.0)?;
         Ok(Response::new(self.0.start_group(caller, &me, req.get_ref()).await?))
     }
 
@@ -545,7 +558,7 @@ impl Calls for CallsApi {
 
     async fn signal(&self, req: Request<pb::SignalRequest>) -> Result<Response<pb::SignalResponse>, Status> {
         let me = device(&req)?;
-        let fwd = forwarded(req.metadata());
+        let fwd = forwarded(&self.0, req.metadata());
         let auth = req.metadata().get("authorization").cloned();
         let delivered = self.0.signal(&me, auth.as_ref(), fwd, req.get_ref()).await?;
         Ok(Response::new(pb::SignalResponse { delivered }))
@@ -674,8 +687,11 @@ impl MediaNodes for MediaNodesApi {
         if r.node_id != mine {
             return Err(Status::permission_denied("this credential registers another media node"));
         }
-        if r.address.is_empty() || r.address.len() > 256 {
-            return Err(invalid("address", "1 to 256 characters").into());
+        if r.address.is_empty()
+            || r.address.len() > 256
+            || r.address.chars().any(|c| c.is_control() || c.is_whitespace() || spine_runtime::ids::is_bidi_control(c))
+        {
+            return Err(invalid("address", "1 to 256 characters, no spaces or control characters").into());
         }
         if r.region.is_empty()
             || r.region.len() > 32

@@ -39,7 +39,7 @@ async fn logs_carry_no_identifiers_payloads_or_secrets() {
     let call = alice.start(account_ref(&b), true).await.unwrap();
     bob.call_where(&call.call_id, |c| ring(c) == pb::RingState::Ringing).await;
     let sdp = b"a=candidate:1 1 udp 2122260223 203.0.113.77 54321 typ host".to_vec();
-    assert_eq!(alice.send_signal(&call.call_id, "", sdp).await.delivered, 1);
+    assert_eq!(alice.send_signal(&call.call_id, "", sdp).await.code, 0);
     let answered = bob.answer(&call.call_id).await.unwrap();
     let turn = bob
         .calls()

@@ -20,7 +20,7 @@ mod support;
 #[allow(unused_imports)]
 mod groups_support;
 
-use groups_support::{create_group, member};
+use groups_support::{create_group, let_anyone_add, member};
 use spine_identity::testing::{Device, req};
 use spine_proto::common::v1::DataReport;
 use spine_proto::groups::v1 as gpb;
@@ -102,6 +102,8 @@ async fn every_key_naming_the_account_is_in_its_report() {
     let mut bob = member(env, &messenger, &bob_acct).await;
     let mut carol = member(env, &whatsapp, &carol_acct).await;
     everyone_can_call(env, &messenger, &bob_acct).await;
+    let_anyone_add(env, &messenger, &bob_acct).await;
+    let_anyone_add(env, &whatsapp, &carol_acct).await;
     set(
         env,
         &messenger,

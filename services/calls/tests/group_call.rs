@@ -11,7 +11,7 @@ mod groups_support;
 
 use std::time::Duration;
 
-use groups_support::{Member, create_group, member};
+use groups_support::{Member, create_group, let_anyone_add, member};
 use sframe::frame::MonotonicCounter;
 use spine_identity::testing::{Device, req};
 use spine_mls::DeviceName;
@@ -93,7 +93,10 @@ async fn group_call_keyed_by_mls() {
     let mut alice = member(env, &messenger, &alice_acct).await;
     let mut carol = member(env, &messenger, &carol_acct).await;
     let mut bob = member(env, &insta, &bob_acct).await;
-    // Bob opts in to group rings; Carol does not.
+    // Bob and Carol let others add them to groups. Bob opts in to group
+    // rings and takes calls from anyone; Carol does not.
+    let_anyone_add(env, &insta, &bob_acct).await;
+    let_anyone_add(env, &messenger, &carol_acct).await;
     set(
         env,
         &insta,
@@ -102,6 +105,7 @@ async fn group_call_keyed_by_mls() {
         ipb::PrivacySettings { group_call_rings: true, ..Default::default() },
     )
     .await;
+    everyone_can_call(env, &insta, &bob_acct).await;
 
     // An MLS group across the two products: Alice adds Bob and Carol.
     for m in [&alice, &carol, &bob] {

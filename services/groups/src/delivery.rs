@@ -13,6 +13,7 @@ use spine_runtime::telemetry::redact;
 use crate::error::{GroupsError, Result, invalid, mls};
 use crate::model::{self, Device, GroupMeta, LogEntry, RosterEntry, gid_hex, json, parse};
 use crate::{APPLICATION_EPOCH_WINDOW, Node};
+use spine_runtime::rate::Kind;
 
 /// Most commit attempts before answering ABORTED (each re-verifies).
 const CAS_ATTEMPTS: usize = 8;
@@ -83,10 +84,19 @@ fn tenant_store(node: &Node, caller: &TenantStore, tenant: &str) -> Result<Tenan
     Ok(node.rt.system_store().tenant_for_delivery(&t))
 }
 
-/// Spine's rules for a device entering a group: its tenant is in the
-/// policy, it is a registered device whose key the leaf carries, and, for
-/// another tenant than the one adding it, its account allows other apps.
-async fn admit(node: &Node, caller: &TenantStore, meta_allowed: &[String], d: &Device, leaf_key: &[u8]) -> Result<()> {
+/// Spine's rules for a device entering a group by `adder`'s doing: its
+/// tenant is in the policy, it is a registered device whose key the leaf
+/// carries, and its account consents to being added by `adder`'s account
+/// (`who_can_add_to_groups`, blocks, cross-app reach; a device of the
+/// adder's own account always may be).
+async fn admit(
+    node: &Node,
+    caller: &TenantStore,
+    meta_allowed: &[String],
+    adder: &Device,
+    d: &Device,
+    leaf_key: &[u8],
+) -> Result<()> {
     if !meta_allowed.contains(&d.tenant) {
         return Err(GroupsError::Refused("a member's tenant is not allowed by the group's policy".into()));
     }
@@ -95,16 +105,26 @@ async fn admit(node: &Node, caller: &TenantStore, meta_allowed: &[String], d: &D
         Some(rec) if rec.public_key_bytes().as_deref() == Some(leaf_key) => {}
         _ => return Err(GroupsError::Refused("a member is not a registered device with that signature key".into())),
     }
-    if d.tenant != caller.tenant().as_str()
-        && directory::cross_app(&t, &d.account).await? == spine_proto::identity::v1::CrossAppReachability::Off
-    {
-        return Err(GroupsError::Refused("a member's account does not accept other apps".into()));
+    let own = d.tenant == adder.tenant && d.account == adder.account;
+    if !own && !may_add(node, &t, adder, &d.account).await? {
+        return Err(GroupsError::Refused("a member's account does not let the committer add it to groups".into()));
     }
     Ok(())
 }
 
-fn roster(v: &Verifier) -> Vec<RosterEntry> {
-    v.members().into_iter().map(|m| RosterEntry { leaf: m.index, device: Device::of(&m.name) }).collect()
+/// Whether `adder`'s account may add `account` (of `t`'s tenant) to a
+/// group: its `who_can_add_to_groups`, blocks and cross-app reach.
+pub(crate) async fn may_add(node: &Node, t: &TenantStore, adder: &Device, account: &str) -> Result<bool> {
+    let from = (adder.tenant.as_str(), adder.account.as_str());
+    Ok(directory::consent(&node.secrets, t, from, account, directory::who_can_add).await?.is_some())
+}
+
+fn roster(v: &Verifier) -> Result<Vec<RosterEntry>> {
+    Ok(v.roster()
+        .map_err(mls("group_info"))?
+        .into_iter()
+        .map(|m| RosterEntry { leaf: m.index, device: Device::of(&m.name) })
+        .collect())
 }
 
 pub(crate) fn to_proto(g: &[u8], meta: &GroupMeta, disputes: Vec<pb::Dispute>) -> pb::Group {
@@ -134,6 +154,7 @@ pub(crate) async fn create(
     req: pb::CreateGroupRequest,
 ) -> Result<pb::Group> {
     bytes_field("group_info", &req.group_info)?;
+    node.rt.limits.check(Kind::Commits, &me.tenant, &me.account, 1.0)?;
     if req.allowed_tenant_ids.is_empty() || req.allowed_tenant_ids.len() > MAX_POLICY_TENANTS {
         return Err(invalid("allowed_tenant_ids", format!("1 to {MAX_POLICY_TENANTS} tenant ids")));
     }
@@ -160,15 +181,15 @@ pub(crate) async fn create(
     let ds_index = v
         .external_sender_index(&node.ds.public_key())
         .ok_or_else(|| invalid("group_info", "the delivery service must be one of the group's external senders"))?;
-    let members = v.members();
+    let members = v.roster().map_err(mls("group_info"))?;
     if members.iter().all(|m| Device::of(&m.name) != *me) {
         return Err(invalid("group_info", "the calling device must be a member"));
     }
     for m in &members {
-        admit(node, t, &allowed, &Device::of(&m.name), &m.signature_key).await?;
+        admit(node, t, &allowed, me, &Device::of(&m.name), &m.signature_key).await?;
     }
     let meta =
-        GroupMeta { epoch: v.epoch(), next_seq: 1, roster: roster(&v), allowed, created_at: now_secs(), ds_index };
+        GroupMeta { epoch: v.epoch(), next_seq: 1, roster: roster(&v)?, allowed, created_at: now_secs(), ds_index };
     let mut txn = Txn::new()
         .when(Compare::Absent(node.groups.key(&model::meta_key(&g))))
         .then(Op::put(node.groups.key(&model::meta_key(&g)), json(&meta)))
@@ -231,6 +252,7 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
     let g = group_id(&req.group_id)?;
     bytes_field("commit", &req.commit)?;
     bytes_field("group_info", &req.group_info)?;
+    node.rt.limits.check(Kind::Commits, &me.tenant, &me.account, 1.0)?;
     if req.welcome.len() > MAX_MESSAGE_BYTES {
         return Err(invalid("welcome", format!("at most {MAX_MESSAGE_BYTES} bytes")));
     }
@@ -261,10 +283,10 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
             Sender::External => return Err(invalid("commit", "commits by external senders are not accepted")),
         }
         if matches!(sender, Sender::NewMember { .. }) {
-            admit(node, t, &l.meta.allowed, me, &my_key).await?;
+            admit(node, t, &l.meta.allowed, me, me, &my_key).await?;
         }
         for a in &added {
-            admit(node, t, &l.meta.allowed, &Device::of(&a.name), &a.signature_key).await?;
+            admit(node, t, &l.meta.allowed, me, &Device::of(&a.name), &a.signature_key).await?;
         }
         if added.is_empty() != req.welcome.is_empty() && !matches!(sender, Sender::NewMember { .. }) {
             return Err(invalid("welcome", "required exactly when the commit adds members"));
@@ -284,9 +306,29 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
             return Err(invalid("welcome", "not a Welcome message"));
         }
 
+        // The delivery service keeps its place as the group's external
+        // sender: without it Spine could not propose removals of deleted
+        // devices.
+        if l.verifier.external_sender_index(&node.ds.public_key()) != Some(l.meta.ds_index) {
+            return Err(GroupsError::Refused(
+                "a commit may not remove or change the delivery service as the group's external sender".into(),
+            ));
+        }
         let mut meta = l.meta.clone();
         meta.epoch = l.verifier.epoch();
-        meta.roster = roster(&l.verifier);
+        meta.roster = roster(&l.verifier).map_err(|_| {
+            GroupsError::Refused("a commit may not bring in a credential that is not a Spine device".into())
+        })?;
+        // A leaf that stays in the group keeps its device: an update path
+        // may change keys, never who the member is.
+        for r in &meta.roster {
+            if let Some(before) = old_roster.iter().find(|o| o.leaf == r.leaf)
+                && before.device != r.device
+                && !removed.iter().any(|m| m.index == r.leaf)
+            {
+                return Err(GroupsError::Refused("a commit may not change a member's identity".into()));
+            }
+        }
         let seq = meta.next_seq;
         let recipients: Vec<Device> = old_roster.iter().map(|r| r.device.clone()).filter(|d| d != me).collect();
         let mut entry = LogEntry::new(EntryKind::Commit, &req.commit, from_epoch, recipients);
@@ -363,6 +405,8 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
 pub(crate) async fn application(node: &Node, me: &Device, req: pb::SendApplicationRequest) -> Result<()> {
     let g = group_id(&req.group_id)?;
     bytes_field("message", &req.message)?;
+    node.rt.limits.check(Kind::GroupMessages, &me.tenant, &me.account, 1.0)?;
+    node.rt.limits.check(Kind::GroupMessageBytes, &me.tenant, &me.account, req.message.len() as f64)?;
     for _ in 0..CAS_ATTEMPTS {
         let l = load_for_member(node, &g, me).await?;
         let framing = l.verifier.check_application(&req.message).map_err(mls("message"))?;
@@ -381,6 +425,10 @@ pub(crate) async fn application(node: &Node, me: &Device, req: pb::SendApplicati
     Err(GroupsError::Conflict)
 }
 
+/// Most disputes a group keeps (every member device may report each of
+/// its recent epochs; past this the oldest reports are dropped).
+const MAX_DISPUTES: usize = 256;
+
 pub(crate) async fn dispute(node: &Node, me: &Device, req: pb::ReportDisputeRequest) -> Result<()> {
     let g = group_id(&req.group_id)?;
     let (meta, _) = load_meta(node, &g).await?.ok_or(GroupsError::NotFound("group"))?;
@@ -390,15 +438,22 @@ pub(crate) async fn dispute(node: &Node, me: &Device, req: pb::ReportDisputeRequ
     if req.epoch == 0 || req.epoch > meta.epoch {
         return Err(invalid("epoch", format!("must name an epoch a commit created (1 to {})", meta.epoch)));
     }
-    node.groups
-        .txn(
-            Txn::new().then(Op::put(
+    node.rt.limits.check(Kind::Disputes, &me.tenant, &me.account, 1.0)?;
+    // Kept like the group's messages (14 to 15 days, under the mailbox
+    // lease), and at most MAX_DISPUTES per group: the oldest go first.
+    let existing = node.groups.range_all(&model::disputes_prefix(&g)).await?;
+    let excess = (existing.len() + 1).saturating_sub(MAX_DISPUTES);
+    node.mailbox_lease
+        .txn(|lease| {
+            Txn::new().then_all(existing.iter().take(excess).map(|kv| Op::delete(kv.key.clone()))).then(Op::put_leased(
                 node.groups.key(&model::dispute_key(&g, req.epoch, &me.tenant, &me.device)),
                 b"{}".to_vec(),
-            )),
-        )
+                lease,
+            ))
+        })
         .await?;
-    tracing::warn!(group = %redact(&g), epoch = req.epoch, "commit disputed by a member");
+    crate::metrics::dispute();
+    tracing::debug!(group = %redact(&g), epoch = req.epoch, "commit disputed by a member");
     Ok(())
 }
 

@@ -27,6 +27,8 @@ pub enum GroupsError {
     #[error("{0}")]
     Limit(String),
     #[error(transparent)]
+    Rate(#[from] spine_runtime::rate::RateLimited),
+    #[error(transparent)]
     Authz(#[from] AuthzError),
     #[error("concurrent update, retry")]
     Conflict,
@@ -72,6 +74,7 @@ impl From<GroupsError> for Status {
             GroupsError::AlreadyExists => Status::already_exists("group already exists"),
             GroupsError::Refused(msg) => wire::with_reason(Code::PermissionDenied, msg, "POLICY_REFUSED"),
             GroupsError::Limit(msg) => wire::with_reason(Code::ResourceExhausted, msg, "LIMIT_REACHED"),
+            GroupsError::Rate(r) => r.into(),
             GroupsError::Authz(a) => a.into(),
             GroupsError::Conflict => Status::aborted("concurrent update, retry"),
             GroupsError::Store(StoreError::TooLarge) => {

@@ -22,6 +22,9 @@ const MAX_TARGETS: usize = 32;
 struct StoredKp {
     kp: String,
     not_after: u64,
+    /// The package's hash reference (hex).
+    #[serde(default)]
+    reference: String,
 }
 
 fn check(bytes: &[u8], me: &Device, registered: &[u8], last_resort: bool) -> Result<(String, StoredKp)> {
@@ -46,7 +49,7 @@ fn check(bytes: &[u8], me: &Device, registered: &[u8], last_resort: bool) -> Res
     if info.not_after - now > MAX_KEY_PACKAGE_LIFETIME_SECS {
         return Err(invalid(field, format!("lifetime longer than {MAX_KEY_PACKAGE_LIFETIME_SECS} seconds")));
     }
-    Ok((info.reference, StoredKp { kp: b64(bytes), not_after: info.not_after }))
+    Ok((info.reference.clone(), StoredKp { kp: b64(bytes), not_after: info.not_after, reference: info.reference }))
 }
 
 pub(crate) async fn registered_key(t: &TenantStore, d: &Device) -> Result<Vec<u8>> {
@@ -66,30 +69,57 @@ pub(crate) async fn upload(
     if req.key_packages.is_empty() && req.last_resort.is_empty() {
         return Err(invalid("key_packages", "nothing to upload"));
     }
+    node.rt.limits.check(spine_runtime::rate::Kind::KeyPackageUploads, &me.tenant, &me.account, 1.0)?;
     let key = node.own_key(t, me).await?;
-    let mut ops = std::collections::BTreeMap::new();
+    let mut fresh = std::collections::BTreeMap::new();
     for kp in &req.key_packages {
         let (reference, stored) = check(kp, me, &key, false)?;
-        ops.insert(t.key(&format!("{}{reference}", model::kp_prefix(&me.account, &me.device))), json(&stored));
+        fresh.insert(reference, stored);
     }
-    let have = t.count(&model::kp_prefix(&me.account, &me.device)).await?;
-    if have + ops.len() as u64 > u64::from(MAX_KEY_PACKAGES) {
-        return Err(GroupsError::Limit(format!(
-            "a device holds at most {MAX_KEY_PACKAGES} key packages ({have} on file)"
-        )));
-    }
-    if !req.last_resort.is_empty() {
-        let (_, stored) = check(&req.last_resort, me, &key, true)?;
-        ops.insert(t.key(&model::kpl_key(&me.account, &me.device)), json(&stored));
-    }
-    // The device must still exist when the packages land.
+    let last_resort = match req.last_resort.is_empty() {
+        true => None,
+        false => Some(check(&req.last_resort, me, &key, true)?.1),
+    };
+    let prefix = model::kp_prefix(&me.account, &me.device);
     let dkey = t.key(&directory::device_key(&me.account, &me.device));
-    let out =
-        t.txn(Txn::new().when(Compare::Present(dkey)).then_all(ops.into_iter().map(|(k, v)| Op::put(k, v)))).await?;
-    if !out.succeeded {
-        return Err(GroupsError::NotFound("device"));
+    // A device's packages sit in MAX_KEY_PACKAGES numbered slots; each new
+    // one takes a free slot on condition that it is still free, so
+    // concurrent uploads can never hold more than the limit between them.
+    for _ in 0..8 {
+        let held = t.range_all(&prefix).await?;
+        let mut used = std::collections::BTreeSet::new();
+        let mut refs = std::collections::BTreeSet::new();
+        for kv in &held {
+            used.insert(t.relative(&kv.key).rsplit('/').next().unwrap_or_default().to_string());
+            if let Ok(s) = parse::<StoredKp>(kv) {
+                refs.insert(s.reference);
+            }
+        }
+        let new: Vec<&StoredKp> = fresh.values().filter(|s| !refs.contains(&s.reference)).collect();
+        if held.len() + new.len() > MAX_KEY_PACKAGES as usize {
+            return Err(GroupsError::Limit(format!(
+                "a device holds at most {MAX_KEY_PACKAGES} key packages ({} on file)",
+                held.len()
+            )));
+        }
+        let free = (0..MAX_KEY_PACKAGES).map(|i| format!("{i:03}")).filter(|slot| !used.contains(slot));
+        let mut txn = Txn::new().when(Compare::Present(dkey.clone()));
+        for (slot, stored) in free.zip(new) {
+            let k = t.key(&format!("{prefix}{slot}"));
+            txn = txn.when(Compare::Absent(k.clone())).then(Op::put(k, json(stored)));
+        }
+        if let Some(stored) = &last_resort {
+            txn = txn.then(Op::put(t.key(&model::kpl_key(&me.account, &me.device)), json(stored)));
+        }
+        if t.txn(txn).await?.succeeded {
+            return count(t, me).await;
+        }
+        // The device is gone, or a concurrent upload took a slot: see which.
+        if t.get(&directory::device_key(&me.account, &me.device)).await?.is_none() {
+            return Err(GroupsError::NotFound("device"));
+        }
     }
-    count(t, me).await
+    Err(GroupsError::Conflict)
 }
 
 /// A device's pool, as it asks for it to replenish (and after uploads):
@@ -146,21 +176,25 @@ pub(crate) async fn claim(
     if req.targets.is_empty() || req.targets.len() > MAX_TARGETS {
         return Err(invalid("targets", format!("1 to {MAX_TARGETS} targets")));
     }
+    node.rt.limits.check(
+        spine_runtime::rate::Kind::KeyPackageClaims,
+        &me.tenant,
+        &me.account,
+        req.targets.len() as f64,
+    )?;
     let sys = node.rt.system_store();
-    // Resolve every target first: one unreachable target fails the claim
-    // before any package is consumed.
+    // Resolve every target first: one malformed or unresolvable reference
+    // fails the claim before any package is consumed. A target that does
+    // not consent to being added by the caller (who_can_add_to_groups,
+    // blocks, cross-app reach) gets exactly the answer of an account with
+    // no package: nothing, so a refusal cannot be told from an absence.
     let mut resolved = Vec::new();
     for target in &req.targets {
-        let (store, account) = match target.target.as_ref() {
+        let (store, account, other_tenant) = match target.target.as_ref() {
             Some(pb::target::Target::AccountId(a)) => {
                 let a =
                     ids::parse(Kind::Account, a).ok_or_else(|| invalid("targets.account_id", "not an account id"))?;
-                if t.get(&directory::account_key(a)).await?.is_none()
-                    || directory::blocks_account(t, a, &me.account).await?
-                {
-                    return Err(GroupsError::NotFound("target"));
-                }
-                (t.clone(), a.to_string())
+                (t.clone(), a.to_string(), false)
             }
             Some(pb::target::Target::Interop(r)) => {
                 TenantId::parse(&r.tenant_id).ok_or_else(|| invalid("targets.interop.tenant_id", "not a tenant id"))?;
@@ -168,24 +202,33 @@ pub(crate) async fn claim(
                     .ok_or_else(|| invalid("targets.interop.handle", "not a handle"))?;
                 match directory::resolve_handle(&sys, &r.handle, t.tenant()).await? {
                     Some((tenant, account)) if tenant.as_str() == r.tenant_id => {
-                        (sys.tenant_for_delivery(&tenant), account)
+                        (sys.tenant_for_delivery(&tenant), account, true)
                     }
                     _ => return Err(GroupsError::NotFound("target")),
                 }
             }
             None => return Err(invalid("targets", "empty target")),
         };
-        resolved.push((store, account));
+        let own = !other_tenant && account == me.account;
+        let consents = own || crate::delivery::may_add(node, &store, me, &account).await?;
+        resolved.push((store, account, other_tenant, consents));
     }
     let mut out = Vec::new();
-    for (i, (store, account)) in resolved.iter().enumerate() {
+    for (i, (store, account, other_tenant, consents)) in resolved.iter().enumerate() {
+        if !consents {
+            crate::metrics::key_package("claim", "refused");
+            continue;
+        }
         for (device, _) in directory::devices(store, account).await? {
             match take(store, account, &device).await? {
                 Some((kp, last_resort)) => {
                     crate::metrics::key_package("claim", if last_resort { "last_resort" } else { "single_use" });
                     out.push(pb::ClaimedKeyPackage {
                         target: i as u32,
-                        device_id: device,
+                        // Another product's device ids are not handed out
+                        // (the package's own credential is for the group
+                        // the person agreed to be added to).
+                        device_id: if *other_tenant { String::new() } else { device },
                         key_package: kp,
                         last_resort,
                     });

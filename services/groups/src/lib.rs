@@ -38,14 +38,13 @@ pub const MAILBOX_RETENTION_SECS: u64 = 14 * 86_400;
 /// Application messages are accepted for the current epoch and this many
 /// before it (members that have not processed the latest commit yet).
 pub const APPLICATION_EPOCH_WINDOW: u64 = 3;
-/// How often each node sweeps for unfinished fan-outs and for members whose
-/// device no longer exists.
-const MAINTENANCE_EVERY: Duration = Duration::from_secs(15);
 /// Control-plane key of the delivery service's signing key.
 const DS_KEY: &str = "groups/delivery-service";
 
 pub(crate) struct Node {
     rt: Arc<Runtime>,
+    /// For consent checks on other tenants' persons.
+    secrets: spine_runtime::secrets::Secrets,
     ds: DeliveryService,
     groups: GroupSpace,
     mailbox_lease: Arc<SharedLease>,
@@ -117,6 +116,7 @@ async fn delivery_service(rt: &Runtime) -> Result<DeliveryService, StoreError> {
 pub async fn install(rt: &Arc<Runtime>, routes: &mut RoutesBuilder) -> Result<Vec<&'static str>, StoreError> {
     let node = Arc::new(Node {
         rt: rt.clone(),
+        secrets: rt.secrets().await?.clone(),
         ds: delivery_service(rt).await?,
         groups: GroupSpace::new(rt.store.clone()),
         mailbox_lease: Arc::new(SharedLease::new(
@@ -133,7 +133,8 @@ pub async fn install(rt: &Arc<Runtime>, routes: &mut RoutesBuilder) -> Result<Ve
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
     );
-    Runtime::spawn_upkeep(Arc::downgrade(&node), MAINTENANCE_EVERY, "groups", |node: Arc<Node>| async move {
+    let every = Duration::from_secs(rt.config.groups.upkeep_secs.max(1));
+    Runtime::spawn_upkeep(Arc::downgrade(&node), every, "groups", |node: Arc<Node>| async move {
         if node.rt.drain.is_cancelled() {
             return Ok(());
         }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::error::{GroupsError, Result};
-use crate::model::{self, Counter, Device, LogEntry, MailboxRec, json, parse, unb64};
+use crate::model::{self, Counter, Device, LogEntry, MailboxHead, MailboxRec, json, parse, unb64};
 
 /// Most entries one Ack deletes per transaction.
 const ACK_BATCH: usize = 100;
@@ -29,28 +29,109 @@ fn counter(kv: Option<&spine_runtime::store::KeyValue>) -> (u64, i64) {
     kv.map_or((0, 0), |kv| (serde_json::from_slice::<Counter>(&kv.value).map_or(0, |c| c.n), kv.mod_revision))
 }
 
-/// Delivers one log entry to one device, unless it already has it.
-async fn deliver(t: &TenantStore, lease: &SharedLease, g: &str, gseq: u64, e: &LogEntry, d: &Device) -> Result<()> {
+/// A device's mailbox quota.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Quota {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+fn head_of(kv: Option<&spine_runtime::store::KeyValue>) -> (MailboxHead, i64) {
+    kv.map_or((MailboxHead::default(), 0), |kv| {
+        (serde_json::from_slice::<MailboxHead>(&kv.value).unwrap_or_default(), kv.mod_revision)
+    })
+}
+
+/// What a device's mailbox really holds: entries and stored bytes (entries
+/// that expired with their lease are gone from it, not from the head's
+/// counts, which this corrects).
+async fn measure(t: &TenantStore, d: &Device) -> Result<(u64, u64)> {
+    let kvs = t.range_all(&model::mbox_prefix(&d.account, &d.device)).await?;
+    Ok((kvs.len() as u64, kvs.iter().map(|kv| kv.value.len() as u64).sum()))
+}
+
+/// Delivers one log entry to one device, unless it already has it. An
+/// application message that would take the mailbox over its quota is
+/// dropped for this device instead, and counted in a dropped-messages
+/// marker (the last entry, if it is one for this group, else a new one);
+/// handshakes are always delivered.
+async fn deliver(
+    t: &TenantStore,
+    lease: &SharedLease,
+    quota: Quota,
+    g: &str,
+    gseq: u64,
+    e: &LogEntry,
+    d: &Device,
+) -> Result<()> {
     let head_key = model::mbox_head_key(&d.account, &d.device);
     let grp_key = model::mbox_grp_key(&d.account, &d.device, g);
     for _ in 0..16 {
-        let head = t.get(&head_key).await?;
+        let head_kv = t.get(&head_key).await?;
         let grp = t.get(&grp_key).await?;
-        let (next, head_rev) = counter(head.as_ref());
+        let (mut head, head_rev) = head_of(head_kv.as_ref());
         let (delivered, grp_rev) = counter(grp.as_ref());
         if delivered >= gseq {
             return Ok(());
         }
-        let seq = next.max(1);
-        let rec = MailboxRec { group: g.to_string(), kind: e.kind, message: e.message.clone(), epoch: e.epoch };
+        let rec =
+            MailboxRec { group: g.to_string(), kind: e.kind, message: e.message.clone(), epoch: e.epoch, dropped: 0 };
+        let value = json(&rec);
+        let over = |h: &MailboxHead| h.entries >= quota.entries || h.bytes + value.len() as u64 > quota.bytes;
+        let application = e.kind == pb::EntryKind::Application as i32;
+        if application && over(&head) {
+            // Counts drift up as entries expire: measure before refusing.
+            (head.entries, head.bytes) = measure(t, d).await?;
+        }
+        let drop = application && over(&head);
+        let next = head.n.max(1);
+        let mut txn = Txn::new()
+            .when(Compare::ModRevision(t.key(&head_key), head_rev))
+            .when(Compare::ModRevision(t.key(&grp_key), grp_rev))
+            .then(Op::put(t.key(&grp_key), json(&Counter { n: gseq })));
+        let mut put: Option<(u64, Vec<u8>)> = None;
+        if drop {
+            // Add to the last entry if it is this group's marker.
+            let last = t.get(&model::mbox_key(&d.account, &d.device, next - 1)).await?;
+            let marker = last.as_ref().and_then(|kv| {
+                serde_json::from_slice::<MailboxRec>(&kv.value)
+                    .ok()
+                    .filter(|r| r.kind == pb::EntryKind::Dropped as i32 && r.group == g)
+                    .map(|r| (kv.clone(), r))
+            });
+            match marker {
+                Some((kv, mut r)) => {
+                    r.dropped += 1;
+                    txn = txn.when(Compare::ModRevision(kv.key.clone(), kv.mod_revision));
+                    put = Some((next - 1, json(&r)));
+                }
+                None => {
+                    let r = MailboxRec {
+                        group: g.to_string(),
+                        kind: pb::EntryKind::Dropped as i32,
+                        message: String::new(),
+                        epoch: e.epoch,
+                        dropped: 1,
+                    };
+                    let v = json(&r);
+                    head.entries += 1;
+                    head.bytes += v.len() as u64;
+                    head.n = next + 1;
+                    put = Some((next, v));
+                }
+            }
+            crate::metrics::dropped();
+        } else {
+            head.entries += 1;
+            head.bytes += value.len() as u64;
+            head.n = next + 1;
+            put = put.or(Some((next, value)));
+        }
+        txn = txn.then(Op::put(t.key(&head_key), json(&head)));
+        let (seq, v) = put.expect("an entry to write");
         let out = lease
             .txn(|l| {
-                Txn::new()
-                    .when(Compare::ModRevision(t.key(&head_key), head_rev))
-                    .when(Compare::ModRevision(t.key(&grp_key), grp_rev))
-                    .then(Op::put_leased(t.key(&model::mbox_key(&d.account, &d.device, seq)), json(&rec), l))
-                    .then(Op::put(t.key(&head_key), json(&Counter { n: seq + 1 })))
-                    .then(Op::put(t.key(&grp_key), json(&Counter { n: gseq })))
+                txn.clone().then(Op::put_leased(t.key(&model::mbox_key(&d.account, &d.device, seq)), v.clone(), l))
             })
             .await?;
         if out.succeeded {
@@ -62,6 +143,7 @@ async fn deliver(t: &TenantStore, lease: &SharedLease, g: &str, gseq: u64, e: &L
 
 /// Delivers every log entry of a group past its fan-out cursor.
 pub(crate) async fn fanout(rt: &Arc<Runtime>, groups: &GroupSpace, lease: &SharedLease, g: &str) -> Result<()> {
+    let quota = Quota { entries: rt.config.groups.mailbox_max_entries, bytes: rt.config.groups.mailbox_max_bytes };
     let sys = rt.system_store();
     let cursor_kv = groups.get(&model::fanout_key(g)).await?;
     let (done, mut cursor_rev) = counter(cursor_kv.as_ref());
@@ -79,7 +161,7 @@ pub(crate) async fn fanout(rt: &Arc<Runtime>, groups: &GroupSpace, lease: &Share
             if directory::device(&t, &d.account, &d.device).await?.is_none() {
                 continue;
             }
-            deliver(&t, lease, g, gseq, &e, d).await?;
+            deliver(&t, lease, quota, g, gseq, &e, d).await?;
             if e.at_ms > 0 {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -131,6 +213,7 @@ fn entry_of(seq: u64, rec: &MailboxRec) -> Result<pb::MailboxEntry> {
         kind: rec.kind,
         message: unb64(&rec.message)?,
         epoch: rec.epoch,
+        dropped: rec.dropped,
     })
 }
 
@@ -143,6 +226,7 @@ pub(crate) fn receive(
     rt: Arc<Runtime>,
     t: TenantStore,
     me: Device,
+    principal: spine_runtime::Principal,
     from_seq: u64,
 ) -> tokio_stream::wrappers::ReceiverStream<std::result::Result<pb::MailboxEntry, Status>> {
     let (tx, rx) = mpsc::channel(64);
@@ -150,7 +234,12 @@ pub(crate) fn receive(
         let open = spine_runtime::telemetry::metrics();
         let attrs = [opentelemetry_kv()];
         open.open_streams.add(1, &attrs);
-        let result = pump(&rt, &t, &me, from_seq, &tx).await;
+        let result = tokio::select! {
+            r = pump(&rt, &t, &me, from_seq, &tx) => r,
+            // The stream ends with its credential (expiry, revocation,
+            // deletion), like every stream.
+            status = rt.auth.stream_end(&principal) => Err(status),
+        };
         open.open_streams.add(-1, &attrs);
         if let Err(status) = result {
             let _ = tx.send(Err(status)).await;
@@ -216,20 +305,36 @@ async fn pump(
     }
 }
 
-/// Deletes a device's entries up to `up_to`.
+/// Deletes a device's entries up to `up_to`, and takes them off its
+/// mailbox head's counts.
 pub(crate) async fn ack(t: &TenantStore, me: &Device, up_to: u64) -> Result<()> {
     let prefix = model::mbox_prefix(&me.account, &me.device);
-    loop {
+    let head_key = model::mbox_head_key(&me.account, &me.device);
+    // Each round deletes a page; a round that loses a race with a delivery
+    // or another ack reads again.
+    for _ in 0..1024 {
         let page = t.range(&prefix, None, ACK_BATCH).await?;
-        let doomed: Vec<String> =
-            page.kvs.iter().filter(|kv| seq_of(&kv.key) <= up_to).map(|kv| kv.key.clone()).collect();
+        let doomed: Vec<&spine_runtime::store::KeyValue> =
+            page.kvs.iter().filter(|kv| seq_of(&kv.key) <= up_to).collect();
         if doomed.is_empty() {
             return Ok(());
         }
-        let full = doomed.len() == page.kvs.len() && page.more;
-        t.txn(Txn::new().then_all(doomed.into_iter().map(Op::delete))).await?;
-        if !full {
+        let head_kv = t.get(&head_key).await?;
+        let (mut head, rev) = head_of(head_kv.as_ref());
+        head.entries = head.entries.saturating_sub(doomed.len() as u64);
+        head.bytes = head.bytes.saturating_sub(doomed.iter().map(|kv| kv.value.len() as u64).sum());
+        // Each entry deleted only if still there, so entries acknowledged
+        // twice at once leave the counts once.
+        let txn = doomed
+            .iter()
+            .fold(Txn::new(), |txn, kv| txn.when(Compare::ModRevision(kv.key.clone(), kv.mod_revision)))
+            .when(Compare::ModRevision(t.key(&head_key), rev))
+            .then_all(doomed.iter().map(|kv| Op::delete(kv.key.clone())))
+            .then(Op::put(t.key(&head_key), json(&head)));
+        let done = t.txn(txn).await?.succeeded && !(doomed.len() == page.kvs.len() && page.more);
+        if done {
             return Ok(());
         }
     }
+    Err(GroupsError::Conflict)
 }

@@ -20,6 +20,10 @@ pub(crate) struct GroupsMetrics {
     pub upkeep_failures: Counter<u64>,
     /// Groups the upkeep deleted, by reason.
     pub groups_deleted: Counter<u64>,
+    /// Application messages dropped for a device whose mailbox was full.
+    pub dropped: Counter<u64>,
+    /// Disputes reported.
+    pub disputes: Counter<u64>,
 }
 
 pub(crate) fn metrics() -> &'static GroupsMetrics {
@@ -46,12 +50,25 @@ pub(crate) fn metrics() -> &'static GroupsMetrics {
                 .with_description("Groups the upkeep failed on")
                 .build(),
             groups_deleted: m.u64_counter("spine.groups.deleted").with_description("Groups deleted, by reason").build(),
+            dropped: m
+                .u64_counter("spine.groups.mailbox.dropped")
+                .with_description("Application messages dropped for devices whose mailbox was full")
+                .build(),
+            disputes: m.u64_counter("spine.groups.disputes").with_description("Disputes reported").build(),
         }
     })
 }
 
 pub(crate) fn commit(result: &'static str) {
     metrics().commits.add(1, &[KeyValue::new("result", result)]);
+}
+
+pub(crate) fn dropped() {
+    metrics().dropped.add(1, &[]);
+}
+
+pub(crate) fn dispute() {
+    metrics().disputes.add(1, &[]);
 }
 
 pub(crate) fn upkeep_failure() {
@@ -75,6 +92,7 @@ pub(crate) fn commit_failure(e: &crate::error::GroupsError) -> &'static str {
         E::Refused(_) => "refused",
         E::NotFound(_) => "not_found",
         E::Conflict => "conflict",
+        E::Rate(_) => "rate_limited",
         _ => "other",
     }
 }

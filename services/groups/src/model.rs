@@ -198,6 +198,24 @@ pub struct MailboxRec {
     pub kind: i32,
     pub message: String,
     pub epoch: u64,
+    /// For a dropped-messages marker: how many.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A device's mailbox head: the next sequence number, and what the mailbox
+/// holds (entries and stored bytes) for its quota.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default)]
+pub struct MailboxHead {
+    pub n: u64,
+    #[serde(default)]
+    pub entries: u64,
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Default)]

@@ -129,7 +129,8 @@ impl Groups for GroupsApi {
 
     async fn receive(&self, req: Request<pb::ReceiveRequest>) -> Result<Response<Self::ReceiveStream>, Status> {
         let (t, me) = device(&req)?;
-        Ok(Response::new(Box::pin(mailbox::receive(self.0.rt.clone(), t, me, req.get_ref().from_seq))))
+        let principal = Caller::of(&req)?.principal().clone();
+        Ok(Response::new(Box::pin(mailbox::receive(self.0.rt.clone(), t, me, principal, req.get_ref().from_seq))))
     }
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {

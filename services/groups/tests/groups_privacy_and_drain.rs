@@ -23,6 +23,7 @@ async fn logs_carry_no_identifiers_and_streams_end_on_drain() {
     let b = env.account(&t).await;
     let mut alice = member(&env, &t, &a).await;
     let mut bob = member(&env, &t, &b).await;
+    let_anyone_add(&env, &t, &b).await;
     bob.upload(&env, 2).await;
     let gid = b"private-group-id".to_vec();
     create_group(&env, &mut alice, &gid, vec![t.id.clone()]).await;

@@ -33,6 +33,9 @@ async fn sealed_values(store: &Arc<dyn Store>) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let ds = store.get("/spine/sys/groups/delivery-service").await.unwrap().unwrap();
     out.push((ds.key.clone(), String::from_utf8(ds.value).unwrap()));
+    for kv in store.range_all("/spine/sys/secrets/").await.unwrap() {
+        out.push((kv.key.clone(), String::from_utf8(kv.value).unwrap()));
+    }
     for kv in store.range_all("/spine/sys/signing/").await.unwrap() {
         let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
         out.push((kv.key.clone(), v["seed"].as_str().unwrap().to_string()));
@@ -53,12 +56,13 @@ async fn ds_key(env: &spine_identity::testing::Env, token: &str) -> Vec<u8> {
 async fn private_keys_are_sealed_and_survive_a_key_encryption_key_rotation() {
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory());
     let first = node(store.clone(), TEST_KEK, &[]).await;
+    first.rt.secrets().await.unwrap();
     let t = first.tenant("t").await;
     let d = first.device(&t).await;
     let ds_public = ds_key(&first, &d.token).await;
 
     let sealed = sealed_values(&store).await;
-    assert_eq!(sealed.len(), 2, "the delivery service key and one signing key");
+    assert_eq!(sealed.len(), 4, "the delivery service key, two deployment secrets, one signing key");
     let old = Sealer::new(Some(TEST_KEK)).unwrap();
     for (key, value) in &sealed {
         assert!(value.starts_with("v1:"), "{key} is not sealed: {value}");
@@ -70,6 +74,7 @@ async fn private_keys_are_sealed_and_survive_a_key_encryption_key_rotation() {
     // keys and seals them again under the new one.
     let new = kek(0x5a);
     let second = node(store.clone(), &new, &[TEST_KEK]).await;
+    second.rt.secrets().await.unwrap();
     let d2 = second.device(&t).await;
     assert_eq!(ds_key(&second, &d2.token).await, ds_public, "the same delivery service key");
     let resealed = sealed_values(&store).await;
@@ -90,14 +95,15 @@ async fn private_keys_are_sealed_and_survive_a_key_encryption_key_rotation() {
     assert_eq!(ds_key(&third, &d.token).await, ds_public);
     third.identity().get_account(req(ipb::GetAccountRequest::default(), &d.token)).await.unwrap();
 
-    // A node with an unrelated key cannot open the delivery service key:
-    // groups refuses to start (with an error, not a panic).
+    // A node with an unrelated key cannot open the sealed values (the
+    // deployment secrets, the delivery service key): groups refuses to
+    // start (with an error, not a panic).
     let mut config = test_config();
     config.auth.key_encryption_key = Some(kek(0x77));
     let rt = Runtime::with_store(config, store.clone()).unwrap();
     let mut routes = tonic::service::RoutesBuilder::default();
     let err = spine_groups::install(&rt, &mut routes).await.expect_err("must not start");
-    assert!(err.to_string().contains("delivery service key"), "{err}");
+    assert!(err.to_string().contains("does not open with this key-encryption key"), "{err}");
 }
 
 #[tokio::test]

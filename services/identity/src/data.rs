@@ -143,7 +143,7 @@ async fn report(t: &TenantStore, account: &str, revocation_secs: i64) -> Result<
         format!("{root}settings/<account>"),
         until_deleted(),
         vec![format!(
-            "video_calling_enabled={} who_can_call={:?} presence_visibility={:?} last_seen={:?} last_seen_reciprocal={} cross_app={:?} auto_answer_hint={} do_not_disturb={} until={:?} group_call_rings={}",
+            "video_calling_enabled={} who_can_call={:?} presence_visibility={:?} last_seen={:?} last_seen_reciprocal={} cross_app={:?} auto_answer_hint={} do_not_disturb={} until={:?} group_call_rings={} who_can_add_to_groups={:?}",
             s.video_calling_enabled,
             pb::WhoCanCall::try_from(s.who_can_call).unwrap_or_default(),
             pb::PresenceVisibility::try_from(s.presence_visibility).unwrap_or_default(),
@@ -154,6 +154,7 @@ async fn report(t: &TenantStore, account: &str, revocation_secs: i64) -> Result<
             dnd.enabled,
             dnd.until.map(|u| u.seconds),
             s.group_call_rings,
+            pb::WhoCanAddToGroups::try_from(s.who_can_add_to_groups).unwrap_or_default(),
         )],
         None,
     ));
@@ -162,12 +163,15 @@ async fn report(t: &TenantStore, account: &str, revocation_secs: i64) -> Result<
             PeerList::Contacts,
             "contact",
             "Accounts (or other apps' interop references) the account lists as contacts, each with the time it \
-             was added and an entry in the tenant's reverse index (so deleting either account finds it).",
+             was added, an entry in the tenant's reverse index (so deleting either account finds it) and, for \
+             another app's person, a keyed hash standing for that person.",
         ),
         (
             PeerList::Blocks,
             "block",
-            "Accounts (or interop references) the account has blocked, with the time and a reverse-index entry.",
+            "Accounts (or interop references) the account has blocked, with the time, a reverse-index entry and, \
+             for another app's person, a keyed hash standing for that person (so the block holds whatever \
+             handle names them).",
         ),
     ] {
         let kvs = t.range_all(&model::peers_prefix(list, account)).await?;
@@ -312,12 +316,31 @@ pub(crate) async fn tenant_report(sys: &SystemStore, t: &TenantStore) -> Result<
     Ok(DataReportSection { service: "identity".into(), items })
 }
 
-/// Deletes, in batches, list entries with their reverse-index entries:
-/// `entries` are (list entry key, index entry key), both absolute.
-async fn delete_pairs(t: &TenantStore, entries: Vec<(String, String)>) -> Result<()> {
-    for chunk in entries.chunks(spine_runtime::store::MAX_TXN_OPS / 2) {
-        t.txn(Txn::new().then_all(chunk.iter().flat_map(|(a, b)| [Op::delete(a.clone()), Op::delete(b.clone())])))
-            .await?;
+/// The deletes that remove one list entry (`kv`, `owner`'s entry for
+/// `peer` under `list`): the entry, its reverse-index entry and, for another
+/// tenant's person, its person entry.
+pub(crate) fn entry_ops(
+    t: &TenantStore,
+    list: PeerList,
+    owner: &str,
+    peer: &str,
+    kv: &spine_runtime::store::KeyValue,
+) -> Vec<Op> {
+    let mut ops = vec![Op::delete(kv.key.clone()), Op::delete(t.key(&model::peer_ref_key(peer, list, owner)))];
+    if let Some(p) = serde_json::from_slice::<model::PeerEntry>(&kv.value).ok().and_then(|e| e.person) {
+        ops.push(Op::delete(t.key(&directory::person_key(list.as_str(), owner, &p))));
+    }
+    ops
+}
+
+/// Deletes list entries in batches: each is (list, owner, peer, entry).
+async fn delete_entries(
+    t: &TenantStore,
+    entries: Vec<(PeerList, String, String, spine_runtime::store::KeyValue)>,
+) -> Result<()> {
+    for chunk in entries.chunks(spine_runtime::store::MAX_TXN_OPS / 3) {
+        let ops = chunk.iter().flat_map(|(list, owner, peer, kv)| entry_ops(t, *list, owner, peer, kv));
+        t.txn(Txn::new().then_all(ops)).await?;
     }
     Ok(())
 }
@@ -325,7 +348,7 @@ async fn delete_pairs(t: &TenantStore, entries: Vec<(String, String)>) -> Result
 /// Removes the entries of other accounts' lists in `t` that name `peer` (a
 /// peer key), found through the reverse index; `only` limits it to one list.
 pub(crate) async fn delete_refs_to(t: &TenantStore, peer: &str, only: Option<PeerList>) -> Result<()> {
-    let mut pairs = Vec::new();
+    let mut entries = Vec::new();
     for kv in t.range_all(&model::peer_refs_prefix(peer)).await? {
         let Some((list, owner)) = last(&kv.key).split_once('.') else { continue };
         let list = match list {
@@ -336,9 +359,15 @@ pub(crate) async fn delete_refs_to(t: &TenantStore, peer: &str, only: Option<Pee
         if only.is_some_and(|o| o != list) {
             continue;
         }
-        pairs.push((t.key(&format!("{}{peer}", model::peers_prefix(list, owner))), kv.key.clone()));
+        match t.get(&format!("{}{peer}", model::peers_prefix(list, owner))).await? {
+            Some(entry) => entries.push((list, owner.to_string(), peer.to_string(), entry)),
+            // A dangling index entry: drop it alone.
+            None => {
+                t.txn(Txn::new().then(Op::delete(kv.key.clone()))).await?;
+            }
+        }
     }
-    delete_pairs(t, pairs).await
+    delete_entries(t, entries).await
 }
 
 /// Every contact and block list entry naming a deleted account, and the
@@ -346,14 +375,13 @@ pub(crate) async fn delete_refs_to(t: &TenantStore, peer: &str, only: Option<Pee
 /// tenants its handles were open to through theirs.
 async fn delete_lists(sys: &SystemStore, t: &TenantStore, account: &str) -> Result<()> {
     for list in [PeerList::Contacts, PeerList::Blocks] {
-        let prefix = model::peers_prefix(list, account);
-        let pairs = t
-            .range_all(&prefix)
+        let entries = t
+            .range_all(&model::peers_prefix(list, account))
             .await?
-            .iter()
-            .map(|kv| (kv.key.clone(), t.key(&model::peer_ref_key(last(&kv.key), list, account))))
+            .into_iter()
+            .map(|kv| (list, account.to_string(), last(&kv.key).to_string(), kv))
             .collect();
-        delete_pairs(t, pairs).await?;
+        delete_entries(t, entries).await?;
     }
     delete_refs_to(t, &directory::peer_account(account), None).await?;
     let tomb = match t.get(&format!("{}{account}", data::TOMBSTONES)).await? {

@@ -82,7 +82,7 @@ pub struct TenantRec {
     pub credentials: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AccountRec {
     pub created_at: i64,
     /// The `request_id` that created it, so deletion also removes that answer.
@@ -92,6 +92,36 @@ pub struct AccountRec {
     /// deletion can tell whether a device appeared while it ran.
     #[serde(default)]
     pub devices: u32,
+    /// Live interop handles, contacts and blocks: changed in the same
+    /// transaction (compare-and-swap on this record) as the item, so
+    /// concurrent requests cannot overrun their limits.
+    #[serde(default)]
+    pub handles: u32,
+    #[serde(default)]
+    pub contacts: u32,
+    #[serde(default)]
+    pub blocks: u32,
+}
+
+impl AccountRec {
+    /// The counter of a list.
+    pub fn list_count(&mut self, list: PeerList) -> &mut u32 {
+        match list {
+            PeerList::Contacts => &mut self.contacts,
+            PeerList::Blocks => &mut self.blocks,
+        }
+    }
+}
+
+/// A contact or block entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerEntry {
+    /// When it was added (Unix seconds).
+    pub at: i64,
+    /// For a peer of another tenant (an interop handle), the hash standing
+    /// for the person behind it (`directory::person`).
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "p")]
+    pub person: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -99,7 +99,7 @@ impl IdentityApi {
         }
         let account = ids::new(Kind::Account);
         let now = now_secs();
-        let rec = AccountRec { created_at: now, request_id: Some(req.request_id.clone()), devices: 0 };
+        let rec = AccountRec { created_at: now, request_id: Some(req.request_id.clone()), ..Default::default() };
         let resp = pb::Account { account_id: account.clone(), created_at: ts(now) };
         let out = self
             .node()
@@ -302,6 +302,12 @@ impl IdentityApi {
                     }
                     "auto_answer_hint" => cur.auto_answer_hint = new.auto_answer_hint,
                     "group_call_rings" => cur.group_call_rings = new.group_call_rings,
+                    "who_can_add_to_groups" => {
+                        cur.who_can_add_to_groups = enum_field::<pb::WhoCanAddToGroups>(
+                            "settings.who_can_add_to_groups",
+                            new.who_can_add_to_groups,
+                        )?
+                    }
                     "do_not_disturb" => cur.do_not_disturb = Some(new.do_not_disturb.unwrap_or_default()),
                     "do_not_disturb.enabled" => {
                         cur.do_not_disturb.get_or_insert_default().enabled =
@@ -314,10 +320,8 @@ impl IdentityApi {
                     other => return Err(invalid("update_mask", format!("unknown or read-only field `{other}`"))),
                 }
             }
-            if let Some(u) = cur.do_not_disturb.as_ref().and_then(|d| d.until.as_ref())
-                && (u.seconds < 0 || u.nanos < 0)
-            {
-                return Err(invalid("settings.do_not_disturb.until", "must be a valid time"));
+            if let Some(u) = cur.do_not_disturb.as_ref().and_then(|d| d.until.as_ref()) {
+                validate::timestamp("settings.do_not_disturb.until", u)?;
             }
             cur.updated_at = ts(now_secs());
             let mut stored = cur.clone();
@@ -336,19 +340,27 @@ impl IdentityApi {
 
     /// Checks that a peer is something this account may list: an existing
     /// other account of its tenant, or a live handle open to its tenant.
-    async fn check_peer(&self, s: &Scoped, peer: &Peer) -> Result<()> {
+    /// Checks that a peer is something this account may list: an existing
+    /// other account of its tenant, or a live handle open to its tenant.
+    /// For a handle, returns the hash standing for the person behind it
+    /// (`directory::person`), which the list keeps so the entry follows
+    /// the person whatever happens to the handle.
+    async fn check_peer(&self, s: &Scoped, peer: &Peer) -> Result<Option<String>> {
         match peer {
             Peer::Account(a) if *a == s.account => Err(invalid("peer", "an account cannot list itself")),
             Peer::Account(a) => {
                 s.store.get(&model::account_key(a)).await?.ok_or(IdentityError::NotFound("peer"))?;
-                Ok(())
+                Ok(None)
             }
             Peer::Interop { tenant, handle } => {
-                let target = self.resolve(handle, s.store.tenant()).await?;
-                if &target != tenant {
-                    return Err(IdentityError::NotFound("peer"));
+                let sys = self.node().rt.system_store();
+                match spine_runtime::directory::resolve_handle(&sys, handle, s.store.tenant()).await? {
+                    Some((t, account)) if &t == tenant => {
+                        let secrets = self.node().rt.secrets().await?;
+                        Ok(Some(spine_runtime::directory::person(secrets, t.as_str(), &account)))
+                    }
+                    _ => Err(IdentityError::NotFound("peer")),
                 }
-                Ok(())
             }
         }
     }
@@ -374,29 +386,44 @@ impl IdentityApi {
     ) -> Result<()> {
         let s = scoped(&req, &req.get_ref().0).await?;
         let peer = Peer::parse(req.get_ref().1.as_ref())?;
-        self.check_peer(&s, &peer).await?;
+        let person = self.check_peer(&s, &peer).await?;
         let prefix = model::peers_prefix(list, &s.account);
-        let key = s.store.key(&format!("{prefix}{}", peer.key()));
-        if s.store.get(&format!("{prefix}{}", peer.key())).await?.is_some() {
-            return Ok(());
+        let rel = format!("{prefix}{}", peer.key());
+        let key = s.store.key(&rel);
+        for _ in 0..CAS_ATTEMPTS {
+            if s.store.get(&rel).await?.is_some() {
+                return Ok(());
+            }
+            // The limit holds inside the write: the account record carries
+            // the count and the write compares its revision.
+            let kv = s.store.get(&model::account_key(&s.account)).await?.ok_or(IdentityError::NotFound("account"))?;
+            let mut acc: AccountRec = parse(&kv)?;
+            if u64::from(*acc.list_count(list)) >= MAX_PEERS {
+                return Err(IdentityError::Limit(format!("at most {MAX_PEERS} {}", list.as_str())));
+            }
+            *acc.list_count(list) += 1;
+            let out = s
+                .store
+                .txn(
+                    Txn::new()
+                        .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+                        .when(Compare::Absent(key.clone()))
+                        .then(Op::put(kv.key.clone(), json(&acc)))
+                        .then(Op::put(key.clone(), json(&model::PeerEntry { at: now_secs(), person: person.clone() })))
+                        .then(Op::put(s.store.key(&model::peer_ref_key(&peer.key(), list, &s.account)), b"{}".to_vec()))
+                        .then_all(person.as_ref().map(|p| {
+                            Op::put(
+                                s.store.key(&spine_runtime::directory::person_key(list.as_str(), &s.account, p)),
+                                b"{}".to_vec(),
+                            )
+                        })),
+                )
+                .await?;
+            if out.succeeded {
+                return Ok(());
+            }
         }
-        if s.store.count(&prefix).await? >= MAX_PEERS {
-            return Err(IdentityError::Limit(format!("at most {MAX_PEERS} {}", list.as_str())));
-        }
-        let akey = s.store.key(&model::account_key(&s.account));
-        let out = s
-            .store
-            .txn(
-                Txn::new()
-                    .when(Compare::Present(akey))
-                    .then(Op::put(key, json(&serde_json::json!({ "at": now_secs() }))))
-                    .then(Op::put(s.store.key(&model::peer_ref_key(&peer.key(), list, &s.account)), b"{}".to_vec())),
-            )
-            .await?;
-        if !out.succeeded {
-            return Err(IdentityError::NotFound("account"));
-        }
-        Ok(())
+        Err(IdentityError::Conflict)
     }
 
     async fn remove_peer(
@@ -406,10 +433,23 @@ impl IdentityApi {
     ) -> Result<()> {
         let s = scoped(&req, &req.get_ref().0).await?;
         let peer = Peer::parse(req.get_ref().1.as_ref())?;
-        let key = s.store.key(&format!("{}{}", model::peers_prefix(list, &s.account), peer.key()));
-        let index = s.store.key(&model::peer_ref_key(&peer.key(), list, &s.account));
-        s.store.txn(Txn::new().then(Op::delete(key)).then(Op::delete(index))).await?;
-        Ok(())
+        let rel = format!("{}{}", model::peers_prefix(list, &s.account), peer.key());
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(kv) = s.store.get(&rel).await? else { return Ok(()) };
+            let akv = s.store.get(&model::account_key(&s.account)).await?.ok_or(IdentityError::NotFound("account"))?;
+            let mut acc: AccountRec = parse(&akv)?;
+            *acc.list_count(list) = acc.list_count(list).saturating_sub(1);
+            let ops = crate::data::entry_ops(&s.store, list, &s.account, &peer.key(), &kv);
+            let txn = Txn::new()
+                .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+                .when(Compare::ModRevision(akv.key.clone(), akv.mod_revision))
+                .then(Op::put(akv.key.clone(), json(&acc)))
+                .then_all(ops);
+            if s.store.txn(txn).await?.succeeded {
+                return Ok(());
+            }
+        }
+        Err(IdentityError::Conflict)
     }
 
     async fn list_peers(
@@ -454,31 +494,44 @@ impl IdentityApi {
         if let Some(r) = replay(s.store.get(&idem).await?, &fp)? {
             return Ok(r);
         }
-        if s.store.count(&model::handles_prefix(&s.account)).await? >= MAX_HANDLES {
-            return Err(IdentityError::Limit(format!("at most {MAX_HANDLES} interop handles per account")));
-        }
         let handle = ids::new(Kind::InteropHandle);
         let now = now_secs();
         let resp =
             pb::InteropHandle { handle: handle.clone(), allowed_tenant_ids: allowed.clone(), created_at: ts(now) };
         let rec = HandleRec { allowed: allowed.clone(), created_at: now };
         let idx = HandleIndex { tenant_id: s.store.tenant().to_string(), account_id: s.account.clone(), allowed };
-        let out = self
-            .node()
-            .idem_lease
-            .txn(|lease| {
-                Txn::new()
-                    .when(Compare::Absent(s.store.key(&idem)))
-                    .when(Compare::Present(s.store.key(&model::account_key(&s.account))))
-                    .then(Op::put(s.store.key(&format!("{}{handle}", model::handles_prefix(&s.account))), json(&rec)))
-                    .then(Op::put(sys.key(&model::handle_index_key(&handle)), json(&idx)))
-                    .then(record(s.store.key(&idem), &fp, &resp, lease))
-            })
-            .await?;
-        if !out.succeeded {
-            return replay(s.store.get(&idem).await?, &fp)?.ok_or(IdentityError::NotFound("account"));
+        for _ in 0..CAS_ATTEMPTS {
+            // The limit holds inside the write (the account record counts).
+            let kv = s.store.get(&model::account_key(&s.account)).await?.ok_or(IdentityError::NotFound("account"))?;
+            let mut acc: AccountRec = parse(&kv)?;
+            if u64::from(acc.handles) >= MAX_HANDLES {
+                return Err(IdentityError::Limit(format!("at most {MAX_HANDLES} interop handles per account")));
+            }
+            acc.handles += 1;
+            let out = self
+                .node()
+                .idem_lease
+                .txn(|lease| {
+                    Txn::new()
+                        .when(Compare::Absent(s.store.key(&idem)))
+                        .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+                        .then(Op::put(kv.key.clone(), json(&acc)))
+                        .then(Op::put(
+                            s.store.key(&format!("{}{handle}", model::handles_prefix(&s.account))),
+                            json(&rec),
+                        ))
+                        .then(Op::put(sys.key(&model::handle_index_key(&handle)), json(&idx)))
+                        .then(record(s.store.key(&idem), &fp, &resp, lease))
+                })
+                .await?;
+            if out.succeeded {
+                return Ok(resp);
+            }
+            if let Some(r) = replay(s.store.get(&idem).await?, &fp)? {
+                return Ok(r);
+            }
         }
-        Ok(resp)
+        Err(IdentityError::Conflict)
     }
 }
 
@@ -663,11 +716,21 @@ impl Identity for IdentityApi {
         let key = s.store.key(&rel);
         let sys = self.node().rt.system_store();
         let kv = s.store.get(&rel).await.map_err(IdentityError::from)?.ok_or(IdentityError::NotFound("handle"))?;
+        let akv = s
+            .store
+            .get(&model::account_key(&s.account))
+            .await
+            .map_err(IdentityError::from)?
+            .ok_or(IdentityError::NotFound("account"))?;
+        let mut acc: AccountRec = parse(&akv)?;
+        acc.handles = acc.handles.saturating_sub(1);
         let out = s
             .store
             .txn(
                 Txn::new()
                     .when(Compare::ModRevision(key.clone(), kv.mod_revision))
+                    .when(Compare::ModRevision(akv.key.clone(), akv.mod_revision))
+                    .then(Op::put(akv.key.clone(), json(&acc)))
                     .then(Op::delete(key))
                     .then(Op::delete(sys.key(&model::handle_index_key(handle)))),
             )

@@ -29,10 +29,31 @@ pub struct Env {
 /// share it), so tests run with private keys sealed, as in production.
 pub const TEST_KEK: &str = "c3BpbmUtdGVzdC1rZXktZW5jcnlwdGlvbi1rZXkhISE=";
 
+/// A test node's config: keys sealed with [`TEST_KEK`], signing keys
+/// active at once, and rate limits far above what a test's bursts of
+/// calls need (the tests of the limits set their own).
 pub fn test_config() -> Config {
     let mut c = Config::default();
     c.auth.key_activation_delay_secs = 0;
     c.auth.key_encryption_key = Some(TEST_KEK.into());
+    let generous = spine_runtime::rate::Limit {
+        account: spine_runtime::rate::Rate::new(100_000.0, 100_000.0),
+        tenant: spine_runtime::rate::Rate::new(1_000_000.0, 1_000_000.0),
+    };
+    let r = &mut c.limits.rates;
+    for limit in [
+        &mut r.group_messages,
+        &mut r.commits,
+        &mut r.key_package_uploads,
+        &mut r.key_package_claims,
+        &mut r.call_starts,
+        &mut r.signals,
+        &mut r.disputes,
+    ] {
+        *limit = generous;
+    }
+    r.group_message_bytes.account = spine_runtime::rate::Rate::new(1e12, 1e12);
+    r.group_message_bytes.tenant = spine_runtime::rate::Rate::new(1e12, 1e12);
     c
 }
 
@@ -94,6 +115,7 @@ pub struct Tenant {
     pub cred: String,
 }
 
+#[derive(Clone)]
 pub struct Device {
     pub tenant: String,
     pub account: String,

@@ -34,7 +34,22 @@ pub fn name(field: &'static str, v: &str, required: bool) -> Result<String> {
     if v.chars().any(char::is_control) {
         return Err(invalid(field, "control characters are not allowed"));
     }
+    if v.chars().any(spine_runtime::ids::is_bidi_control) {
+        return Err(invalid(field, "bidirectional formatting characters are not allowed"));
+    }
     Ok(v.to_string())
+}
+
+/// Latest time any timestamp field may name (the end of year 9999, as
+/// google.protobuf.Timestamp allows).
+pub const MAX_TIMESTAMP_SECS: i64 = 253_402_300_799;
+
+/// A timestamp within google.protobuf.Timestamp's range, after 1970.
+pub fn timestamp(field: &'static str, t: &prost_types::Timestamp) -> Result<()> {
+    if !(0..=MAX_TIMESTAMP_SECS).contains(&t.seconds) || !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(invalid(field, "must be a time between 1970 and the end of year 9999"));
+    }
+    Ok(())
 }
 
 pub fn id<'a>(field: &'static str, kind: Kind, v: &'a str) -> Result<&'a str> {
@@ -135,6 +150,19 @@ impl Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_refuse_control_and_bidi_characters() {
+        assert!(name("n", "Zoë's phone", true).is_ok());
+        for bad in ["a\u{202e}txt.exe", "x\u{2066}y", "\u{200f}", "tab\there"] {
+            assert!(name("n", bad, true).is_err(), "{bad:?}");
+        }
+        let ok = prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 };
+        assert!(timestamp("t", &ok).is_ok());
+        for bad in [(-1, 0), (MAX_TIMESTAMP_SECS + 1, 0), (0, -1), (0, 1_000_000_000)] {
+            assert!(timestamp("t", &prost_types::Timestamp { seconds: bad.0, nanos: bad.1 }).is_err());
+        }
+    }
 
     #[test]
     fn request_ids() {

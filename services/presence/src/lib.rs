@@ -42,6 +42,10 @@ pub(crate) struct Node {
     ring: Arc<ring::Ring>,
     owner: Arc<state::Owner>,
     peers: PeerChannels,
+    /// Forwarding proofs between presence nodes.
+    secrets: spine_runtime::secrets::Secrets,
+    /// Watch streams open on this node, per device.
+    watches: std::sync::Mutex<std::collections::HashMap<(String, String), usize>>,
 }
 
 impl Node {
@@ -52,7 +56,7 @@ impl Node {
 }
 
 /// The node ids of the presence ring this node sees (for tests and tools).
-pub struct RingView(Arc<ring::Ring>);
+pub struct RingView(Arc<ring::Ring>, Arc<state::Owner>);
 
 impl RingView {
     pub fn me(&self) -> &str {
@@ -63,6 +67,11 @@ impl RingView {
     }
     pub fn owner(&self, tenant: &str, account: &str) -> String {
         self.0.owner(&format!("{tenant}/{account}")).0
+    }
+    /// How many accounts this node holds in memory (announced, watched,
+    /// in a call, or with a last-seen).
+    pub fn accounts_held(&self) -> usize {
+        self.1.held()
     }
 }
 
@@ -81,6 +90,8 @@ pub async fn install(
         ring: ring.clone(),
         owner: state::Owner::new(),
         peers: PeerChannels::default(),
+        secrets: rt.secrets().await?.clone(),
+        watches: Default::default(),
     });
     rt.register_account_data(Arc::new(data::PresenceData(node.owner.clone())));
     rt.spawn_follower(Arc::downgrade(&node.owner), "presence-in-call", {
@@ -98,11 +109,14 @@ pub async fn install(
         },
     );
     Runtime::spawn_upkeep(Arc::downgrade(&node), REVIEW_EVERY, "presence-review", |n: Arc<Node>| async move {
-        for (account, id, watcher) in n.owner.watchers() {
-            let view = visibility::view(&n.rt, &watcher, &account).await.map_err(|e| e.to_string())?;
-            n.owner.set_view(&account, id, view);
+        // One view per (watcher, target) pair, however many streams share it.
+        for ((watcher, account), ids) in n.owner.watchers() {
+            let view = visibility::view(&n.rt, &n.secrets, &watcher, &account).await.map_err(|e| e.to_string())?;
+            for id in ids {
+                n.owner.set_view(&account, id, view);
+            }
         }
         Ok::<(), String>(())
     });
-    Ok((vec![<PresenceServer<service::PresenceApi> as NamedService>::NAME], RingView(ring)))
+    Ok((vec![<PresenceServer<service::PresenceApi> as NamedService>::NAME], RingView(ring, node.owner.clone())))
 }

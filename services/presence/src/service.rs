@@ -14,7 +14,7 @@ use spine_proto::presence::v1::{self as pb, PresenceState, Status as PStatus};
 use spine_runtime::ids::{self, Kind};
 use spine_runtime::{Caller, Principal, directory};
 use tokio::sync::mpsc;
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -22,8 +22,9 @@ use crate::state::{Outbox, render};
 use crate::visibility::{self, AccountKey, key_str};
 use crate::{MAX_TTL, Node};
 
-/// Marks a request one node forwarded to the owner: served where it lands.
-const FORWARDED: &str = "x-spine-presence-forwarded";
+const ANNOUNCE: &str = "/spine.presence.v1.Presence/Announce";
+const QUERY: &str = "/spine.presence.v1.Presence/Query";
+const WATCH: &str = "/spine.presence.v1.Presence/Watch";
 /// Most targets per Watch or Query.
 const MAX_TARGETS: usize = 256;
 /// States buffered per watch stream before it counts as too slow.
@@ -49,18 +50,61 @@ fn invalid(field: &str, reason: &str) -> Status {
     spine_runtime::error::invalid(field, reason)
 }
 
-fn forwarded(meta: &MetadataMap) -> bool {
-    meta.get(FORWARDED).is_some()
+/// Whether a peer node forwarded this request to this node, as the owner
+/// (then it is served here, never forwarded again). Only a proof made with
+/// the deployment's peer secret counts: a client cannot set it.
+fn forwarded(node: &Node, meta: &MetadataMap, path: &str) -> bool {
+    spine_runtime::secrets::forwarded_by_peer(&node.secrets, meta, path)
 }
 
-/// A request to another node, carrying the caller's own credential.
-fn forward<T>(meta: &MetadataMap, msg: T) -> Request<T> {
+/// A request to the owner node, carrying the caller's own credential and
+/// this node's forwarding proof.
+fn forward<T>(node: &Node, auth: Option<&MetadataValue<Ascii>>, path: &str, msg: T) -> Request<T> {
     let mut r = Request::new(msg);
-    if let Some(a) = meta.get("authorization") {
+    if let Some(a) = auth {
         r.metadata_mut().insert("authorization", a.clone());
+        let mark = node.secrets.peer_mark(path, a.as_bytes());
+        r.metadata_mut().insert(spine_runtime::secrets::FORWARDED, mark.parse().expect("ascii"));
     }
-    r.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
     r
+}
+
+/// A watch stream counted against its device's limit until dropped.
+struct WatchSlot {
+    node: Arc<Node>,
+    device: (String, String),
+}
+
+impl WatchSlot {
+    fn take(node: &Arc<Node>, me: &Me) -> Result<WatchSlot, Status> {
+        let device = (me.account.0.clone(), me.device.clone());
+        let mut watches = node.watches.lock().expect("watch slots lock");
+        let n = watches.entry(device.clone()).or_default();
+        if *n >= node.rt.config.presence.max_watches_per_device {
+            return Err(spine_runtime::error::with_reason(
+                Code::ResourceExhausted,
+                format!(
+                    "a device may hold {} watch streams at once: close one, or watch more targets on one stream",
+                    node.rt.config.presence.max_watches_per_device
+                ),
+                "TOO_MANY_WATCHES",
+            ));
+        }
+        *n += 1;
+        Ok(WatchSlot { node: node.clone(), device })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut watches = self.node.watches.lock().expect("watch slots lock");
+        if let Some(n) = watches.get_mut(&self.device) {
+            *n -= 1;
+            if *n == 0 {
+                watches.remove(&self.device);
+            }
+        }
+    }
 }
 
 fn unavailable(target: u32) -> PresenceState {
@@ -72,6 +116,12 @@ fn unavailable(target: u32) -> PresenceState {
 async fn resolve(node: &Node, me: &Me, targets: &[pb::Target]) -> Result<Vec<Option<AccountKey>>, Status> {
     if targets.is_empty() || targets.len() > MAX_TARGETS {
         return Err(invalid("targets", "1 to 256 targets"));
+    }
+    // The same target twice is refused (as written: two references that
+    // turn out to name one account are not, or the refusal would say so).
+    let mut seen = std::collections::HashSet::new();
+    if !targets.iter().all(|t| seen.insert(t.target.clone().map(|t| format!("{t:?}")))) {
+        return Err(invalid("targets", "a target is named twice"));
     }
     let sys = node.rt.system_store();
     let caller_tenant =
@@ -121,7 +171,8 @@ impl PresenceApi {
     /// The local owner's answer for one target.
     async fn local_state(&self, me: &Me, index: u32, key: &AccountKey) -> Result<PresenceState, Status> {
         let node = self.node();
-        let view = visibility::view(&node.rt, &me.account, key).await.map_err(spine_runtime::error::store)?;
+        let view =
+            visibility::view(&node.rt, &node.secrets, &me.account, key).await.map_err(spine_runtime::error::store)?;
         let warming = node.ring.recently_moved(&key_str(key), MAX_TTL);
         Ok(node.owner.current(key, index, view, warming).unwrap_or_else(|| unavailable(index)))
     }
@@ -141,20 +192,21 @@ impl Presence for PresenceApi {
             _ => return Err(invalid("ttl_seconds", "10 to 300")),
         };
         let (owner, addr) = self.node().ring.owner(&key_str(&me.account));
-        if owner == self.node().ring.me || forwarded(req.metadata()) {
+        if owner == self.node().ring.me || forwarded(self.node(), req.metadata(), ANNOUNCE) {
             self.node().owner.announce(me.account, me.device, status, Duration::from_secs(u64::from(ttl)));
             return Ok(Response::new(pb::AnnounceResponse { ttl_seconds: ttl }));
         }
         let mut peer = PresenceClient::new(self.node().peer(&addr)?);
-        peer.announce(forward(req.metadata(), *req.get_ref())).await
+        peer.announce(forward(self.node(), req.metadata().get("authorization"), ANNOUNCE, *req.get_ref())).await
     }
 
     async fn query(&self, req: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
         let me = device(&req)?;
         let keys = resolve(self.node(), &me, &req.get_ref().targets).await?;
         let mut states: Vec<PresenceState> = (0..keys.len() as u32).map(unavailable).collect();
-        for (owner, (addr, targets)) in plan(self.node(), &keys, forwarded(req.metadata())) {
-            if owner == self.node().ring.me || forwarded(req.metadata()) {
+        let local_only = forwarded(self.node(), req.metadata(), QUERY);
+        for (owner, (addr, targets)) in plan(self.node(), &keys, local_only) {
+            if owner == self.node().ring.me || local_only {
                 for (i, k) in &targets {
                     states[*i as usize] = self.local_state(&me, *i, k).await?;
                 }
@@ -163,7 +215,7 @@ impl Presence for PresenceApi {
                     targets: targets.iter().map(|(i, _)| req.get_ref().targets[*i as usize].clone()).collect(),
                 };
                 let answer = PresenceClient::new(self.node().peer(&addr)?)
-                    .query(forward(req.metadata(), subset))
+                    .query(forward(self.node(), req.metadata().get("authorization"), QUERY, subset))
                     .await?
                     .into_inner();
                 for (j, mut s) in answer.states.into_iter().enumerate() {
@@ -181,26 +233,32 @@ impl Presence for PresenceApi {
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let me = device(&req)?;
+        let principal = Caller::of(&req)?.principal().clone();
         let keys = resolve(self.node(), &me, &req.get_ref().targets).await?;
+        let slot = WatchSlot::take(&self.0, &me)?;
         let (outbox, rx) = Outbox::new(WATCH_BUFFER);
         let failed = Arc::new(std::sync::Mutex::new(None));
         let node = self.0.clone();
         // Keep only what forwarding needs, not every request header.
-        let mut meta = MetadataMap::new();
-        if let Some(a) = req.metadata().get("authorization") {
-            meta.insert("authorization", a.clone());
-        }
-        if forwarded(req.metadata()) {
-            meta.insert(FORWARDED, "1".parse().expect("ascii"));
-        }
+        let auth = req.metadata().get("authorization").cloned();
+        let local_only = forwarded(&node, req.metadata(), WATCH);
         let targets = req.into_inner().targets;
         let fail = failed.clone();
         let out = outbox.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let open = spine_runtime::telemetry::metrics();
-            let attrs = [opentelemetry::KeyValue::new("rpc.method", "/spine.presence.v1.Presence/Watch")];
+            let attrs = [opentelemetry::KeyValue::new("rpc.method", WATCH)];
             open.open_streams.add(1, &attrs);
-            let end = manage(&node, &me, &keys, &targets, &meta, &out).await;
+            let watch = Watch {
+                me: &me,
+                principal: &principal,
+                keys: &keys,
+                targets: &targets,
+                auth: auth.as_ref(),
+                local_only,
+            };
+            let end = manage(&node, &watch, &out).await;
             open.open_streams.add(-1, &attrs);
             if let Err(status) = end {
                 // Delivered at the stream's next poll, even if its buffer
@@ -283,18 +341,23 @@ fn too_slow() -> Status {
     )
 }
 
+/// What a watch stream watches, and for whom.
+struct Watch<'a> {
+    me: &'a Me,
+    principal: &'a spine_runtime::Principal,
+    keys: &'a [Option<AccountKey>],
+    targets: &'a [pb::Target],
+    auth: Option<&'a MetadataValue<Ascii>>,
+    /// Forwarded here by a peer: every target is served locally.
+    local_only: bool,
+}
+
 /// Keeps a watch's subscriptions: each target subscribed where it is
 /// owned (locally, or through a forwarded watch to its owner), re-planned
-/// when the ring changes; ends on drain, overflow or the client leaving.
-async fn manage(
-    node: &Arc<Node>,
-    me: &Me,
-    keys: &[Option<AccountKey>],
-    targets: &[pb::Target],
-    meta: &MetadataMap,
-    outbox: &Outbox,
-) -> Result<(), Status> {
-    let local_only = forwarded(meta);
+/// when the ring changes; ends on drain, overflow, the client leaving, or
+/// its credential ending (token expiry, revocation, account deletion).
+async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), Status> {
+    let (me, keys, targets, local_only) = (w.me, w.keys, w.targets, w.local_only);
     // What cannot be resolved is unavailable, once and for good.
     for (i, k) in keys.iter().enumerate() {
         if k.is_none() && outbox.tx.send(unavailable(i as u32)).await.is_err() {
@@ -319,8 +382,9 @@ async fn manage(
         for (owner, (addr, group)) in plan {
             if owner == node.ring.me || local_only {
                 for (i, k) in group {
-                    let view =
-                        visibility::view(&node.rt, &me.account, &k).await.map_err(spine_runtime::error::store)?;
+                    let view = visibility::view(&node.rt, &node.secrets, &me.account, &k)
+                        .await
+                        .map_err(spine_runtime::error::store)?;
                     let id = node.owner.subscribe(k.clone(), me.account.clone(), i, view, outbox.clone());
                     subs.push((k.clone(), id));
                     let warming = node.ring.recently_moved(&key_str(&k), MAX_TTL);
@@ -333,10 +397,10 @@ async fn manage(
                     pb::WatchRequest { targets: group.iter().map(|(i, _)| targets[*i as usize].clone()).collect() };
                 let indices: Vec<u32> = group.iter().map(|(i, _)| *i).collect();
                 let channel = node.peer(&addr)?;
-                let (tx, err_tx, meta) =
-                    (outbox.tx.clone(), err_tx.clone().expect("remote plan has an error channel"), meta.clone());
+                let request = forward(node, w.auth, WATCH, subset);
+                let (tx, err_tx) = (outbox.tx.clone(), err_tx.clone().expect("remote plan has an error channel"));
                 forwarders.push(tokio::spawn(async move {
-                    let mut stream = match PresenceClient::new(channel).watch(forward(&meta, subset)).await {
+                    let mut stream = match PresenceClient::new(channel).watch(request).await {
                         Ok(s) => s.into_inner(),
                         Err(e) => {
                             let _ = err_tx.send(e).await;
@@ -373,6 +437,7 @@ async fn manage(
                 _ = node.rt.drain.cancelled() => {
                     break Err(Status::unavailable("server draining: reconnect and watch again"));
                 }
+                status = node.rt.auth.stream_end(w.principal) => break Err(status),
                 _ = outbox.tx.closed() => break Ok(Round::Done),
                 changed = ring_changes.changed() => {
                     if changed.is_err() { break Ok(Round::Done) }

@@ -39,7 +39,6 @@ impl Outbox {
 }
 
 struct Sub {
-    id: u64,
     watcher: AccountKey,
     target: u32,
     view: Option<View>,
@@ -54,7 +53,9 @@ struct Entry {
     published: Option<Status>,
     last_publish: Option<Instant>,
     pending: bool,
-    subs: Vec<Sub>,
+    /// Watchers, by subscription id: adding and removing one costs the same
+    /// however many watch the account.
+    subs: HashMap<u64, Sub>,
     /// In an answered call, as the calls service's markers say.
     in_call: bool,
 }
@@ -64,6 +65,13 @@ fn now_secs() -> i64 {
 }
 
 impl Entry {
+    /// Whether the entry holds nothing worth keeping: no watcher, no
+    /// device, no call, no last-seen, nothing pending. Such entries are
+    /// dropped, so watching made-up ids leaves nothing behind.
+    fn is_empty(&self) -> bool {
+        self.subs.is_empty() && self.devices.is_empty() && !self.in_call && !self.pending && self.last_online == 0
+    }
+
     fn derived(&self, now: Instant) -> Status {
         if self.in_call {
             return Status::InCall;
@@ -150,6 +158,9 @@ impl Owner {
                 e.in_call = now;
                 self.settle(&k, e);
             }
+            if e.is_empty() {
+                map.remove(&k);
+            }
         }
     }
 
@@ -161,6 +172,9 @@ impl Owner {
             e.in_call = in_call;
             self.settle(account, e);
         }
+        if e.is_empty() {
+            map.remove(account);
+        }
     }
 
     /// Forgets everything about an account (its deletion).
@@ -170,7 +184,7 @@ impl Owner {
             e.devices.clear();
             e.last_online = 0;
             let subs = std::mem::take(&mut e.subs);
-            for s in &subs {
+            for s in subs.values() {
                 s.out.push(render(s.target, None, 0, None));
             }
             map.remove(account);
@@ -208,22 +222,38 @@ impl Owner {
     ) -> u64 {
         let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
         let mut map = self.accounts.lock().expect("presence lock");
-        map.entry(account).or_default().subs.push(Sub { id, watcher, target, view, out });
+        map.entry(account).or_default().subs.insert(id, Sub { watcher, target, view, out });
         id
     }
 
+    /// Removes a watcher; an account left with nothing is forgotten.
     pub fn unsubscribe(&self, account: &AccountKey, id: u64) {
         let mut map = self.accounts.lock().expect("presence lock");
         if let Some(e) = map.get_mut(account) {
-            e.subs.retain(|s| s.id != id);
+            e.subs.remove(&id);
+            if e.is_empty() {
+                map.remove(account);
+            }
         }
     }
 
     /// Watchers to re-check (their view may have changed with settings,
-    /// contacts or blocks): (account, sub id, watcher).
-    pub fn watchers(&self) -> Vec<(AccountKey, u64, AccountKey)> {
+    /// contacts or blocks), by (watcher, target) pair: each pair's view is
+    /// computed once, whatever number of streams it has.
+    pub fn watchers(&self) -> HashMap<(AccountKey, AccountKey), Vec<u64>> {
         let map = self.accounts.lock().expect("presence lock");
-        map.iter().flat_map(|(k, e)| e.subs.iter().map(move |s| (k.clone(), s.id, s.watcher.clone()))).collect()
+        let mut out: HashMap<(AccountKey, AccountKey), Vec<u64>> = HashMap::new();
+        for (k, e) in map.iter() {
+            for (id, s) in &e.subs {
+                out.entry((s.watcher.clone(), k.clone())).or_default().push(*id);
+            }
+        }
+        out
+    }
+
+    /// Accounts held in memory (for tests of the bookkeeping).
+    pub fn held(&self) -> usize {
+        self.accounts.lock().expect("presence lock").len()
     }
 
     /// Applies a re-checked view; tells the watcher if what it sees changed.
@@ -232,7 +262,7 @@ impl Owner {
         let Some(e) = map.get_mut(account) else { return };
         let status = e.published;
         let last = e.last_online;
-        if let Some(s) = e.subs.iter_mut().find(|s| s.id == id)
+        if let Some(s) = e.subs.get_mut(&id)
             && s.view != view
         {
             s.view = view;
@@ -251,6 +281,9 @@ impl Owner {
             e.devices.retain(|_, (_, exp)| *exp > now);
             if e.devices.len() != before || e.published.is_some_and(|p| p != e.derived(now)) {
                 self.settle(&k, e);
+            }
+            if e.is_empty() {
+                map.remove(&k);
             }
         }
     }
@@ -288,7 +321,7 @@ impl Owner {
             _ => {
                 e.published = Some(status);
                 e.last_publish = Some(now);
-                for s in &e.subs {
+                for s in e.subs.values() {
                     s.out.push(render(s.target, Some(status), e.last_online, s.view));
                 }
             }

@@ -1,6 +1,6 @@
 //! Who may see whose presence, and how precisely.
 
-use spine_proto::identity::v1::{CrossAppReachability, LastSeenGranularity, PresenceVisibility};
+use spine_proto::identity::v1::{LastSeenGranularity, PresenceVisibility};
 use spine_runtime::Runtime;
 use spine_runtime::directory;
 use spine_runtime::ids::TenantId;
@@ -30,46 +30,30 @@ fn rank(g: LastSeenGranularity) -> u8 {
 
 /// What `watcher` may see of `target`: `None` is the same as for an account
 /// that does not exist.
-pub async fn view(rt: &Runtime, watcher: &AccountKey, target: &AccountKey) -> Result<Option<View>, StoreError> {
+pub async fn view(
+    rt: &Runtime,
+    secrets: &spine_runtime::secrets::Secrets,
+    watcher: &AccountKey,
+    target: &AccountKey,
+) -> Result<Option<View>, StoreError> {
     if watcher == target {
         return Ok(Some(View { last_seen: LastSeenGranularity::Exact }));
     }
     let sys = rt.system_store();
     let Some(target_tenant) = TenantId::parse(&target.0) else { return Ok(None) };
     let t = sys.tenant_for_interop(&target_tenant);
-    if t.get(&directory::account_key(&target.1)).await?.is_none() {
-        return Ok(None);
-    }
-    let (settings, _) = directory::settings(&t, &target.1).await?;
-    let same_tenant = watcher.0 == target.0;
-    let (contact, blocked) = if same_tenant {
-        (
-            t.get(&directory::contact_key(&target.1, &directory::peer_account(&watcher.1))).await?.is_some(),
-            directory::blocks_account(&t, &target.1, &watcher.1).await?,
-        )
-    } else {
-        let cross = CrossAppReachability::try_from(settings.cross_app).unwrap_or(CrossAppReachability::Contacts);
-        let contact = directory::interop_peers(&sys, &t, "contacts", &target.1).await?.contains(watcher);
-        let blocked = directory::interop_peers(&sys, &t, "blocks", &target.1).await?.contains(watcher);
-        match cross {
-            CrossAppReachability::Off => return Ok(None),
-            CrossAppReachability::Contacts if !contact => return Ok(None),
-            _ => {}
-        }
-        (contact, blocked)
-    };
-    if blocked {
-        return Ok(None);
-    }
-    let allowed =
-        match PresenceVisibility::try_from(settings.presence_visibility).unwrap_or(PresenceVisibility::Contacts) {
-            PresenceVisibility::Everyone => true,
-            PresenceVisibility::Contacts | PresenceVisibility::Unspecified => contact,
-            PresenceVisibility::Nobody => false,
+    let rule =
+        |s: &spine_proto::identity::v1::PrivacySettings| match PresenceVisibility::try_from(s.presence_visibility)
+            .unwrap_or(PresenceVisibility::Contacts)
+        {
+            PresenceVisibility::Everyone => directory::Who::Everyone,
+            PresenceVisibility::Contacts | PresenceVisibility::Unspecified => directory::Who::Contacts,
+            PresenceVisibility::Nobody => directory::Who::Nobody,
         };
-    if !allowed {
+    let watcher_ref = (watcher.0.as_str(), watcher.1.as_str());
+    let Some(settings) = directory::consent(secrets, &t, watcher_ref, &target.1, rule).await? else {
         return Ok(None);
-    }
+    };
     let mut last_seen = LastSeenGranularity::try_from(settings.last_seen).unwrap_or(LastSeenGranularity::Hidden);
     if settings.last_seen_reciprocal {
         // Reciprocal: no more precise than the watcher shows its own.

@@ -126,23 +126,65 @@ pub struct TelemetryConfig {
 pub struct LimitsConfig {
     /// Largest request message in bytes; larger ones get INVALID_ARGUMENT.
     pub max_message_bytes: usize,
+    /// Most concurrent streams (RPCs) one HTTP/2 connection may hold.
+    pub max_streams_per_connection: u32,
+    /// A connection with no request or stream open for this long is closed
+    /// (seconds; 0: never). Clients reconnect transparently.
+    pub idle_connection_secs: u64,
+    /// Token buckets per account and tenant (see `spine_runtime::rate`).
+    pub rates: crate::rate::RatesConfig,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        // Large enough for an MLS commit bundle (commit, Welcome, GroupInfo
-        // with the ratchet tree) of a ~1000-member group; per-field bounds
-        // are far smaller elsewhere.
-        Self { max_message_bytes: 2 * 1024 * 1024 }
+        Self {
+            // Large enough for an MLS commit bundle (commit, Welcome,
+            // GroupInfo with the ratchet tree) of a ~1000-member group;
+            // per-field bounds are far smaller elsewhere.
+            max_message_bytes: 2 * 1024 * 1024,
+            max_streams_per_connection: 256,
+            idle_connection_secs: 60,
+            rates: Default::default(),
+        }
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupsConfig {
+    /// Most entries a device's mailbox holds unacknowledged. Past it (or
+    /// past `mailbox_max_bytes`), application messages for the device are
+    /// dropped, and it is told how many; commits, proposals and Welcomes
+    /// are always delivered.
+    pub mailbox_max_entries: u64,
+    /// Most bytes a device's mailbox holds unacknowledged.
+    pub mailbox_max_bytes: u64,
+    /// How often each node sweeps the groups (unfinished fan-outs, removals
+    /// of devices that no longer exist), in seconds.
+    pub upkeep_secs: u64,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        Self { mailbox_max_entries: 5000, mailbox_max_bytes: 16 * 1024 * 1024, upkeep_secs: 15 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PresenceConfig {
     /// The address other presence nodes reach this one at (`host:port`);
     /// default: the listen address (use the pod IP in Kubernetes).
     pub advertise: Option<String>,
+    /// Most watch streams one device may hold open on a node at once (each
+    /// up to 256 targets).
+    pub max_watches_per_device: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self { advertise: None, max_watches_per_device: 8 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -213,6 +255,7 @@ pub struct Config {
     pub drain: DrainConfig,
     pub telemetry: TelemetryConfig,
     pub limits: LimitsConfig,
+    pub groups: GroupsConfig,
     pub presence: PresenceConfig,
     pub calls: CallsConfig,
 }
@@ -228,6 +271,7 @@ impl Default for Config {
             drain: DrainConfig::default(),
             telemetry: TelemetryConfig::default(),
             limits: LimitsConfig::default(),
+            groups: GroupsConfig::default(),
             presence: PresenceConfig::default(),
             calls: CallsConfig::default(),
         }

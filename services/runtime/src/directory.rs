@@ -157,9 +157,9 @@ pub fn contact_key(account: &str, peer: &str) -> String {
 }
 
 /// Private defaults, for an account that never changed its settings: video
-/// on, calls and presence from contacts, coarse reciprocal last-seen, other
-/// apps only for contacts, no auto-answer, do-not-disturb off, group calls
-/// not ringing.
+/// on, calls, presence and group adds from contacts, coarse reciprocal
+/// last-seen, other apps only for contacts, no auto-answer, do-not-disturb
+/// off, group calls not ringing.
 pub fn default_settings(account: &str) -> PrivacySettings {
     use spine_proto::identity::v1::{DoNotDisturb, LastSeenGranularity, PresenceVisibility, WhoCanCall};
     PrivacySettings {
@@ -174,6 +174,7 @@ pub fn default_settings(account: &str) -> PrivacySettings {
         group_call_rings: false,
         do_not_disturb: Some(DoNotDisturb { enabled: false, until: None }),
         updated_at: None,
+        who_can_add_to_groups: spine_proto::identity::v1::WhoCanAddToGroups::Contacts as i32,
     }
 }
 
@@ -192,27 +193,110 @@ pub async fn settings(t: &TenantStore, account: &str) -> Result<(PrivacySettings
     }
 }
 
-/// The accounts of other tenants that `owner` lists under `list`
-/// (`contacts` or `blocks`) through interop references: (tenant, account).
-pub async fn interop_peers(
-    sys: &SystemStore,
+/// The keyed hash standing for a person (an account of any tenant) in
+/// another account's lists: stable whatever handle named the person, so a
+/// block follows the person when a handle is revoked or another is used,
+/// and naming no one to anyone without the deployment's pseudonym secret.
+pub fn person(secrets: &crate::secrets::Secrets, tenant: &str, account: &str) -> String {
+    secrets.pseudonym("person", &[tenant, account])
+}
+
+/// Tenant: `<list>-p/<owner>/<person>`: an other-tenant person `owner`
+/// lists (through an interop handle) under `list` (`contacts` or `blocks`),
+/// by [`person`], for O(1) checks that survive the handle.
+pub fn person_key(list: &str, owner: &str, person: &str) -> String {
+    format!("{list}-p/{owner}/{person}")
+}
+
+/// Whether `owner` (an account of `t`'s tenant) lists the account `who`
+/// (tenant, account) under `list`: by account id within the tenant, by the
+/// person hash across tenants.
+pub async fn lists(
+    secrets: &crate::secrets::Secrets,
     t: &TenantStore,
     list: &str,
     owner: &str,
-) -> Result<Vec<(String, String)>, StoreError> {
-    let mut out = Vec::new();
-    for kv in t.range_all(&format!("{list}/{owner}/i.")).await? {
-        let peer = kv.key.rsplit('/').next().unwrap_or_default();
-        let Some(handle) = peer.strip_prefix("i.").and_then(|r| r.split_once('.')).map(|(_, h)| h) else { continue };
-        if let Some(idx) = sys
-            .get(&handle_index_key(handle))
-            .await?
-            .and_then(|kv| serde_json::from_slice::<HandleIndex>(&kv.value).ok())
-        {
-            out.push((idx.tenant_id, idx.account_id));
+    who: (&str, &str),
+) -> Result<bool, StoreError> {
+    let key = if who.0 == t.tenant().as_str() {
+        format!("{list}/{owner}/{}", peer_account(who.1))
+    } else {
+        person_key(list, owner, &person(secrets, who.0, who.1))
+    };
+    Ok(t.get(&key).await?.is_some())
+}
+
+/// Who a rule lets through: everyone, contacts only, or nobody.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    Everyone,
+    Contacts,
+    Nobody,
+}
+
+/// Whether `from` (tenant, account) may reach `to` (an account of `t`'s
+/// tenant) under the rule `who(settings)`: `to` exists, has not blocked
+/// `from`, and, from another tenant, its cross-app reach allows it (off:
+/// never; contacts: only its interop contacts; handle holders: anyone its
+/// handles reached); then `who` decides. Returns `to`'s settings too, for
+/// rules of their own (video, do-not-disturb). Refusals are not told
+/// apart: every caller answers them as if `to` did not exist.
+pub async fn consent(
+    secrets: &crate::secrets::Secrets,
+    t: &TenantStore,
+    from: (&str, &str),
+    to: &str,
+    who: impl Fn(&PrivacySettings) -> Who,
+) -> Result<Option<PrivacySettings>, StoreError> {
+    // The reads are independent: one round trip to the store.
+    let account = account_key(to);
+    let (exists, (s, _), blocked, contact) = futures::try_join!(
+        t.get(&account),
+        settings(t, to),
+        lists(secrets, t, "blocks", to, from),
+        lists(secrets, t, "contacts", to, from),
+    )?;
+    if exists.is_none() || blocked {
+        return Ok(None);
+    }
+    if from.0 != t.tenant().as_str() {
+        let reach = CrossAppReachability::try_from(s.cross_app)
+            .ok()
+            .filter(|c| *c != CrossAppReachability::Unspecified)
+            .unwrap_or(CrossAppReachability::Contacts);
+        match reach {
+            CrossAppReachability::HandleHolders => {}
+            CrossAppReachability::Off => return Ok(None),
+            _ if !contact => return Ok(None),
+            _ => {}
         }
     }
-    Ok(out)
+    let allowed = match who(&s) {
+        Who::Everyone => true,
+        Who::Contacts => contact,
+        Who::Nobody => false,
+    };
+    Ok(allowed.then_some(s))
+}
+
+/// The group-add rule of an account's settings.
+pub fn who_can_add(s: &PrivacySettings) -> Who {
+    use spine_proto::identity::v1::WhoCanAddToGroups as W;
+    match W::try_from(s.who_can_add_to_groups).unwrap_or(W::Contacts) {
+        W::Everyone => Who::Everyone,
+        W::Nobody => Who::Nobody,
+        W::Contacts | W::Unspecified => Who::Contacts,
+    }
+}
+
+/// The calling rule of an account's settings.
+pub fn who_can_call(s: &PrivacySettings) -> Who {
+    use spine_proto::identity::v1::WhoCanCall as W;
+    match W::try_from(s.who_can_call).unwrap_or(W::Contacts) {
+        W::Everyone => Who::Everyone,
+        W::Nobody => Who::Nobody,
+        W::Contacts | W::Unspecified => Who::Contacts,
+    }
 }
 
 /// An account's cross-app reachability (the private default if unset).

@@ -65,6 +65,13 @@ pub fn parse_prefixed<'a>(prefix: &str, s: &'a str) -> Option<&'a str> {
     (body.len() == BODY && body.bytes().all(|b| ALPHABET.contains(&b))).then_some(s)
 }
 
+/// Whether `c` is a bidirectional formatting character (embeddings,
+/// overrides, isolates and marks), which can make a name display as
+/// something else (`txt.exe` shown as `exe.txt`).
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 /// Longest idempotency key (`request_id`).
 pub const MAX_REQUEST_ID: usize = 64;
 

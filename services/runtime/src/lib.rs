@@ -14,12 +14,15 @@
 
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod data;
 pub mod directory;
 pub mod error;
 pub mod idempotency;
 pub mod ids;
+pub mod rate;
 pub mod sealing;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;
@@ -53,6 +56,9 @@ pub struct Runtime {
     pub drain: tokio_util::sync::CancellationToken,
     /// Seals private keys kept in the store.
     pub sealer: sealing::Sealer,
+    /// Per-account and per-tenant rate limits.
+    pub limits: rate::RateLimits,
+    secrets: secrets::SecretsCell,
     data: RwLock<Vec<Arc<dyn AccountData>>>,
 }
 
@@ -127,7 +133,22 @@ impl Runtime {
         }
         let auth = AuthRing::new(store.clone(), i64::from(config.auth.max_token_ttl_secs));
         auth.start();
-        Ok(Arc::new(Self { config, store, auth, drain: Default::default(), sealer, data: RwLock::new(Vec::new()) }))
+        let limits = rate::RateLimits::new(config.limits.rates.clone());
+        Ok(Arc::new(Self {
+            config,
+            store,
+            auth,
+            drain: Default::default(),
+            sealer,
+            limits,
+            secrets: Default::default(),
+            data: RwLock::new(Vec::new()),
+        }))
+    }
+
+    /// The deployment's shared secrets (loaded, or made, on first use).
+    pub async fn secrets(&self) -> Result<&secrets::Secrets, StoreError> {
+        self.secrets.get(&self.system_store(), &self.sealer).await
     }
 
     /// The control-plane handle.

@@ -125,7 +125,9 @@ pub async fn serve(
 
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // One connection holds at most this many requests and streams.
+        .max_concurrent_streams(Some(rt.config.limits.max_streams_per_connection));
     if let Some(tls) = &rt.config.tls {
         let cert = std::fs::read(&tls.cert).map_err(|e| ServeError::Tls(format!("{}: {e}", tls.cert.display())))?;
         let key = std::fs::read(&tls.key).map_err(|e| ServeError::Tls(format!("{}: {e}", tls.key.display())))?;
@@ -134,7 +136,10 @@ pub async fn serve(
             .map_err(|e| ServeError::Tls(e.to_string()))?;
     }
     let stack = tower::ServiceBuilder::new()
-        // Outermost: every request is traced and measured, refused ones too.
+        // Outermost: every request (and stream, until it ends) keeps its
+        // connection from being closed as idle.
+        .layer(crate::conn::ActivityLayer)
+        // Every request is traced and measured, refused ones too.
         .layer(TelemetryLayer)
         // Then authentication, before any routing to a service: no handler
         // runs without a Caller.
@@ -143,11 +148,13 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // Without TCP_NODELAY, small messages pushed on a long-lived stream
-    // wait for the peer's delayed ACK (tens of milliseconds each).
-    let incoming = futures::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+    // wait for the peer's delayed ACK (tens of milliseconds each). Each
+    // connection closes once it has held nothing for the idle time.
+    let idle = Duration::from_secs(rt.config.limits.idle_connection_secs);
+    let incoming = futures::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), move |s| {
         s.and_then(|s| {
             s.set_nodelay(true)?;
-            Ok(s)
+            Ok(crate::conn::Tracked::new(s, idle))
         })
     });
     let server = builder

@@ -14,14 +14,15 @@ use spine_runtime::config::Backend;
 use tonic::transport::Channel;
 
 pub async fn start(backend: Backend) -> Env {
-    spine_identity::testing::start_with_services(
-        backend,
-        spine_identity::testing::test_config(),
-        |rt, mut routes, _| async move {
-            let names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
-            (routes, names)
-        },
-    )
+    start_with(backend, spine_identity::testing::test_config()).await
+}
+
+/// [`start`] with a config of the test's own.
+pub async fn start_with(backend: Backend, config: spine_runtime::Config) -> Env {
+    spine_identity::testing::start_with_services(backend, config, |rt, mut routes, _| async move {
+        let names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
+        (routes, names)
+    })
     .await
 }
 
@@ -125,6 +126,29 @@ pub async fn member(env: &Env, t: &Tenant, account: &str) -> Member {
         group: None,
         next_seq: 1,
     }
+}
+
+/// Lets anyone (of any product holding one of its handles) add `account` to
+/// groups: the opposite of the private defaults (contacts only).
+pub async fn let_anyone_add(env: &Env, t: &Tenant, account: &str) {
+    use spine_proto::identity::v1 as ipb;
+    env.identity()
+        .update_settings(req(
+            ipb::UpdateSettingsRequest {
+                account_id: account.into(),
+                settings: Some(ipb::PrivacySettings {
+                    who_can_add_to_groups: ipb::WhoCanAddToGroups::Everyone as i32,
+                    cross_app: ipb::CrossAppReachability::HandleHolders as i32,
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["who_can_add_to_groups".into(), "cross_app".into()],
+                }),
+            },
+            &t.cred,
+        ))
+        .await
+        .unwrap();
 }
 
 pub async fn ds_key(env: &Env, m: &Member) -> Vec<u8> {

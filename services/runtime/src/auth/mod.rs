@@ -21,7 +21,7 @@ pub mod token;
 use std::sync::Arc;
 
 pub use layer::AuthLayer;
-pub use ring::{AuthError, AuthRing};
+pub use ring::{AuthError, AuthRing, stream_ended};
 
 use crate::ids::TenantId;
 use crate::store::{Store, TenantStore};
@@ -59,9 +59,17 @@ pub enum Principal {
     Operator { operator_id: String },
     /// A product's server, acting for its whole tenant.
     TenantServer { tenant: TenantId, credential_id: String },
-    /// A device of an account, with the scopes its token grants and when
-    /// the token expires (Unix seconds), for streams that outlive requests.
-    Device { tenant: TenantId, account_id: String, device_id: String, scopes: Vec<Scope>, expires_at: i64 },
+    /// A device of an account, with the scopes its token grants, when the
+    /// token expires (Unix seconds) and the key that signed it, for streams
+    /// that outlive requests (see [`AuthRing::stream_end`]).
+    Device {
+        tenant: TenantId,
+        account_id: String,
+        device_id: String,
+        scopes: Vec<Scope>,
+        expires_at: i64,
+        key_id: String,
+    },
     /// A media node (SFU), which may only register itself.
     MediaNode { node_id: String, credential_id: String },
 }

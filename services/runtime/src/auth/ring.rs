@@ -113,6 +113,42 @@ pub struct AuthRing {
     /// Longest lifetime a device token may have (`auth.max_token_ttl_secs`):
     /// a token claiming more lives only this long from its `iat`.
     max_token_ttl: i64,
+    /// Bumped whenever a device is revoked or a signing key withdrawn, so
+    /// long-lived streams re-check their credential at once.
+    revocations: watch::Sender<u64>,
+    /// Signing key ids recently looked up in the store and not found: an
+    /// unauthenticated request naming a made-up key id costs one store read
+    /// per id and minute at most.
+    missing_keys: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// Store look-ups of key ids the mirror lacks, node-wide: a token
+    /// bucket, so unauthenticated requests naming ever new made-up ids cost
+    /// at most this many reads a second.
+    lookups: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+/// Key look-ups a node makes at most per second (and in a burst).
+const KEY_LOOKUPS_PER_SEC: f64 = 20.0;
+const KEY_LOOKUPS_BURST: f64 = 50.0;
+
+/// How long a key id found missing in the store is not looked up again.
+const MISSING_KEY_TTL: Duration = Duration::from_secs(60);
+/// Most missing key ids remembered; past it the memory starts afresh.
+const MISSING_KEYS: usize = 16_384;
+
+/// The status a long-lived stream ends with when its credential no longer
+/// holds: UNAUTHENTICATED, reason `TOKEN_EXPIRED` (reconnect with a fresh
+/// token) or `CREDENTIAL_REVOKED`, the same for every stream of every
+/// service.
+pub fn stream_ended(expired: bool) -> tonic::Status {
+    if expired {
+        crate::error::with_reason(
+            tonic::Code::Unauthenticated,
+            "token expired: reconnect with a fresh token",
+            "TOKEN_EXPIRED",
+        )
+    } else {
+        crate::error::with_reason(tonic::Code::Unauthenticated, "invalid credentials", "CREDENTIAL_REVOKED")
+    }
 }
 
 /// Most verified tokens remembered; past it the memory starts afresh.
@@ -135,6 +171,9 @@ impl AuthRing {
             synced: watch::channel(false).0,
             verified: std::sync::Mutex::new(HashMap::new()),
             max_token_ttl,
+            revocations: watch::channel(0).0,
+            missing_keys: std::sync::Mutex::new(HashMap::new()),
+            lookups: std::sync::Mutex::new((KEY_LOOKUPS_BURST, std::time::Instant::now())),
         })
     }
 
@@ -192,6 +231,47 @@ impl AuthRing {
     /// `/spine/sys/`; `None` is a delete.
     pub fn observe(&self, rel: &str, value: Option<&[u8]>) {
         self.mirror.write().expect("auth mirror lock").apply(rel, value);
+        let revoking = (rel.starts_with(records::REVOKED) && value.is_some())
+            || (rel.starts_with(records::KEYS) && value.is_none());
+        if revoking {
+            self.revocations.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Whether a device's credential still holds at `now`: not expired, the
+    /// device not revoked, its token's signing key still published. `Err`
+    /// says why not (see [`stream_ended`]).
+    pub fn still_valid(&self, principal: &Principal, now: i64) -> Result<(), tonic::Status> {
+        let Principal::Device { tenant, device_id, expires_at, key_id, .. } = principal else { return Ok(()) };
+        if *expires_at <= now {
+            return Err(stream_ended(true));
+        }
+        let mirror = self.mirror.read().expect("auth mirror lock");
+        if mirror.revoked.contains(&(tenant.to_string(), device_id.clone())) || !mirror.keys.contains_key(key_id) {
+            return Err(stream_ended(false));
+        }
+        Ok(())
+    }
+
+    /// Resolves, with the status to end a stream with, when the caller's
+    /// credential stops holding: its token expires, its device is revoked
+    /// (or its account deleted), or the key that signed its token is
+    /// withdrawn. Every long-lived stream of every service ends this way.
+    /// Never resolves for credentials that are not device tokens.
+    pub async fn stream_end(&self, principal: &Principal) -> tonic::Status {
+        let Principal::Device { expires_at, .. } = principal else { return std::future::pending().await };
+        let mut changes = self.revocations.subscribe();
+        loop {
+            if let Err(status) = self.still_valid(principal, crate::now_secs()) {
+                return status;
+            }
+            let until_expiry = (*expires_at - crate::now_secs()).max(0) as u64;
+            tokio::select! {
+                _ = changes.changed() => {}
+                // Whole seconds: wake just after the expiry second.
+                _ = tokio::time::sleep(Duration::from_millis(until_expiry * 1000 + 50)) => {}
+            }
+        }
     }
 
     /// Whether a device's tokens are revoked (the device was revoked or its
@@ -208,13 +288,37 @@ impl AuthRing {
         if ids::parse(Kind::SigningKey, kid).is_none() {
             return false;
         }
+        {
+            let missing = self.missing_keys.lock().expect("missing keys lock");
+            if missing.get(kid).is_some_and(|at| at.elapsed() < MISSING_KEY_TTL) {
+                return false;
+            }
+        }
+        {
+            let mut bucket = self.lookups.lock().expect("key lookups lock");
+            let (tokens, at) = &mut *bucket;
+            *tokens = (*tokens + at.elapsed().as_secs_f64() * KEY_LOOKUPS_PER_SEC).min(KEY_LOOKUPS_BURST);
+            *at = std::time::Instant::now();
+            if *tokens < 1.0 {
+                return false;
+            }
+            *tokens -= 1.0;
+        }
         let rel = format!("{}{kid}", records::KEYS);
         match self.sys.get(&rel).await {
             Ok(Some(kv)) => {
                 self.observe(&rel, Some(&kv.value));
                 true
             }
-            _ => false,
+            Ok(None) => {
+                let mut missing = self.missing_keys.lock().expect("missing keys lock");
+                if missing.len() >= MISSING_KEYS {
+                    missing.clear();
+                }
+                missing.insert(kid.to_string(), std::time::Instant::now());
+                false
+            }
+            Err(_) => false,
         }
     }
 
@@ -259,7 +363,14 @@ impl AuthRing {
                 return Err(AuthError::Revoked);
             }
             let scopes = c.s.iter().map(|s| Scope::parse(s).ok_or(AuthError::Malformed)).collect::<Result<_, _>>()?;
-            return Ok(Principal::Device { tenant, account_id: c.a, device_id: c.d, scopes, expires_at: c.exp });
+            return Ok(Principal::Device {
+                tenant,
+                account_id: c.a,
+                device_id: c.d,
+                scopes,
+                expires_at: c.exp,
+                key_id: kid.to_string(),
+            });
         }
         let (id, secret) = bearer.split_once('.').ok_or(AuthError::Malformed)?;
         if ids::parse(Kind::TenantCredential, id).is_some() {
