@@ -83,7 +83,7 @@ fn too_slow() -> Status {
 }
 
 fn draining() -> Status {
-    Status::unavailable("node draining: reconnect")
+    spine_runtime::error::draining("node draining: reconnect")
 }
 
 impl View {
@@ -561,13 +561,25 @@ impl Cluster {
 
     /// The lease and home for a write of a call whose home is `home`: its
     /// home's if that node is alive, else this node's (it adopts the call).
-    fn home_lease(&self, home: &str) -> (String, LeaseId) {
+    /// A draining node gives its own calls, and new ones, to another live
+    /// node instead: its lease is about to be revoked, taking with it every
+    /// key under it.
+    fn home_lease(&self, home: &str) -> Result<(String, LeaseId)> {
+        let v = self.view.lock().expect("view lock");
         if home != self.me
-            && let Some((n, _)) = self.view.lock().expect("view lock").nodes.get(home)
+            && let Some((n, _)) = v.nodes.get(home)
         {
-            return (home.to_string(), n.state_lease);
+            return Ok((home.to_string(), n.state_lease));
         }
-        (self.me.clone(), self.state_lease())
+        if self.rt.drain.is_cancelled() {
+            return v
+                .nodes
+                .iter()
+                .find(|(id, _)| **id != self.me)
+                .map(|(id, (n, _))| (id.clone(), n.state_lease))
+                .ok_or(CallError::Draining);
+        }
+        Ok((self.me.clone(), self.state_lease()))
     }
 
     /// Creates a call if its pair or group key is free: `Ok(None)` if it
@@ -575,8 +587,8 @@ impl Cluster {
     pub async fn create(&self, mut rec: CallRec) -> Result<Result<(CallRec, i64), String>> {
         let sys = self.rt.system_store();
         let aux = aux_key(&self.secrets, &rec).expect("new calls have a pair or group key");
-        rec.home = self.me.clone();
-        let lease = self.state_lease();
+        let (home, lease) = self.home_lease(&self.me)?;
+        rec.home = home;
         let txn = Txn::new()
             .when(Compare::Absent(sys.key(&aux)))
             .then(Op::put_leased(sys.key(&call_key(&rec.id)), json(&rec), lease))
@@ -642,7 +654,7 @@ impl Cluster {
                 Ok(()) if rec == before => return Ok((rec, rev)),
                 Ok(()) => {}
             }
-            let (home, lease) = self.home_lease(&rec.home);
+            let (home, lease) = self.home_lease(&rec.home)?;
             rec.home = home;
             let mut txn = Txn::new().when(Compare::ModRevision(key.clone(), rev)).then(Op::put_leased(
                 key.clone(),

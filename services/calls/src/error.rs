@@ -33,6 +33,9 @@ pub enum CallError {
     Forbidden(&'static str),
     #[error("the state of the call changed concurrently too often; retry")]
     Contended,
+    /// This node drains and no other node is alive to take the call.
+    #[error("node draining: retry on another node")]
+    Draining,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -71,6 +74,7 @@ impl From<CallError> for Status {
             CallError::NoMediaNode => with_info(Code::Unavailable, e.to_string(), "NO_MEDIA_NODE", HashMap::new()),
             CallError::Forbidden(m) => Status::permission_denied(m),
             CallError::Contended => Status::aborted(e.to_string()),
+            CallError::Draining => spine_runtime::error::draining(e.to_string()),
             CallError::Store(s) => spine_runtime::error::store(s),
         }
     }

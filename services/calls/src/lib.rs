@@ -27,6 +27,7 @@ mod service;
 mod turn;
 mod view;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +48,10 @@ pub(crate) struct Node {
     groups: GroupSpace,
     /// Lease for idempotency answers (media-node credentials).
     idem_lease: spine_runtime::store::SharedLease,
+    /// Legs of the calls this node runs whose device has no signalling
+    /// session: since when (ms). Kept in memory by the call's home: a call
+    /// adopted by another node starts counting again there.
+    unattended: std::sync::Mutex<HashMap<(String, String), i64>>,
 }
 
 /// How a calls node sees the cluster (for tests and tools).
@@ -108,12 +113,53 @@ async fn timers(node: &Node) -> Result<(), String> {
     Ok(())
 }
 
+/// The legs of this node's calls whose device has had no signalling session
+/// for `calls.unattended_secs`, by call; the clock of every other leg is
+/// reset.
+fn lost_legs(node: &Node, calls: &[(model::CallRec, i64)], now: i64) -> HashMap<String, Vec<model::DevKey>> {
+    let limit = (node.rt.config.calls.unattended_secs * 1000) as i64;
+    let mut since = node.unattended.lock().expect("unattended lock");
+    let mut seen = std::collections::HashSet::new();
+    let mut lost: HashMap<String, Vec<model::DevKey>> = HashMap::new();
+    for (rec, _) in calls.iter().filter(|(r, _)| r.state != model::State::Ended) {
+        for leg in &rec.legs {
+            if node.cluster.session_of(&leg.dev).is_some() {
+                continue;
+            }
+            let key = (rec.id.clone(), leg.id.clone());
+            let first = *since.entry(key.clone()).or_insert(now);
+            seen.insert(key);
+            if now - first >= limit {
+                lost.entry(rec.id.clone()).or_default().push(leg.dev.clone());
+            }
+        }
+    }
+    since.retain(|k, _| seen.contains(k));
+    lost
+}
+
 /// Every second: streams whose token expired or device was revoked, calls
-/// of nodes that are gone, and roster changes of group calls this node runs.
+/// of nodes that are gone, devices that left calls without a word, and
+/// roster changes of group calls this node runs.
 async fn housekeeping(node: &Node) -> Result<(), String> {
     node.cluster.close_unauthenticated();
     node.cluster.adopt_orphans().await;
     let idle = node.idle_ms();
+    let mine = node.cluster.my_calls();
+    for (id, lost) in lost_legs(node, &mine, model::now_ms()) {
+        let r = node.cluster.update(&id, |c| {
+            machine::lose_legs(c, &lost, model::now_ms(), idle);
+            Ok(())
+        });
+        match r.await {
+            Ok(_) => tracing::debug!(
+                call = %spine_runtime::telemetry::redact(&id),
+                legs = lost.len(),
+                "devices lost their signalling session; left the call"
+            ),
+            Err(e) => tracing::debug!(error = %e, "lost legs not applied"),
+        }
+    }
     for (rec, _) in node.cluster.my_calls() {
         let Some(g) = rec.group.as_ref().filter(|_| rec.state != model::State::Ended) else { continue };
         let roster = spine_runtime::directory::group_roster(&node.groups, &g.gid).await.map_err(|e| e.to_string())?;
@@ -144,6 +190,7 @@ pub async fn install(
         cluster,
         groups: GroupSpace::new(rt.store.clone()),
         idem_lease: spine_runtime::idempotency::lease(rt.store.clone()),
+        unattended: Default::default(),
     });
     rt.register_account_data(Arc::new(data::CallsData(node.clone())));
     routes.add_service(CallsServer::new(service::CallsApi(node.clone())));

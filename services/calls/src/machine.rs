@@ -198,6 +198,28 @@ pub fn apply_roster(rec: &mut CallRec, roster: &spine_runtime::directory::GroupR
     changed
 }
 
+/// Devices whose signalling session has been gone too long (`lost`) leave
+/// the call: a one-to-one call ends if any of its legs is lost (the other
+/// side would wait for nobody); a group call drops them, and ends if none
+/// is left. Returns whether anything changed.
+pub fn lose_legs(rec: &mut CallRec, lost: &[DevKey], now: i64, idle_ms: i64) -> bool {
+    if rec.state == State::Ended || !rec.legs.iter().any(|l| lost.contains(&l.dev)) {
+        return false;
+    }
+    match rec.kind {
+        Kind::Direct => end(rec, End::ConnectionLost, now),
+        Kind::Group => {
+            rec.legs.retain(|l| !lost.contains(&l.dev));
+            if rec.legs.is_empty() {
+                end(rec, End::ConnectionLost, now);
+            } else {
+                after_group_change(rec, now, idle_ms);
+            }
+        }
+    }
+    true
+}
+
 /// Timers: ringing that ran out, idle group calls. Returns whether anything
 /// changed.
 pub fn tick(rec: &mut CallRec, now: i64) -> bool {
@@ -303,5 +325,36 @@ mod tests {
         // A ringing callee device hangs up: it must decline instead.
         let mut r = direct();
         assert!(matches!(hang_up(&mut r, &dev("b", "b1"), 5, 0), Err(CallError::Precondition { .. })));
+    }
+
+    #[test]
+    fn lost_devices_leave_and_the_last_one_ends_the_call() {
+        // One-to-one: either side lost ends it, ringing or answered.
+        let mut r = direct();
+        assert!(!lose_legs(&mut r, &[dev("b", "b1")], 5, 0), "a ringing device has no leg to lose");
+        assert!(lose_legs(&mut r, &[dev("a", "a1")], 5, 0));
+        assert_eq!(
+            (r.state, r.end, r.callee().unwrap().ring.clone()),
+            (State::Ended, Some(End::ConnectionLost), Ring::Cancelled)
+        );
+        let mut r = direct();
+        answer(&mut r, &dev("b", "b1"), 1).unwrap();
+        assert!(lose_legs(&mut r, &[dev("b", "b1")], 5, 0));
+        assert_eq!(r.end, Some(End::ConnectionLost));
+        assert!(!lose_legs(&mut r, &[dev("a", "a1")], 6, 0), "ended calls stay as they are");
+
+        // Group: lost legs are dropped; the last one ends the call.
+        let mut g = direct();
+        g.kind = Kind::Group;
+        g.state = State::Active;
+        g.ring_deadline_ms = 0;
+        g.legs.push(Leg { id: "lg_b".into(), dev: dev("b", "b1"), leaf: 1, joined_ms: 0 });
+        g.legs.push(Leg { id: "lg_c".into(), dev: dev("c", "c1"), leaf: 2, joined_ms: 0 });
+        assert!(lose_legs(&mut g, &[dev("c", "c1")], 5, 1000));
+        assert_eq!((g.state, g.legs.len(), g.idle_deadline_ms), (State::Active, 2, 0));
+        assert!(lose_legs(&mut g, &[dev("b", "b1")], 6, 1000));
+        assert_eq!((g.state, g.legs.len(), g.idle_deadline_ms), (State::Active, 1, 1006));
+        assert!(lose_legs(&mut g, &[dev("a", "a1")], 7, 1000));
+        assert_eq!((g.state, g.end), (State::Ended, Some(End::ConnectionLost)));
     }
 }

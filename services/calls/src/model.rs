@@ -132,6 +132,7 @@ pub enum End {
     Idle,
     ServiceLost,
     AccountDeleted,
+    ConnectionLost,
 }
 
 impl End {
@@ -146,6 +147,7 @@ impl End {
             End::Idle => "idle",
             End::ServiceLost => "service_lost",
             End::AccountDeleted => "account_deleted",
+            End::ConnectionLost => "connection_lost",
         }
     }
 }

@@ -21,6 +21,7 @@ pub fn end_reason(e: End) -> pb::EndReason {
         End::Idle => pb::EndReason::Idle,
         End::ServiceLost => pb::EndReason::ServiceLost,
         End::AccountDeleted => pb::EndReason::AccountDeleted,
+        End::ConnectionLost => pb::EndReason::ConnectionLost,
     }
 }
 

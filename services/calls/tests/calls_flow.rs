@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use spine_identity::testing::req;
 use spine_proto::calls::v1 as pb;
+use spine_proto::calls::v1::calls_client::CallsClient;
 use spine_proto::common::v1::peer_ref;
 use spine_runtime::config::Backend;
 use support::*;
@@ -247,10 +248,21 @@ async fn cross_tenant_through_an_interop_handle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_draining_node_hands_its_calls_over() {
-    let mut n = nodes(Backend::Etcd, 2, |_, _| {}).await;
+    // Node 0 keeps serving 1.5 s into its drain (as behind a load balancer
+    // that has not yet seen it go unready).
+    let mut n = nodes(Backend::Etcd, 2, |i, c| {
+        if i == 0 {
+            c.drain.ready_delay_ms = 1500;
+        }
+    })
+    .await;
     let t = n[0].tenant("messenger").await;
     let (a, b) = (n[0].account(&t).await, n[0].account(&t).await);
+    let (c, d) = (n[0].account(&t).await, n[0].account(&t).await);
     everyone_can_call(&n[0], &t, &b).await;
+    everyone_can_call(&n[0], &t, &d).await;
+    let carol = Phone::connect(&n[1], n[0].device_of(&t, &c).await).await;
+    let _dave = Phone::connect(&n[1], n[0].device_of(&t, &d).await).await;
     let mut alice = Phone::connect(&n[0], n[0].device_of(&t, &a).await).await;
     let mut bob = Phone::connect(&n[1], n[0].device_of(&t, &b).await).await;
     // Started on node 0, so node 0 runs it.
@@ -261,13 +273,60 @@ async fn a_draining_node_hands_its_calls_over() {
     bob.call_where(&id, |c| state(c) == pb::CallState::Active).await;
 
     // Node 0 drains: Alice's stream is told to reconnect; the call moves.
+    // Calls started through node 0 meanwhile succeed (run by node 1) or get
+    // UNAVAILABLE with a retry hint: never INTERNAL.
     let first = n.remove(0);
+    let through_first = CallsClient::new(first.channel.clone());
     let stopping = tokio::spawn(async move { first.server.stop().await });
+    let starts = tokio::spawn({
+        let (carol_token, hang_up) = (carol.dev.token.clone(), carol.calls());
+        async move {
+            let (mut ok, mut unavailable) = (0, 0);
+            for i in 0..40 {
+                let r = through_first
+                    .clone()
+                    .start_call(req(
+                        pb::StartCallRequest {
+                            request_id: format!("drain-{i}"),
+                            callee: account_ref(&d),
+                            ..Default::default()
+                        },
+                        &carol_token,
+                    ))
+                    .await;
+                match r {
+                    Ok(call) => {
+                        ok += 1;
+                        hang_up
+                            .clone()
+                            .hang_up(req(pb::HangUpRequest { call_id: call.into_inner().call_id }, &carol_token))
+                            .await
+                            .unwrap();
+                    }
+                    Err(s) if s.code() == Code::Unavailable => {
+                        unavailable += 1;
+                        if !s.message().contains("transport") && !s.message().contains("connect") {
+                            assert!(
+                                tonic_types::StatusExt::get_details_retry_info(&s).is_some(),
+                                "UNAVAILABLE without a retry hint: {s:?}"
+                            );
+                        }
+                    }
+                    Err(s) => panic!("StartCall during drain: {s:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (ok, unavailable)
+        }
+    });
     match alice.next(Duration::from_secs(10)).await {
         Some(Err(s)) => assert_eq!(s.code(), Code::Unavailable),
         other => panic!("the draining node's stream must end with UNAVAILABLE: {other:?}"),
     }
     stopping.await.unwrap().unwrap();
+    let (ok, unavailable) = starts.await.unwrap();
+    assert!(ok > 0, "calls started on a draining node while it still serves are handed to another node");
+    eprintln!("StartCall during drain: {ok} succeeded, {unavailable} UNAVAILABLE, 0 other");
     let alice = Phone::connect(&n[0], clone_dev(&alice.dev)).await;
     assert_eq!(alice.synced.len(), 1);
     assert_eq!(state(&alice.synced[0]), pb::CallState::Active);
@@ -276,6 +335,70 @@ async fn a_draining_node_hands_its_calls_over() {
     bob.quiet(Duration::from_millis(100)).await;
     alice.hang_up(&id).await.unwrap();
     assert_eq!(end(&bob.call_where(&id, |c| state(c) == pb::CallState::Ended).await), pb::EndReason::HungUp);
+}
+
+/// Devices that leave without hanging up (streams closed, no reconnect):
+/// after `calls.unattended_secs` the call ends for everyone with
+/// CONNECTION_LOST, and its pair key goes with it. A device back within the
+/// window keeps its call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_end_when_their_devices_vanish() {
+    let n = nodes(Backend::Etcd, 2, |_, c| c.calls.unattended_secs = 2).await;
+    let t = n[0].tenant("messenger").await;
+    let (a, b, c) = (n[0].account(&t).await, n[0].account(&t).await, n[0].account(&t).await);
+    for x in [&a, &b, &c] {
+        everyone_can_call(&n[0], &t, x).await;
+    }
+    let mut alice = Phone::connect(&n[0], n[0].device_of(&t, &a).await).await;
+    let mut bob = Phone::connect(&n[1], n[0].device_of(&t, &b).await).await;
+    let id = alice.start(account_ref(&b), false).await.unwrap().call_id;
+    bob.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
+    bob.answer(&id).await.unwrap();
+    alice.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+    bob.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+
+    // Alice's stream drops and comes back within the window (to the other
+    // node): the call goes on, well past the window.
+    let dev = clone_dev(&alice.dev);
+    drop(alice);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let alice = Phone::connect(&n[1], dev).await;
+    assert_eq!(alice.synced.len(), 1);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    bob.quiet(Duration::from_millis(100)).await;
+
+    // Alice vanishes for good: Bob, still there, learns the call is over.
+    drop(alice);
+    let e = bob.call_where(&id, |c| state(c) == pb::CallState::Ended).await;
+    assert_eq!(end(&e), pb::EndReason::ConnectionLost);
+    assert!(
+        spine_runtime::testing::eventually(Duration::from_secs(5), || async { live_state(&n[0]).await.is_empty() })
+            .await,
+        "no call or pair key outlives the call"
+    );
+
+    // Both vanish: the call ends all the same, and a new call between the
+    // two is not refused as a duplicate.
+    let mut bob = Phone::connect(&n[0], clone_dev(&bob.dev)).await;
+    let mut carol = Phone::connect(&n[1], n[0].device_of(&t, &c).await).await;
+    let id = bob.start(account_ref(&c), false).await.unwrap().call_id;
+    carol.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
+    carol.answer(&id).await.unwrap();
+    bob.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+    let (bob_dev, carol_dev) = (clone_dev(&bob.dev), clone_dev(&carol.dev));
+    drop((bob, carol));
+    assert!(
+        spine_runtime::testing::eventually(Duration::from_secs(10), || async { live_state(&n[0]).await.is_empty() })
+            .await,
+        "an answered call whose devices all left is gone"
+    );
+    let bob = Phone::connect(&n[0], bob_dev).await;
+    assert!(bob.synced.is_empty());
+    let mut carol = Phone::connect(&n[0], carol_dev).await;
+    let again = bob.start(account_ref(&c), false).await.unwrap();
+    assert_ne!(again.call_id, id);
+    carol.call_where(&again.call_id, |c| ring(c) == pb::RingState::Ringing).await;
+    bob.hang_up(&again.call_id).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

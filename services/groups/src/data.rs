@@ -54,7 +54,7 @@ fn split(t: &TenantStore, key: &str) -> (String, String) {
 
 impl GroupsData {
     fn node(&self) -> Result<std::sync::Arc<Node>, Status> {
-        self.0.upgrade().ok_or_else(|| Status::unavailable("groups service stopping"))
+        self.0.upgrade().ok_or_else(|| spine_runtime::error::draining("groups service stopping"))
     }
 }
 

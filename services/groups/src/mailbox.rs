@@ -279,14 +279,14 @@ async fn pump(
     loop {
         tokio::select! {
             _ = rt.drain.cancelled() => {
-                return Err(Status::unavailable("server draining: reconnect and resume from the next sequence number"));
+                return Err(spine_runtime::error::draining("server draining: reconnect and resume from the next sequence number"));
             }
             _ = tx.closed() => return Ok(()),
             ev = watch.next() => {
                 let ev = match ev {
                     Some(Ok(ev)) => ev,
                     Some(Err(e)) => return Err(GroupsError::from(e).into()),
-                    None => return Err(Status::unavailable("mailbox watch ended: reconnect")),
+                    None => return Err(spine_runtime::error::unavailable("mailbox watch ended: reconnect", "STREAM_INTERRUPTED", spine_runtime::error::STORE_RETRY_AFTER)),
                 };
                 if ev.kind != EventKind::Put {
                     continue;

@@ -423,7 +423,13 @@ async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), 
                                 return;
                             }
                             None => {
-                                let _ = err_tx.send(Status::unavailable("owner stream ended")).await;
+                                let _ = err_tx
+                                    .send(spine_runtime::error::unavailable(
+                                        "owner stream ended: watch again",
+                                        "STREAM_INTERRUPTED",
+                                        spine_runtime::error::DRAIN_RETRY_AFTER,
+                                    ))
+                                    .await;
                                 return;
                             }
                         }
@@ -435,7 +441,7 @@ async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), 
         let round = loop {
             tokio::select! {
                 _ = node.rt.drain.cancelled() => {
-                    break Err(Status::unavailable("server draining: reconnect and watch again"));
+                    break Err(spine_runtime::error::draining("server draining: reconnect and watch again"));
                 }
                 status = node.rt.auth.stream_end(w.principal) => break Err(status),
                 _ = outbox.tx.closed() => break Ok(Round::Done),

@@ -29,6 +29,33 @@ pub struct StoreConfig {
     pub data_dir: Option<PathBuf>,
     /// How long to wait for etcd at start, in milliseconds.
     pub connect_timeout_ms: u64,
+    /// Longest wait for one etcd member's answer before the next member is
+    /// tried, in milliseconds.
+    pub attempt_timeout_ms: u64,
+    /// Longest one store request may take across members and retries, in
+    /// milliseconds; past it the caller gets UNAVAILABLE.
+    pub request_timeout_ms: u64,
+    /// TLS towards etcd (with `https://` endpoints).
+    pub etcd_tls: Option<EtcdTlsConfig>,
+}
+
+/// TLS towards etcd: the CA that signed the members' certificates and, where
+/// etcd requires client certificates (`--client-cert-auth`), this node's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsConfig {
+    /// PEM CA certificate(s) of the etcd members.
+    pub ca: PathBuf,
+    /// PEM client certificate.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM client key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The name the members' certificates carry, when it is not the
+    /// endpoints' host name.
+    #[serde(default)]
+    pub domain_name: Option<String>,
 }
 
 impl Default for StoreConfig {
@@ -38,6 +65,9 @@ impl Default for StoreConfig {
             etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
             data_dir: None,
             connect_timeout_ms: 5000,
+            attempt_timeout_ms: 2000,
+            request_timeout_ms: 10_000,
+            etcd_tls: None,
         }
     }
 }
@@ -199,6 +229,11 @@ pub struct CallsConfig {
     /// sessions (seconds): a node that dies silently is noticed within it,
     /// and its calls move to a live node.
     pub node_ttl_secs: u64,
+    /// A device in a call whose signalling session (`Calls.Session`) is
+    /// gone this long is lost (seconds): a one-to-one call ends, a group
+    /// call drops it (and ends with its last device), reason
+    /// CONNECTION_LOST.
+    pub unattended_secs: u64,
     /// This node's region, for assigning group calls to media nodes near
     /// their participants (devices connect to a node of their region).
     pub region: String,
@@ -214,6 +249,7 @@ impl Default for CallsConfig {
             ring_timeout_secs: 45,
             group_idle_secs: 300,
             node_ttl_secs: 5,
+            unattended_secs: 30,
             region: "default".into(),
             advertise: None,
             turn: TurnConfig::default(),
@@ -247,6 +283,10 @@ impl Default for TurnConfig {
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
+    /// A second, plaintext listener serving only `grpc.health.v1` (for
+    /// Kubernetes' built-in gRPC probes, which speak plaintext, while
+    /// `listen` serves TLS). None: health only on `listen`.
+    pub health_listen: Option<SocketAddr>,
     /// Services this node runs (`identity`, ...); empty means all.
     pub services: Vec<String>,
     pub store: StoreConfig,
@@ -264,6 +304,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:50051".parse().expect("valid default address"),
+            health_listen: None,
             services: vec![],
             store: StoreConfig::default(),
             tls: None,

@@ -38,7 +38,7 @@ pub use config::Config;
 use crate::auth::AuthRing;
 use crate::config::Backend;
 use crate::data::AccountData;
-use crate::store::{EmbeddedStore, EtcdStore, Store, StoreError, SystemStore};
+use crate::store::{EmbeddedStore, EtcdOptions, EtcdStore, EtcdTls, Store, StoreError, SystemStore};
 
 /// Unix seconds now.
 pub fn now_secs() -> i64 {
@@ -89,18 +89,37 @@ impl Runtime {
     /// control-plane records, such as `spine admin operator`).
     pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
         Ok(match config.store.backend {
-            Backend::Etcd => Arc::new(
-                EtcdStore::connect(
-                    &config.store.etcd_endpoints,
-                    Duration::from_millis(config.store.connect_timeout_ms),
-                )
-                .await?,
-            ),
+            Backend::Etcd => Arc::new(EtcdStore::open(Self::etcd_options(config)?).await?),
             Backend::Embedded => match &config.store.data_dir {
                 Some(dir) => Arc::new(EmbeddedStore::open(dir)?),
                 None => Arc::new(EmbeddedStore::in_memory()),
             },
         })
+    }
+
+    /// How the configuration says to reach etcd (reading the TLS files).
+    pub fn etcd_options(config: &Config) -> Result<EtcdOptions, StartError> {
+        let c = &config.store;
+        let mut o = EtcdOptions::new(&c.etcd_endpoints, Duration::from_millis(c.connect_timeout_ms));
+        o.attempt_timeout = Duration::from_millis(c.attempt_timeout_ms.max(1));
+        o.request_timeout = Duration::from_millis(c.request_timeout_ms.max(1));
+        if let Some(t) = &c.etcd_tls {
+            let read = |key: &str, p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| StartError::Config(format!("store.etcd_tls.{key} ({}): {e}", p.display())))
+            };
+            if t.cert.is_some() != t.key.is_some() {
+                return Err(StartError::Config("store.etcd_tls: cert and key go together".into()));
+            }
+            o.tls = Some(EtcdTls {
+                ca_pem: read("ca", &t.ca)?,
+                client_cert_pem: t.cert.as_deref().map(|p| read("cert", p)).transpose()?,
+                client_key_pem: t.key.as_deref().map(|p| read("key", p)).transpose()?,
+                domain_name: t.domain_name.clone(),
+            });
+        } else if c.etcd_endpoints.iter().any(|e| e.starts_with("https://")) {
+            return Err(StartError::Config("store.etcd_endpoints use https: set store.etcd_tls.ca".into()));
+        }
+        Ok(o)
     }
 
     /// The sealer the configuration asks for: a key-encryption key, or

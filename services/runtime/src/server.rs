@@ -5,7 +5,10 @@
 //! Health: the service name `liveness` is SERVING while the process runs;
 //! `readiness` (and the empty name, which Kubernetes' gRPC probe uses by
 //! default) is SERVING once the auth mirror is loaded and until draining
-//! starts; each Spine service's own name follows readiness.
+//! starts; each Spine service's own name follows readiness. With
+//! `health_listen` set, the same health answers also come from a plaintext
+//! listener of their own that serves nothing else: Kubernetes' gRPC probes
+//! speak plaintext, and the main port may serve only TLS.
 //!
 //! Drain, on the future passed to [`serve`] (SIGTERM in the binary): report
 //! not-ready, cancel [`crate::Runtime::drain`] so streams tell clients to
@@ -110,6 +113,31 @@ pub async fn serve(
     health.set_service_status(LIVENESS, ServingStatus::Serving).await;
     set_all(&health, &names, ServingStatus::NotServing).await;
 
+    // The plaintext health-only listener, up until the main server stops.
+    let (health_stop_tx, health_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let health_only = match rt.config.health_listen {
+        Some(addr) => {
+            let l = bind(addr).await?;
+            tracing::info!(addr = %l.local_addr().unwrap_or(addr), "health listener (plaintext, health only)");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+            Some(tokio::spawn(
+                tonic::transport::Server::builder().add_service(health_service.clone()).serve_with_incoming_shutdown(
+                    incoming,
+                    async {
+                        let _ = health_stop_rx.await;
+                    },
+                ),
+            ))
+        }
+        None => None,
+    };
+    let stop_health = move || {
+        let _ = health_stop_tx.send(());
+        if let Some(h) = health_only {
+            h.abort();
+        }
+    };
+
     // Reflection in both versions: v1, and v1alpha that many tools
     // (grpcurl, grpcio-reflection) still speak.
     let reflection = tonic_reflection::server::Builder::configure()
@@ -182,6 +210,7 @@ pub async fn serve(
     tokio::select! {
         res = &mut server => {
             ready.abort();
+            stop_health();
             return res.map_err(|e| ServeError::Reflection(format!("server task: {e}")))?.map_err(ServeError::from);
         }
         _ = shutdown => {}
@@ -192,7 +221,9 @@ pub async fn serve(
     rt.drain.cancel();
     tokio::time::sleep(Duration::from_millis(rt.config.drain.ready_delay_ms)).await;
     let _ = stop_tx.send(());
-    match tokio::time::timeout(Duration::from_secs(rt.config.drain.grace_secs), &mut server).await {
+    let drained = tokio::time::timeout(Duration::from_secs(rt.config.drain.grace_secs), &mut server).await;
+    stop_health();
+    match drained {
         Ok(res) => {
             tracing::info!("drained");
             res.map_err(|e| ServeError::Reflection(format!("server task: {e}")))?.map_err(ServeError::from)

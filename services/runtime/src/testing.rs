@@ -23,83 +23,310 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
 }
 
-/// A running etcd with a temporary data directory.
+/// A running single-member etcd with a temporary data directory.
 #[derive(Debug)]
 pub struct EtcdServer {
-    child: Child,
-    endpoint: String,
-    _dir: tempfile::TempDir,
+    cluster: EtcdCluster,
 }
 
 impl EtcdServer {
     /// Starts `etcd` (from `$ETCD_BIN` or `PATH`) and waits until it answers.
     pub async fn start() -> Self {
-        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
-        // Two free ports can collide with another test's choice between
-        // release and bind; retry with fresh ports if etcd exits at once.
+        Self { cluster: EtcdCluster::start(1).await }
+    }
+
+    /// The client URL.
+    pub fn endpoint(&self) -> &str {
+        &self.cluster.members[0].client_url
+    }
+
+    /// A new client connection.
+    pub async fn store(&self) -> Arc<dyn Store> {
+        self.cluster.store().await
+    }
+}
+
+/// TLS material for an etcd cluster with client-certificate auth, made by
+/// a throwaway CA: the members' certificate (for 127.0.0.1 and localhost),
+/// and a client certificate a node presents.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    pub ca: std::path::PathBuf,
+    pub server_cert: std::path::PathBuf,
+    pub server_key: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+}
+
+impl EtcdTlsFiles {
+    /// Writes a CA, a server and a client certificate into `dir`.
+    pub fn generate(dir: &std::path::Path) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).expect("CA certificate");
+        let issue = |names: Vec<String>, usage: Vec<ExtendedKeyUsagePurpose>| {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(names).expect("params");
+            params.extended_key_usages = usage;
+            let cert = params.signed_by(&key, &ca, &ca_key).expect("certificate");
+            (cert.pem(), key.serialize_pem())
+        };
+        // etcd's peer listener also presents this certificate, as server
+        // and as client.
+        let (server_cert, server_key) = issue(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        );
+        let (client_cert, client_key) = issue(vec!["spine-node".into()], vec![ExtendedKeyUsagePurpose::ClientAuth]);
+        let files = Self {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        };
+        for (path, pem) in [
+            (&files.ca, ca.pem()),
+            (&files.server_cert, server_cert),
+            (&files.server_key, server_key),
+            (&files.client_cert, client_cert),
+            (&files.client_key, client_key),
+        ] {
+            std::fs::write(path, pem).expect("write TLS material");
+        }
+        files
+    }
+
+    /// What a node needs to reach the cluster.
+    pub fn client(&self) -> crate::store::EtcdTls {
+        let read = |p: &std::path::Path| std::fs::read(p).expect("read TLS material");
+        crate::store::EtcdTls {
+            ca_pem: read(&self.ca),
+            client_cert_pem: Some(read(&self.client_cert)),
+            client_key_pem: Some(read(&self.client_key)),
+            domain_name: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct EtcdMember {
+    name: String,
+    client_url: String,
+    peer_url: String,
+    data_dir: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+/// A running etcd cluster of one or more members on loopback, each with its
+/// own data directory, stopped when dropped. Members can be killed and
+/// restarted, to test what a node sees when one goes away.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<EtcdMember>,
+    tls: Option<EtcdTlsFiles>,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members (from `$ETCD_BIN` or `PATH`) and waits until the
+    /// cluster has a leader.
+    pub async fn start(n: usize) -> Self {
+        Self::start_with(n, false).await
+    }
+
+    /// As [`EtcdCluster::start`], with TLS and client-certificate auth on
+    /// the client and peer listeners (see [`EtcdCluster::tls`]).
+    pub async fn start_tls(n: usize) -> Self {
+        Self::start_with(n, true).await
+    }
+
+    async fn start_with(n: usize, tls: bool) -> Self {
+        // Free ports can collide with another test's choice between release
+        // and bind; start again on fresh ports if a member exits at once.
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("temp dir");
-            let (client, peer) = (free_port(), free_port());
-            let endpoint = format!("http://127.0.0.1:{client}");
-            let peer_url = format!("http://127.0.0.1:{peer}");
-            let child = Command::new(&bin)
-                .arg("--name=spine-test")
-                .arg(format!("--data-dir={}", dir.path().display()))
-                .arg(format!("--listen-client-urls={endpoint}"))
-                .arg(format!("--advertise-client-urls={endpoint}"))
-                .arg(format!("--listen-peer-urls={peer_url}"))
-                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-                .arg(format!("--initial-cluster=spine-test={peer_url}"))
-                .arg("--log-level=error")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {bin} (install etcd-server, or run scripts/test): {e}"));
-            let mut server = EtcdServer { child, endpoint, _dir: dir };
-            if server.wait_ready().await {
-                return server;
+            let tls = tls.then(|| EtcdTlsFiles::generate(dir.path()));
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let members: Vec<EtcdMember> = (0..n)
+                .map(|i| EtcdMember {
+                    name: format!("m{i}"),
+                    client_url: format!("{scheme}://127.0.0.1:{}", free_port()),
+                    peer_url: format!("{scheme}://127.0.0.1:{}", free_port()),
+                    data_dir: dir.path().join(format!("m{i}")),
+                    child: None,
+                })
+                .collect();
+            let mut cluster = Self { members, tls, _dir: dir };
+            for i in 0..n {
+                cluster.spawn(i, "new");
+            }
+            if cluster.wait_ready().await {
+                return cluster;
             }
         }
         panic!("etcd did not start");
     }
 
-    /// Polls until etcd serves requests; false if the process died.
+    fn spawn(&mut self, i: usize, state: &str) {
+        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let initial: Vec<String> = self.members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
+        let m = &self.members[i];
+        let mut cmd = Command::new(&bin);
+        cmd.arg(format!("--name={}", m.name))
+            .arg(format!("--data-dir={}", m.data_dir.display()))
+            .arg(format!("--listen-client-urls={}", m.client_url))
+            .arg(format!("--advertise-client-urls={}", m.client_url))
+            .arg(format!("--listen-peer-urls={}", m.peer_url))
+            .arg(format!("--initial-advertise-peer-urls={}", m.peer_url))
+            .arg(format!("--initial-cluster={}", initial.join(",")))
+            .arg(format!("--initial-cluster-state={state}"))
+            .arg("--initial-cluster-token=spine-test")
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cert-file={}", t.server_cert.display()))
+                .arg(format!("--key-file={}", t.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", t.ca.display()))
+                .arg("--client-cert-auth")
+                .arg(format!("--peer-cert-file={}", t.server_cert.display()))
+                .arg(format!("--peer-key-file={}", t.server_key.display()))
+                .arg(format!("--peer-trusted-ca-file={}", t.ca.display()))
+                .arg("--peer-client-cert-auth");
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} (install etcd-server, or run scripts/test): {e}"));
+        self.members[i].child = Some(child);
+    }
+
+    /// Polls until the cluster serves requests; false if a member died.
     async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false;
+            for m in &mut self.members {
+                if let Some(c) = &mut m.child
+                    && let Ok(Some(_)) = c.try_wait()
+                {
+                    return false;
+                }
             }
-            if let Ok(store) =
-                EtcdStore::connect(std::slice::from_ref(&self.endpoint), Duration::from_millis(500)).await
-                && store.revision().await.is_ok()
-            {
+            if self.leader().await.is_some() {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("etcd at {} not ready after 30 s", self.endpoint);
+        panic!("etcd cluster {:?} not ready after 30 s", self.endpoints());
     }
 
-    /// The client URL.
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
+    /// The members' client URLs.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
     }
 
-    /// A new client connection.
+    /// The TLS material, for a cluster started with [`EtcdCluster::start_tls`].
+    pub fn tls(&self) -> Option<&EtcdTlsFiles> {
+        self.tls.as_ref()
+    }
+
+    /// Options reaching every member (with TLS if the cluster has it).
+    pub fn options(&self) -> crate::store::EtcdOptions {
+        let mut o = crate::store::EtcdOptions::new(&self.endpoints(), Duration::from_secs(5));
+        o.tls = self.tls.as_ref().map(EtcdTlsFiles::client);
+        o
+    }
+
+    /// A new client connection to every member.
     pub async fn store(&self) -> Arc<dyn Store> {
-        Arc::new(
-            EtcdStore::connect(std::slice::from_ref(&self.endpoint), Duration::from_secs(5))
-                .await
-                .expect("connect to test etcd"),
-        )
+        Arc::new(EtcdStore::open(self.options()).await.expect("connect to test etcd"))
+    }
+
+    /// A raw etcd-client connection to member `i` alone.
+    async fn member_client(&self, i: usize) -> Option<etcd_client::Client> {
+        let mut o = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_millis(300));
+        if let Some(t) = &self.tls {
+            let c = t.client();
+            o = o.with_tls(
+                etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(c.ca_pem)).identity(
+                    etcd_client::Identity::from_pem(
+                        c.client_cert_pem.expect("client certificate"),
+                        c.client_key_pem.expect("client key"),
+                    ),
+                ),
+            );
+        }
+        etcd_client::Client::connect([self.members[i].client_url.as_str()], Some(o)).await.ok()
+    }
+
+    /// The index of the member that leads now, if one does.
+    pub async fn leader(&self) -> Option<usize> {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                continue;
+            }
+            let Some(mut c) = self.member_client(i).await else { continue };
+            let Ok(Ok(status)) = tokio::time::timeout(Duration::from_millis(500), c.status()).await else { continue };
+            if status.leader() == 0 {
+                continue;
+            }
+            // Member ids are only known to the cluster: find the leader's
+            // client URL in the member list.
+            let Ok(Ok(list)) = tokio::time::timeout(Duration::from_millis(500), c.member_list()).await else {
+                continue;
+            };
+            let url = list
+                .members()
+                .iter()
+                .find(|m| m.id() == status.leader())
+                .and_then(|m| m.client_urls().first().cloned())?;
+            return self.members.iter().position(|m| m.client_url == url);
+        }
+        None
+    }
+
+    /// Kills member `i` at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Freezes member `i` (SIGSTOP): it keeps its connections open but
+    /// answers nothing, as a member on a machine that hangs.
+    pub fn pause(&self, i: usize) {
+        assert!(self.signal(i, "STOP"), "kill -STOP etcd member {i}");
+    }
+
+    /// Lets a paused member run again (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        assert!(self.signal(i, "CONT"), "kill -CONT etcd member {i}");
+    }
+
+    fn signal(&self, i: usize, sig: &str) -> bool {
+        let Some(child) = self.members[i].child.as_ref() else { return false };
+        Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().is_ok_and(|s| s.success())
+    }
+
+    /// Starts member `i` again on its data directory, and waits until the
+    /// cluster has a leader.
+    pub async fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i, "existing");
+        assert!(self.wait_ready().await, "etcd member {i} did not come back");
     }
 }
 
-impl Drop for EtcdServer {
+impl Drop for EtcdCluster {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for i in 0..self.members.len() {
+            // A paused member must run again to die of SIGKILL's reaping.
+            self.signal(i, "CONT");
+            self.kill(i);
+        }
     }
 }
 

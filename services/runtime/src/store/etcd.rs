@@ -1,6 +1,31 @@
-//! The production store: etcd v3 through etcd-client.
+//! The production store: etcd v3 through etcd-client, one connection per
+//! cluster member, so the loss of one member is invisible to callers.
+//!
+//! etcd-client's own balancing keeps handing requests to a member that is
+//! gone until its connection times out, so one dead member of three failed
+//! a large share of every node's requests. Here each member has its own
+//! client, and every request:
+//!
+//! - goes to the member that answered last (each node starts on a
+//!   different one, which spreads nodes over the members), and never to a
+//!   member that failed, until a background probe finds it answering again
+//!   (unless every member failed: then all are tried);
+//! - has a deadline per attempt (`store.attempt_timeout_ms`) and one overall
+//!   (`store.request_timeout_ms`), with retries on the next member between;
+//! - asks for a member with a leader (etcd's `hasleader` metadata), so a
+//!   member cut off from the others refuses at once instead of hanging.
+//!
+//! Reads, leases and watch creation are retried freely. A transaction is
+//! retried freely when it certainly did not reach etcd (refused connection,
+//! no leader); when it may have (a timeout, a connection lost mid-request),
+//! its outcome is checked first: its first put's key holding exactly the
+//! value it wrote, at a revision newer than any this client had seen before
+//! sending, means it applied; a delete-only transaction whose keys are all
+//! gone is taken as applied. Only then is it sent again.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use etcd_client as etcd;
@@ -11,45 +36,145 @@ use super::{
     prefix_end,
 };
 
+/// How a node reaches etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// Client URLs of the members (`http://` or `https://`).
+    pub endpoints: Vec<String>,
+    /// How long start-up waits for a member with a leader.
+    pub connect_timeout: Duration,
+    /// Longest wait for one member's answer before trying the next.
+    pub attempt_timeout: Duration,
+    /// Longest a request may take across all its attempts.
+    pub request_timeout: Duration,
+    /// TLS towards the members; required for `https://` endpoints.
+    pub tls: Option<EtcdTls>,
+}
+
+impl EtcdOptions {
+    /// Options with the defaults for everything but the endpoints.
+    pub fn new(endpoints: &[String], connect_timeout: Duration) -> Self {
+        Self {
+            endpoints: endpoints.to_vec(),
+            connect_timeout,
+            attempt_timeout: Duration::from_millis(2000),
+            request_timeout: Duration::from_millis(10_000),
+            tls: None,
+        }
+    }
+}
+
+/// PEM material for TLS to etcd: the CA that signed the members'
+/// certificates and, for client-certificate auth, this node's certificate
+/// and key.
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    pub client_cert_pem: Option<Vec<u8>>,
+    pub client_key_pem: Option<Vec<u8>>,
+    /// The name the members' certificates carry, when it differs from the
+    /// endpoints' host names.
+    pub domain_name: Option<String>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_cert", &self.client_cert_pem.is_some())
+            .field("domain_name", &self.domain_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often members that failed are probed.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+
+struct Member {
+    url: String,
+    client: etcd::Client,
+    /// Milliseconds since `Inner::epoch` of the failure that made the
+    /// member suspect, 0 while it is healthy. Requests go to suspect
+    /// members only when every member is suspect.
+    failed_at: AtomicI64,
+}
+
+struct Inner {
+    members: Vec<Member>,
+    preferred: AtomicUsize,
+    /// The newest store revision any answer carried.
+    seen_revision: AtomicI64,
+    attempt_timeout: Duration,
+    request_timeout: Duration,
+    epoch: Instant,
+}
+
 /// A store backed by an etcd cluster.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: etcd::Client,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("EtcdStore")
+        f.debug_struct("EtcdStore").field("members", &self.inner.members.len()).finish()
     }
 }
 
-impl EtcdStore {
-    /// Connects to the given endpoints (`http://host:port`).
-    pub async fn connect(endpoints: &[String], connect_timeout: Duration) -> Result<Self, StoreError> {
-        let opts = etcd::ConnectOptions::new()
-            .with_connect_timeout(connect_timeout)
-            .with_timeout(Duration::from_secs(10))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        let client = etcd::Client::connect(endpoints, Some(opts)).await.map_err(map_err)?;
-        Ok(Self { client })
-    }
+/// What one failed attempt means for the next.
+enum Failure {
+    /// The request never reached a member that could apply it: any request
+    /// may be sent again.
+    NotApplied(StoreError),
+    /// The request may or may not have been applied.
+    Unknown(StoreError),
+    /// The answer is final: retrying cannot change it.
+    Final(StoreError),
 }
 
-fn map_err(e: etcd::Error) -> StoreError {
+fn classify(e: etcd::Error) -> Failure {
     match e {
-        etcd::Error::TransportError(t) => StoreError::Unavailable(t.to_string()),
-        etcd::Error::IoError(t) => StoreError::Unavailable(t.to_string()),
-        etcd::Error::GRpcStatus(s) => match s.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                StoreError::Unavailable(s.message().to_string())
+        etcd::Error::TransportError(t) => Failure::NotApplied(StoreError::Unavailable(t.to_string())),
+        etcd::Error::IoError(t) => Failure::Unknown(StoreError::Unavailable(t.to_string())),
+        etcd::Error::GRpcStatus(s) => {
+            let msg = s.message().to_string();
+            match s.code() {
+                // A member without a leader refuses before proposing; a
+                // channel that could not connect sent nothing.
+                tonic::Code::Unavailable if msg.contains("no leader") || connect_failed(&s) => {
+                    Failure::NotApplied(StoreError::Unavailable(msg))
+                }
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+                | tonic::Code::Aborted => Failure::Unknown(StoreError::Unavailable(msg)),
+                tonic::Code::NotFound if msg.contains("lease not found") => Failure::Final(StoreError::LeaseNotFound),
+                tonic::Code::InvalidArgument if msg.contains("too large") => Failure::Final(StoreError::TooLarge),
+                // "database space exceeded": writes wait for an operator's
+                // defragmentation; clients may retry later.
+                tonic::Code::ResourceExhausted => Failure::Final(StoreError::Unavailable(msg)),
+                _ => Failure::Final(StoreError::Backend(format!("{}: {}", s.code(), msg))),
             }
-            tonic::Code::NotFound if s.message().contains("lease not found") => StoreError::LeaseNotFound,
-            tonic::Code::InvalidArgument if s.message().contains("too large") => StoreError::TooLarge,
-            _ => StoreError::Backend(format!("{}: {}", s.code(), s.message())),
-        },
-        etcd::Error::LeaseKeepAliveError(m) if m.contains("not found") => StoreError::LeaseNotFound,
-        other => StoreError::Backend(other.to_string()),
+        }
+        etcd::Error::LeaseKeepAliveError(m) if m.contains("not found") => Failure::Final(StoreError::LeaseNotFound),
+        etcd::Error::LeaseKeepAliveError(m) => Failure::Unknown(StoreError::Unavailable(m)),
+        etcd::Error::WatchError(m) => Failure::Unknown(StoreError::Unavailable(m)),
+        other => Failure::Final(StoreError::Backend(other.to_string())),
     }
+}
+
+/// Whether a status is the channel's own "could not connect".
+fn connect_failed(s: &tonic::Status) -> bool {
+    let mut text = s.message().to_ascii_lowercase();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        text.push(' ');
+        text.push_str(&e.to_string().to_ascii_lowercase());
+        source = e.source();
+    }
+    ["connection refused", "tcp connect error", "error trying to connect", "dns error", "connect timeout"]
+        .iter()
+        .any(|m| text.contains(m))
 }
 
 fn kv_of(kv: &etcd::KeyValue) -> KeyValue {
@@ -84,10 +209,254 @@ fn compare(c: &Compare) -> etcd::Compare {
     }
 }
 
+fn tls_options(tls: &EtcdTls) -> Result<etcd::TlsOptions, StoreError> {
+    let mut opts = etcd::TlsOptions::new().ca_certificate(etcd::Certificate::from_pem(&tls.ca_pem));
+    match (&tls.client_cert_pem, &tls.client_key_pem) {
+        (Some(cert), Some(key)) => opts = opts.identity(etcd::Identity::from_pem(cert, key)),
+        (None, None) => {}
+        _ => {
+            return Err(StoreError::Backend(
+                "etcd TLS: a client certificate needs its key, and a key its certificate".into(),
+            ));
+        }
+    }
+    if let Some(name) = &tls.domain_name {
+        opts = opts.domain_name(name.clone());
+    }
+    Ok(opts)
+}
+
+impl EtcdStore {
+    /// Connects to the given endpoints with default timeouts and no TLS.
+    pub async fn connect(endpoints: &[String], connect_timeout: Duration) -> Result<Self, StoreError> {
+        Self::open(EtcdOptions::new(endpoints, connect_timeout)).await
+    }
+
+    /// Connects to the members and waits until one of them answers with a
+    /// leader (a quorum is enough: members that are down are tried again
+    /// later, on their own).
+    pub async fn open(opts: EtcdOptions) -> Result<Self, StoreError> {
+        if opts.endpoints.is_empty() {
+            return Err(StoreError::Backend("no etcd endpoints configured".into()));
+        }
+        let tls = opts.tls.as_ref().map(tls_options).transpose()?;
+        let mut members = Vec::with_capacity(opts.endpoints.len());
+        for url in &opts.endpoints {
+            let mut co = etcd::ConnectOptions::new()
+                .with_connect_timeout(opts.attempt_timeout.min(opts.connect_timeout))
+                .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+                .with_keep_alive_while_idle(true)
+                .with_require_leader(true);
+            if let Some(tls) = &tls {
+                co = co.with_tls(tls.clone());
+            }
+            // Connecting is lazy: this fails only on a malformed URL or TLS
+            // setting, never because the member is down.
+            let client = etcd::Client::connect([url.as_str()], Some(co))
+                .await
+                .map_err(|e| StoreError::Backend(format!("etcd endpoint {url}: {e}")))?;
+            members.push(Member { url: url.clone(), client, failed_at: AtomicI64::new(0) });
+        }
+        // Nodes start on different members, spreading the load.
+        let first = rand::random::<u32>() as usize % members.len();
+        let store = Self {
+            inner: Arc::new(Inner {
+                members,
+                preferred: AtomicUsize::new(first),
+                seen_revision: AtomicI64::new(0),
+                attempt_timeout: opts.attempt_timeout,
+                request_timeout: opts.request_timeout.max(opts.attempt_timeout),
+                epoch: Instant::now(),
+            }),
+        };
+        store
+            .run_within(opts.connect_timeout, |c| async move { c.kv_client().get("/", None).await.map(|_| ()) })
+            .await?;
+        store.spawn_prober();
+        Ok(store)
+    }
+
+    /// Probes suspect members in the background until the store is
+    /// dropped, marking each healthy again once it answers with a leader.
+    fn spawn_prober(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let store = EtcdStore { inner };
+                let suspects: Vec<usize> = (0..store.inner.members.len())
+                    .filter(|&i| store.inner.members[i].failed_at.load(Ordering::Relaxed) != 0)
+                    .collect();
+                let probes = suspects.into_iter().map(|i| {
+                    let store = store.clone();
+                    async move {
+                        let c = store.inner.members[i].client.clone();
+                        let probe = async move {
+                            c.kv_client().get("/", Some(etcd::GetOptions::new().with_count_only())).await
+                        };
+                        if let Ok(Ok(resp)) = tokio::time::timeout(store.inner.attempt_timeout, probe).await {
+                            store.saw(resp.header());
+                            store.mark_up(i, false);
+                        }
+                    }
+                });
+                futures::future::join_all(probes).await;
+            }
+        });
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.inner.epoch.elapsed().as_millis() as i64
+    }
+
+    fn saw(&self, header: Option<&etcd::ResponseHeader>) {
+        if let Some(h) = header {
+            self.inner.seen_revision.fetch_max(h.revision(), Ordering::Relaxed);
+        }
+    }
+
+    /// Members in the order to try: the preferred one, then the other
+    /// healthy ones; suspect members only when none is healthy (the one
+    /// that failed longest ago first).
+    fn order(&self) -> Vec<usize> {
+        let n = self.inner.members.len();
+        let start = self.inner.preferred.load(Ordering::Relaxed) % n;
+        let idx = (0..n).map(|i| (start + i) % n);
+        let failed = |i: usize| self.inner.members[i].failed_at.load(Ordering::Relaxed);
+        let healthy: Vec<usize> = idx.clone().filter(|&i| failed(i) == 0).collect();
+        if !healthy.is_empty() {
+            return healthy;
+        }
+        let mut all: Vec<usize> = idx.collect();
+        all.sort_by_key(|&i| failed(i));
+        all
+    }
+
+    fn mark_down(&self, i: usize, why: &StoreError) {
+        let m = &self.inner.members[i];
+        let now = self.now_ms().max(1);
+        if m.failed_at.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::warn!(member = %m.url, error = %why, "etcd member failing; using the others until it answers");
+        }
+    }
+
+    fn mark_up(&self, i: usize, prefer: bool) {
+        if prefer {
+            self.inner.preferred.store(i, Ordering::Relaxed);
+        }
+        let m = &self.inner.members[i];
+        if m.failed_at.swap(0, Ordering::Relaxed) != 0 {
+            tracing::info!(member = %m.url, "etcd member answering again");
+        }
+    }
+
+    /// How many members are healthy now (for health reports and tests).
+    pub fn healthy_members(&self) -> usize {
+        self.inner.members.iter().filter(|m| m.failed_at.load(Ordering::Relaxed) == 0).count()
+    }
+
+    /// Runs an operation that may be repeated (a read, a lease call, a
+    /// watch's creation) on the members until one answers or the request
+    /// deadline passes.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(etcd::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd::Error>>,
+    {
+        self.run_within(self.inner.request_timeout, op).await
+    }
+
+    async fn run_within<T, F, Fut>(&self, budget: Duration, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(etcd::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd::Error>>,
+    {
+        let deadline = Instant::now() + budget;
+        let mut backoff = Duration::from_millis(25);
+        loop {
+            let mut last = None;
+            for i in self.order() {
+                match self.attempt(i, deadline, &mut op).await {
+                    Ok(v) => return Ok(v),
+                    Err(Failure::Final(e)) => return Err(e),
+                    Err(Failure::NotApplied(e) | Failure::Unknown(e)) => last = Some(e),
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(last.unwrap_or_else(|| StoreError::Unavailable("etcd: request deadline passed".into())));
+            }
+            tokio::time::sleep(backoff.min(left)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// One attempt on member `i`, marking it down or up by the result.
+    async fn attempt<T, F, Fut>(&self, i: usize, deadline: Instant, op: &mut F) -> Result<T, Failure>
+    where
+        F: FnMut(etcd::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd::Error>>,
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let wait = self.inner.attempt_timeout.min(left).max(Duration::from_millis(1));
+        let member = &self.inner.members[i];
+        let result = match tokio::time::timeout(wait, op(member.client.clone())).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(classify(e)),
+            Err(_) => Err(Failure::Unknown(StoreError::Unavailable(format!(
+                "etcd member {} did not answer in {wait:?}",
+                member.url
+            )))),
+        };
+        match &result {
+            Ok(_) | Err(Failure::Final(_)) => self.mark_up(i, true),
+            Err(Failure::NotApplied(e) | Failure::Unknown(e)) => self.mark_down(i, e),
+        }
+        result
+    }
+
+    /// Whether a transaction whose answer was lost applied, judged from
+    /// the store now (see the module docs); `None` if that cannot be told.
+    async fn applied(&self, txn: &Txn, seen_before: i64) -> Result<Option<TxnOutcome>, StoreError> {
+        if let Some((key, value)) = txn.success.iter().find_map(|op| match op {
+            Op::Put { key, value, .. } => Some((key, value)),
+            _ => None,
+        }) {
+            let now = self.get(key).await?;
+            return Ok(match now {
+                Some(kv) if kv.mod_revision > seen_before && &kv.value == value => {
+                    Some(TxnOutcome { succeeded: true, revision: kv.mod_revision })
+                }
+                _ => None,
+            });
+        }
+        if txn.success.is_empty() {
+            return Ok(None);
+        }
+        for op in &txn.success {
+            let gone = match op {
+                Op::Delete(key) => self.get(key).await?.is_none(),
+                Op::DeletePrefix(prefix) => self.count(prefix).await? == 0,
+                Op::Put { .. } => unreachable!("puts are handled above"),
+            };
+            if !gone {
+                return Ok(None);
+            }
+        }
+        let revision = self.revision().await?;
+        Ok(Some(TxnOutcome { succeeded: true, revision }))
+    }
+}
+
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let resp = self.client.kv_client().get(key, None).await.map_err(map_err)?;
+        let resp = self.run(|c| async move { c.kv_client().get(key, None).await }).await?;
+        self.saw(resp.header());
         Ok(resp.kvs().first().map(kv_of))
     }
 
@@ -104,44 +473,98 @@ impl Store for EtcdStore {
         if limit != 0 {
             opts = opts.with_limit(limit as i64);
         }
-        let resp = self.client.kv_client().get(start, Some(opts)).await.map_err(map_err)?;
+        let resp = self
+            .run(|c| {
+                let (start, opts) = (start.clone(), opts.clone());
+                async move { c.kv_client().get(start, Some(opts)).await }
+            })
+            .await?;
+        self.saw(resp.header());
         Ok(RangePage { kvs: resp.kvs().iter().map(kv_of).collect(), more: resp.more() })
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
         txn.validate()?;
-        let t = etcd::Txn::new()
-            .when(txn.compares.iter().map(compare).collect::<Vec<_>>())
-            .and_then(txn.success.iter().map(txn_op).collect::<Vec<_>>())
-            .or_else(txn.failure.iter().map(txn_op).collect::<Vec<_>>());
-        let resp = self.client.kv_client().txn(t).await.map_err(map_err)?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        Ok(TxnOutcome { succeeded: resp.succeeded(), revision })
+        let build = || {
+            etcd::Txn::new()
+                .when(txn.compares.iter().map(compare).collect::<Vec<_>>())
+                .and_then(txn.success.iter().map(txn_op).collect::<Vec<_>>())
+                .or_else(txn.failure.iter().map(txn_op).collect::<Vec<_>>())
+        };
+        let deadline = Instant::now() + self.inner.request_timeout;
+        let mut backoff = Duration::from_millis(25);
+        let mut last = None;
+        loop {
+            for i in self.order() {
+                let seen_before = self.inner.seen_revision.load(Ordering::Relaxed);
+                let t = build();
+                match self
+                    .attempt(i, deadline, &mut |c: etcd::Client| {
+                        let t = t.clone();
+                        async move { c.kv_client().txn(t).await }
+                    })
+                    .await
+                {
+                    Ok(resp) => {
+                        self.saw(resp.header());
+                        let revision = resp.header().map_or(0, |h| h.revision());
+                        return Ok(TxnOutcome { succeeded: resp.succeeded(), revision });
+                    }
+                    Err(Failure::Final(e)) => return Err(e),
+                    Err(Failure::NotApplied(e)) => last = Some(e),
+                    Err(Failure::Unknown(e)) => {
+                        // The reads below retry on the other members.
+                        match self.applied(&txn, seen_before).await {
+                            Ok(Some(outcome)) => return Ok(outcome),
+                            // Not applied, or a transaction with nothing to
+                            // tell by: sending it again is safe.
+                            Ok(None) => last = Some(e),
+                            // The outcome cannot be told: sending again
+                            // could apply it twice.
+                            Err(_) => return Err(e),
+                        }
+                    }
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(last.unwrap_or_else(|| StoreError::Unavailable("etcd: request deadline passed".into())));
+            }
+            tokio::time::sleep(backoff.min(left)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let secs = ttl.as_secs_f64().ceil().max(1.0) as i64;
-        let resp = self.client.lease_client().grant(secs, None).await.map_err(map_err)?;
+        // A retry after a lost answer may leave an unused lease behind; it
+        // holds no keys and expires after `ttl`.
+        let resp = self.run(|c| async move { c.lease_client().grant(secs, None).await }).await?;
         Ok(resp.id())
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
-        let attempt = async {
-            let (mut keeper, mut stream) = self.client.lease_client().keep_alive(lease).await.map_err(map_err)?;
-            keeper.keep_alive().await.map_err(map_err)?;
-            match stream.message().await.map_err(map_err)? {
-                Some(resp) => Ok(resp.ttl() > 0),
-                None => Err(StoreError::Unavailable("lease keep-alive stream closed".into())),
-            }
-        };
-        match attempt.await {
+        let attempt = self
+            .run(|c| async move {
+                let (mut keeper, mut stream) = c.lease_client().keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                match stream.message().await? {
+                    Some(resp) => Ok(resp.ttl() > 0),
+                    None => Err(etcd::Error::LeaseKeepAliveError("lease keep-alive stream closed".into())),
+                }
+            })
+            .await;
+        match attempt {
             Err(StoreError::LeaseNotFound) => Ok(false),
             other => other,
         }
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        match self.client.lease_client().revoke(lease).await.map_err(map_err) {
+        match self.run(|c| async move { c.lease_client().revoke(lease).await }).await {
             Ok(_) | Err(StoreError::LeaseNotFound) => Ok(()),
             Err(e) => Err(e),
         }
@@ -152,9 +575,19 @@ impl Store for EtcdStore {
         if from_revision > 0 {
             opts = opts.with_start_revision(from_revision);
         }
-        let mut stream = self.client.watch_client().watch(prefix, Some(opts)).await.map_err(map_err)?;
-        // The first response confirms creation, or reports a compacted start.
-        match stream.message().await.map_err(map_err)? {
+        // Creation, with the first response (which confirms it or reports a
+        // compacted start), is retried on the other members.
+        let (stream, first) = self
+            .run(|c| {
+                let opts = opts.clone();
+                async move {
+                    let mut stream = c.watch_client().watch(prefix, Some(opts)).await?;
+                    let first = stream.message().await?;
+                    Ok((stream, first))
+                }
+            })
+            .await?;
+        match first {
             Some(r) if r.canceled() && r.compact_revision() > 0 => {
                 return Err(StoreError::Compacted { requested: from_revision, oldest: r.compact_revision() });
             }
@@ -204,7 +637,12 @@ impl Store for EtcdStore {
                             None,
                         ));
                     }
-                    Err(e) => return Some((futures::stream::iter(vec![Err(map_err(e))]), None)),
+                    Err(e) => {
+                        let err = match classify(e) {
+                            Failure::NotApplied(e) | Failure::Unknown(e) | Failure::Final(e) => e,
+                        };
+                        return Some((futures::stream::iter(vec![Err(err)]), None));
+                    }
                 }
             }
         })
@@ -213,14 +651,69 @@ impl Store for EtcdStore {
     }
 
     async fn revision(&self) -> Result<i64, StoreError> {
-        let resp =
-            self.client.kv_client().get("/", Some(etcd::GetOptions::new().with_count_only())).await.map_err(map_err)?;
+        let resp = self
+            .run(|c| async move { c.kv_client().get("/", Some(etcd::GetOptions::new().with_count_only())).await })
+            .await?;
+        self.saw(resp.header());
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
     async fn count(&self, prefix: &str) -> Result<u64, StoreError> {
         let opts = etcd::GetOptions::new().with_range(prefix_end(prefix)).with_count_only();
-        let resp = self.client.kv_client().get(prefix, Some(opts)).await.map_err(map_err)?;
+        let resp = self
+            .run(|c| {
+                let opts = opts.clone();
+                async move { c.kv_client().get(prefix, Some(opts)).await }
+            })
+            .await?;
+        self.saw(resp.header());
         Ok(resp.count().max(0) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::EtcdCluster;
+
+    async fn store(cluster: &EtcdCluster) -> EtcdStore {
+        EtcdStore::open(cluster.options()).await.unwrap()
+    }
+
+    /// The check a transaction whose answer was lost goes through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_answer_is_judged_by_the_store() {
+        let cluster = EtcdCluster::start(1).await;
+        let s = store(&cluster).await;
+        let put = |v: &str| Txn::new().when(Compare::Absent("/t/a".into())).then(Op::put("/t/a", v.to_string()));
+
+        // Sent, applied, answer lost: judged applied.
+        let seen = s.revision().await.unwrap();
+        let applied_txn = put("mine");
+        let out = s.txn(applied_txn.clone()).await.unwrap();
+        assert!(out.succeeded);
+        assert_eq!(
+            s.applied(&applied_txn, seen).await.unwrap(),
+            Some(TxnOutcome { succeeded: true, revision: out.revision })
+        );
+
+        // Another writer's value: not ours.
+        assert_eq!(s.applied(&put("theirs"), seen).await.unwrap(), None);
+        // Our value, but written before we sent: not this attempt's doing.
+        let now = s.revision().await.unwrap();
+        assert_eq!(s.applied(&applied_txn, now).await.unwrap(), None);
+        // Never sent: the key is absent.
+        let other = Txn::new().then(Op::put("/t/b", "x"));
+        assert_eq!(s.applied(&other, now).await.unwrap(), None);
+
+        // A delete-only transaction is judged by whether its keys are gone.
+        let del = Txn::new().then(Op::delete("/t/a")).then(Op::delete_prefix("/t/p/"));
+        assert_eq!(s.applied(&del, now).await.unwrap(), None, "/t/a is still there");
+        s.delete("/t/a").await.unwrap();
+        assert!(s.applied(&del, now).await.unwrap().is_some_and(|o| o.succeeded));
+        s.put("/t/p/1", b"x".to_vec()).await.unwrap();
+        assert_eq!(s.applied(&del, now).await.unwrap(), None, "a key under the prefix is left");
+        // Nothing to judge by: not taken as applied.
+        assert_eq!(s.applied(&Txn::new(), now).await.unwrap(), None);
     }
 }

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use futures::Stream;
 
 pub use embedded::EmbeddedStore;
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use scoped::{GroupSpace, SystemStore, TenantStore};
 
 /// Largest value a put may carry (etcd's default request limit is 1.5 MiB).
