@@ -372,3 +372,13 @@ def test_production_pods_become_ready_through_their_probes(tmp_path):
     finally:
         etcd.kill()
         etcd.wait()
+
+
+@pytest.mark.parametrize("overlay", ["dev", "production"])
+def test_the_member_replacement_runbook_patches_the_right_flag(overlay):
+    # docs/operations.md replaces command index 8 with
+    # --initial-cluster-state=existing: that index must hold the flag.
+    docs = render(overlay)
+    etcd = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "etcd")
+    assert etcd["spec"]["template"]["spec"]["containers"][0]["command"][8] == "--initial-cluster-state=new"
+    assert '"path":"/spec/template/spec/containers/0/command/8"' in (ROOT / "docs/operations.md").read_text()

@@ -133,6 +133,75 @@ mod tests {
         assert_eq!(verify(&swapped, &k.verifying_key(), 1001), Err(TokenError::BadSignature));
     }
 
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// 256 cases in CI; `PROPTEST_CASES` for the long run.
+        fn cases() -> ProptestConfig {
+            let n = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+            ProptestConfig { cases: n, failure_persistence: None, ..ProptestConfig::default() }
+        }
+
+        /// A signed token and the key that verifies it.
+        fn signed() -> (String, VerifyingKey) {
+            let k = SigningKey::from_bytes(&[7; 32]);
+            (sign("sk_fuzz", &k, &claims(1000)), k.verifying_key())
+        }
+
+        proptest! {
+            #![proptest_config(cases())]
+
+            /// Any string: never a panic, never a success without the key's
+            /// signature.
+            #[test]
+            fn any_string_is_refused(t in ".{0,3000}") {
+                let (_, key) = signed();
+                let _ = key_id(&t);
+                prop_assert!(verify(&t, &key, 1001).is_err());
+            }
+
+            /// Token-shaped strings: the prefix and four dot-separated parts
+            /// of base64url-ish text, some of it decoding to JSON.
+            #[test]
+            fn token_shaped_strings_are_refused(
+                kid in "[a-z_0-9]{0,12}",
+                payload in prop_oneof!["[A-Za-z0-9_-]{0,200}", any::<Vec<u8>>().prop_map(|b| B64.encode(b)),
+                    ("[a-z]{0,8}", any::<i64>(), any::<i64>()).prop_map(|(a, iat, exp)| B64.encode(
+                        format!(r#"{{"t":"tn_x","a":"{a}","d":"dv","s":[],"iat":{iat},"exp":{exp}}}"#)))],
+                sig in prop_oneof!["[A-Za-z0-9_-]{0,100}", proptest::collection::vec(any::<u8>(), 64).prop_map(|b| B64.encode(b))],
+                extra in proptest::option::of("[.A-Za-z0-9_-]{0,20}"),
+            ) {
+                let (_, key) = signed();
+                let t = format!("{PREFIX}{kid}.{payload}.{sig}{}", extra.unwrap_or_default());
+                prop_assert!(verify(&t, &key, 1001).is_err());
+            }
+
+            /// A real token with one character changed, removed or added
+            /// never verifies as anything but itself.
+            #[test]
+            fn damaged_tokens_are_refused(i in any::<usize>(), c in any::<char>(), how in 0..3u8) {
+                let (t, key) = signed();
+                let mut chars: Vec<char> = t.chars().collect();
+                let i = i % chars.len();
+                match how {
+                    0 => chars[i] = c,
+                    1 => { chars.remove(i); }
+                    _ => chars.insert(i, c),
+                }
+                let damaged: String = chars.into_iter().collect();
+                let verdict = verify(&damaged, &key, 1001);
+                // base64url without padding can carry the same bytes in two
+                // spellings of its last character: the only way a change
+                // verifies is by decoding to the very same signed bytes.
+                if let Ok(claims) = verdict {
+                    prop_assert_eq!(claims, super::claims(1000));
+                }
+            }
+        }
+    }
+
     #[test]
     fn garbage_is_malformed() {
         let k = key().verifying_key();
