@@ -13,7 +13,7 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider;
 
-use crate::{CIPHERSUITE, DeviceName, MlsError, Result, invalid, lib, malformed};
+use crate::{CIPHERSUITE, DeviceName, MlsError, Refusal, Result, invalid, lib, malformed};
 
 /// Serializes an outgoing MLS message.
 pub(crate) fn encode(m: &MlsMessageOut) -> Result<Vec<u8>> {
@@ -25,7 +25,7 @@ pub fn decode(bytes: &[u8]) -> Result<MlsMessageIn> {
     let mut slice = bytes;
     let m = MlsMessageIn::tls_deserialize(&mut slice).map_err(malformed)?;
     if !slice.is_empty() {
-        return Err(MlsError::Malformed("trailing bytes after the MLS message".into()));
+        return Err(MlsError::refused(Refusal::Malformed, "trailing bytes after the MLS message"));
     }
     Ok(m)
 }
@@ -212,7 +212,7 @@ impl Client {
     pub fn join(&self, welcome: &[u8]) -> Result<Group> {
         let welcome = match decode(welcome)?.extract() {
             MlsMessageBodyIn::Welcome(w) => w,
-            _ => return Err(MlsError::Malformed("not a Welcome".into())),
+            _ => return Err(MlsError::refused(Refusal::Malformed, "not a Welcome")),
         };
         let staged =
             StagedWelcome::new_from_welcome(&self.provider, &Self::join_config(), welcome, None).map_err(invalid)?;
@@ -224,7 +224,7 @@ impl Client {
     pub fn join_external(&self, group_info: &[u8]) -> Result<(Group, CommitBundle)> {
         let gi = match decode(group_info)?.extract() {
             MlsMessageBodyIn::GroupInfo(gi) => gi,
-            _ => return Err(MlsError::Malformed("not a GroupInfo".into())),
+            _ => return Err(MlsError::refused(Refusal::Malformed, "not a GroupInfo")),
         };
         let (mut group, bundle) = MlsGroup::external_commit_builder()
             .with_config(Self::join_config())
@@ -250,7 +250,7 @@ impl Client {
         for kp in key_packages {
             let kp = match decode(kp)?.extract() {
                 MlsMessageBodyIn::KeyPackage(kp) => kp,
-                _ => return Err(MlsError::Malformed("not a KeyPackage".into())),
+                _ => return Err(MlsError::refused(Refusal::Malformed, "not a KeyPackage")),
             };
             kps.push(kp.validate(self.provider.crypto(), ProtocolVersion::Mls10).map_err(invalid)?);
         }
@@ -374,7 +374,14 @@ impl Client {
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let removed = staged.self_removed();
                 group.inner.merge_staged_commit(&self.provider, *staged).map_err(invalid)?;
-                if removed { Ok(Incoming::Removed) } else { Ok(Incoming::Commit { epoch: group.epoch() }) }
+                if removed {
+                    // Nothing more can be done in it: drop its state, so a
+                    // later Welcome into the same group can be joined.
+                    group.inner.delete(self.provider.storage()).map_err(lib)?;
+                    Ok(Incoming::Removed)
+                } else {
+                    Ok(Incoming::Commit { epoch: group.epoch() })
+                }
             }
             // Our own messages are never fanned back to us.
             ProcessedMessageContent::OwnPendingCommit | ProcessedMessageContent::OwnPrivateMessage => {

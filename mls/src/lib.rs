@@ -59,15 +59,94 @@ impl DeviceName {
 /// Identity of the delivery service as an MLS external sender.
 pub const DELIVERY_SERVICE_IDENTITY: &[u8] = b"spine/v1/delivery-service";
 
+/// Why MLS input was refused: stable values a client can branch on (the
+/// groups service sends [`Refusal::reason`] as a `google.rpc.ErrorInfo`
+/// reason). Library diagnostics never reach clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The bytes are not the MLS structure expected (or not the message
+    /// type the field takes, or have trailing bytes).
+    Malformed,
+    /// A message for another group.
+    WrongGroup,
+    /// A ciphersuite, protocol version, extension, proposal or credential
+    /// type Spine does not accept, a capability missing, or a GREASE value
+    /// (RFC 9420 section 13.5) in a leaf.
+    Unsupported,
+    /// A signature does not verify.
+    BadSignature,
+    /// A credential that is not a basic credential naming a Spine device.
+    BadCredential,
+    /// A key package outside its lifetime, or one longer than allowed.
+    Lifetime,
+    /// A GroupInfo that does not match the group's state after the commit,
+    /// or that lacks the ratchet tree.
+    GroupInfoMismatch,
+    /// Valid MLS that Spine does not take here (a PrivateMessage handshake,
+    /// application data in a PublicMessage, external join proposals).
+    NotAllowed,
+    /// Anything else MLS validation refuses (tree, path, proposals).
+    Invalid,
+}
+
+impl Refusal {
+    /// The stable reason string.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "MLS_MALFORMED",
+            Refusal::WrongGroup => "MLS_WRONG_GROUP",
+            Refusal::Unsupported => "MLS_UNSUPPORTED",
+            Refusal::BadSignature => "MLS_BAD_SIGNATURE",
+            Refusal::BadCredential => "MLS_BAD_CREDENTIAL",
+            Refusal::Lifetime => "MLS_LIFETIME",
+            Refusal::GroupInfoMismatch => "MLS_GROUP_INFO_MISMATCH",
+            Refusal::NotAllowed => "MLS_NOT_ALLOWED",
+            Refusal::Invalid => "MLS_INVALID",
+        }
+    }
+
+    /// Every refusal (for documentation tests).
+    pub const ALL: [Refusal; 9] = [
+        Refusal::Malformed,
+        Refusal::WrongGroup,
+        Refusal::Unsupported,
+        Refusal::BadSignature,
+        Refusal::BadCredential,
+        Refusal::Lifetime,
+        Refusal::GroupInfoMismatch,
+        Refusal::NotAllowed,
+        Refusal::Invalid,
+    ];
+
+    /// The refusal a library error stands for, read from its diagnostic
+    /// (openmls names its error variants after what failed).
+    fn of_library(debug: &str) -> Refusal {
+        let has = |words: &[&str]| words.iter().any(|w| debug.contains(w));
+        if has(&["Signature", "signature"]) {
+            Refusal::BadSignature
+        } else if has(&["Lifetime", "lifetime"]) {
+            Refusal::Lifetime
+        } else if has(&["Credential", "credential"]) {
+            Refusal::BadCredential
+        } else if has(&["Ciphersuite", "ciphersuite", "Version", "Capabilit", "Unsupported", "Extension", "Grease"]) {
+            Refusal::Unsupported
+        } else if has(&["WrongGroupId", "GroupId"]) {
+            Refusal::WrongGroup
+        } else if has(&["Decod", "Codec", "Malformed", "Tls", "Length"]) {
+            Refusal::Malformed
+        } else {
+            Refusal::Invalid
+        }
+    }
+}
+
 /// Errors of this crate: what the bytes or the state did not allow.
 #[derive(Debug, thiserror::Error)]
 pub enum MlsError {
-    /// The bytes are not the MLS structure expected.
-    #[error("malformed MLS message: {0}")]
-    Malformed(String),
-    /// Well-formed, but refused by MLS validation (signature, epoch, ...).
-    #[error("invalid MLS message: {0}")]
-    Invalid(String),
+    /// Input refused. `message` is ours and fit for clients; `detail` is
+    /// the library's diagnostic, for logs only.
+    #[error("{message}")]
+    Refused { refusal: Refusal, message: String, detail: String },
     /// A message for another epoch than the group's current one.
     #[error("message is for epoch {message}, group is at epoch {current}")]
     WrongEpoch { message: u64, current: u64 },
@@ -79,18 +158,49 @@ pub enum MlsError {
     Library(String),
 }
 
+impl MlsError {
+    /// Input refused for `refusal`, with a message of ours.
+    pub fn refused(refusal: Refusal, message: impl Into<String>) -> Self {
+        MlsError::Refused { refusal, message: message.into(), detail: String::new() }
+    }
+
+    /// The refusal, for refused input.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            MlsError::Refused { refusal, .. } => Some(*refusal),
+            _ => None,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, MlsError>;
 
 pub(crate) fn lib<E: std::fmt::Debug>(e: E) -> MlsError {
     MlsError::Library(format!("{e:?}"))
 }
 
+/// A library's refusal of input: classified, its text kept for logs.
 pub(crate) fn invalid<E: std::fmt::Debug>(e: E) -> MlsError {
-    MlsError::Invalid(format!("{e:?}"))
+    let detail = format!("{e:?}");
+    let refusal = Refusal::of_library(&detail);
+    let message = match refusal {
+        Refusal::BadSignature => "a signature does not verify",
+        Refusal::Lifetime => "a key package lifetime is not acceptable",
+        Refusal::BadCredential => "a credential is not acceptable",
+        Refusal::Unsupported => "a capability, extension, version or ciphersuite is not supported",
+        Refusal::WrongGroup => "the message is for another group",
+        Refusal::Malformed => "the bytes are not a well-formed MLS message",
+        _ => "MLS validation refused the message",
+    };
+    MlsError::Refused { refusal, message: message.into(), detail }
 }
 
 pub(crate) fn malformed<E: std::fmt::Debug>(e: E) -> MlsError {
-    MlsError::Malformed(format!("{e:?}"))
+    MlsError::Refused {
+        refusal: Refusal::Malformed,
+        message: "the bytes are not a well-formed MLS message".into(),
+        detail: format!("{e:?}"),
+    }
 }
 
 #[cfg(test)]

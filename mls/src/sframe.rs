@@ -16,7 +16,7 @@ use sframe::frame::{EncryptedFrame, MediaFrame, MonotonicCounter};
 use sframe::key::{DecryptionKey, EncryptionKey};
 use sframe::mls::{MlsExporter, MlsKeyId, MlsKeyIdBitRange};
 
-use crate::{MlsError, Result};
+use crate::{MlsError, Refusal, Result};
 
 /// The SFrame cipher suite Spine's media uses.
 pub const SFRAME_SUITE: CipherSuite = CipherSuite::AesGcm128Sha256;
@@ -93,15 +93,17 @@ impl<'a> SframeContext<'a> {
     /// another epoch, or from a sender whose key this device cannot derive,
     /// fails.
     pub fn decrypt(&self, frame: &[u8]) -> Result<Vec<u8>> {
-        let encrypted = EncryptedFrame::try_from(frame).map_err(|e| MlsError::Malformed(format!("sframe: {e}")))?;
+        let encrypted = EncryptedFrame::try_from(frame)
+            .map_err(|e| MlsError::refused(Refusal::Malformed, format!("sframe: {e}")))?;
         let kid = MlsKeyId::from_key_id(encrypted.header().key_id(), bit_range());
         let current = self.epoch() & 0xff;
         if kid.epoch_lsb() != current {
             return Err(MlsError::WrongEpoch { message: kid.epoch_lsb(), current });
         }
-        let sender = u32::try_from(kid.member_index()).map_err(|_| MlsError::Malformed("sender index".into()))?;
+        let sender = u32::try_from(kid.member_index())
+            .map_err(|_| MlsError::refused(Refusal::Malformed, "sframe sender index"))?;
         let key = self.decryption_key(sender)?;
-        let media = encrypted.decrypt(&key).map_err(|e| MlsError::Invalid(format!("sframe: {e}")))?;
+        let media = encrypted.decrypt(&key).map_err(|e| MlsError::refused(Refusal::Invalid, format!("sframe: {e}")))?;
         Ok(media.payload().to_vec())
     }
 }

@@ -13,7 +13,7 @@ use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_rust_crypto::{MemoryStorage, RustCrypto};
 
-use crate::{DeviceName, MlsError, Result, client::decode, invalid, lib, malformed};
+use crate::{DeviceName, MlsError, Refusal, Result, client::decode, invalid, lib, malformed};
 
 /// A member as the verifier sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,9 +64,33 @@ impl std::fmt::Debug for Verifier {
     }
 }
 
+/// Whether a leaf carries a GREASE value (RFC 9420 section 13.5) in its
+/// capabilities or extensions. openmls 0.9 refuses such leaves in key
+/// packages and new groups but not in commits; Spine refuses them
+/// everywhere, so a leaf is accepted or refused the same on every path.
+fn has_grease(leaf: &LeafNode) -> bool {
+    let c = leaf.capabilities();
+    c.ciphersuites().iter().any(|x| x.is_grease())
+        || c.extensions().iter().any(|x| x.is_grease())
+        || c.proposals().iter().any(|x| x.is_grease())
+        || c.credentials().iter().any(|x| x.is_grease())
+        || leaf.extensions().iter().any(|e| e.extension_type().is_grease())
+}
+
+fn refuse_grease(leaf: &LeafNode) -> Result<()> {
+    if has_grease(leaf) {
+        return Err(MlsError::refused(
+            Refusal::Unsupported,
+            "a leaf node carries GREASE values (RFC 9420 section 13.5), which Spine does not accept: turn GREASE off \
+             in the client",
+        ));
+    }
+    Ok(())
+}
+
 fn name_of(credential: &Credential) -> Result<DeviceName> {
     DeviceName::from_identity(credential.serialized_content())
-        .ok_or_else(|| MlsError::Invalid("credential does not name a Spine device".into()))
+        .ok_or_else(|| MlsError::refused(Refusal::BadCredential, "credential does not name a Spine device"))
 }
 
 impl Verifier {
@@ -76,18 +100,23 @@ impl Verifier {
     pub fn from_group_info(group_info: &[u8]) -> Result<Self> {
         let gi = match decode(group_info)?.extract() {
             MlsMessageBodyIn::GroupInfo(gi) => gi,
-            _ => return Err(MlsError::Malformed("not a GroupInfo".into())),
+            _ => return Err(MlsError::refused(Refusal::Malformed, "not a GroupInfo")),
         };
         let tree = gi
             .extensions()
             .ratchet_tree()
-            .ok_or_else(|| MlsError::Invalid("GroupInfo lacks the ratchet tree extension".into()))?
+            .ok_or_else(|| MlsError::refused(Refusal::GroupInfoMismatch, "GroupInfo lacks the ratchet tree extension"))?
             .ratchet_tree()
             .clone();
         let storage = MemoryStorage::default();
         let crypto = RustCrypto::default();
         let (group, _) =
             PublicGroup::from_external(&crypto, &storage, tree, gi, ProposalStore::new()).map_err(invalid)?;
+        for m in group.members() {
+            if let Some(leaf) = group.leaf(m.index) {
+                refuse_grease(leaf)?;
+            }
+        }
         Ok(Self { group, storage, crypto, staged: None })
     }
 
@@ -126,8 +155,9 @@ impl Verifier {
         self.group
             .members()
             .map(|m| {
-                let name = DeviceName::from_identity(m.credential.serialized_content())
-                    .ok_or_else(|| MlsError::Invalid("a member's credential is not a Spine device identity".into()))?;
+                let name = DeviceName::from_identity(m.credential.serialized_content()).ok_or_else(|| {
+                    MlsError::refused(Refusal::BadCredential, "a member's credential is not a Spine device identity")
+                })?;
                 Ok(Member { index: m.index.u32(), name, signature_key: m.signature_key })
             })
             .collect()
@@ -148,7 +178,8 @@ impl Verifier {
     fn sender(&self, s: &openmls::prelude::Sender, credential: &Credential) -> Result<Sender> {
         Ok(match s {
             openmls::prelude::Sender::Member(i) => {
-                let leaf = self.group.leaf(*i).ok_or_else(|| MlsError::Invalid("sender is not a member".into()))?;
+                let leaf =
+                    self.group.leaf(*i).ok_or_else(|| MlsError::refused(Refusal::Invalid, "sender is not a member"))?;
                 Sender::Member {
                     index: i.u32(),
                     name: name_of(leaf.credential())?,
@@ -160,7 +191,7 @@ impl Verifier {
             }
             openmls::prelude::Sender::External(_) => Sender::External,
             openmls::prelude::Sender::NewMemberProposal => {
-                return Err(MlsError::Invalid("external join proposals are not accepted".into()));
+                return Err(MlsError::refused(Refusal::NotAllowed, "external join proposals are not accepted"));
             }
         })
     }
@@ -173,14 +204,17 @@ impl Verifier {
         match decode(bytes)?.extract() {
             MlsMessageBodyIn::PrivateMessage(pm) => {
                 if pm.group_id() != self.group.group_id() {
-                    return Err(MlsError::Invalid("message is for another group".into()));
+                    return Err(MlsError::refused(Refusal::WrongGroup, "message is for another group"));
                 }
                 if pm.content_type() != ContentType::Application {
-                    return Err(MlsError::Invalid("a PrivateMessage must carry application data only".into()));
+                    return Err(MlsError::refused(
+                        Refusal::NotAllowed,
+                        "a PrivateMessage must carry application data only",
+                    ));
                 }
                 Ok(ApplicationFraming { epoch: pm.epoch().as_u64() })
             }
-            _ => Err(MlsError::Invalid("application messages must be PrivateMessage".into())),
+            _ => Err(MlsError::refused(Refusal::NotAllowed, "application messages must be PrivateMessage")),
         }
     }
 
@@ -193,12 +227,12 @@ impl Verifier {
         let protocol = match msg.extract() {
             MlsMessageBodyIn::PublicMessage(pm) => ProtocolMessage::from(pm),
             MlsMessageBodyIn::PrivateMessage(_) => {
-                return Err(MlsError::Invalid("handshake messages must be PublicMessage".into()));
+                return Err(MlsError::refused(Refusal::NotAllowed, "handshake messages must be PublicMessage"));
             }
-            _ => return Err(MlsError::Malformed("not a protocol message".into())),
+            _ => return Err(MlsError::refused(Refusal::Malformed, "not a protocol message")),
         };
         if protocol.group_id() != self.group.group_id() {
-            return Err(MlsError::Invalid("message is for another group".into()));
+            return Err(MlsError::refused(Refusal::WrongGroup, "message is for another group"));
         }
         let epoch = protocol.epoch().as_u64();
         if epoch != self.epoch() {
@@ -208,6 +242,15 @@ impl Verifier {
         let sender = self.sender(processed.sender(), processed.credential())?;
         match processed.into_content() {
             ProcessedMessageContent::StagedCommitMessage(staged) => {
+                for p in staged.add_proposals() {
+                    refuse_grease(p.add_proposal().key_package().leaf_node())?;
+                }
+                if let Some(leaf) = staged.update_path_leaf_node() {
+                    refuse_grease(leaf)?;
+                }
+                for u in staged.update_proposals() {
+                    refuse_grease(u.update_proposal().leaf_node())?;
+                }
                 let added = staged
                     .add_proposals()
                     .map(|p| {
@@ -229,7 +272,7 @@ impl Verifier {
                         let key = staged
                             .update_path_leaf_node()
                             .map(|l| l.signature_key().as_slice().to_vec())
-                            .ok_or_else(|| MlsError::Invalid("external commit without a path".into()))?;
+                            .ok_or_else(|| MlsError::refused(Refusal::Invalid, "external commit without a path"))?;
                         Sender::NewMember { name, signature_key: key }
                     }
                     other => other,
@@ -238,14 +281,19 @@ impl Verifier {
                 Ok(Verified::Commit { sender, from_epoch: epoch, added, removed })
             }
             ProcessedMessageContent::ProposalMessage(p) => {
+                match p.proposal() {
+                    Proposal::Update(u) => refuse_grease(u.leaf_node())?,
+                    Proposal::Add(a) => refuse_grease(a.key_package().leaf_node())?,
+                    _ => {}
+                }
                 self.group.add_proposal(&self.storage, *p).map_err(lib)?;
                 Ok(Verified::Proposal { sender, epoch })
             }
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
-                Err(MlsError::Invalid("external join proposals are not accepted".into()))
+                Err(MlsError::refused(Refusal::NotAllowed, "external join proposals are not accepted"))
             }
             ProcessedMessageContent::ApplicationMessage(_) => {
-                Err(MlsError::Invalid("application data in a PublicMessage".into()))
+                Err(MlsError::refused(Refusal::NotAllowed, "application data in a PublicMessage"))
             }
             ProcessedMessageContent::OwnPendingCommit | ProcessedMessageContent::OwnPrivateMessage => {
                 Err(MlsError::Library("unexpected own message in a public group".into()))
@@ -266,26 +314,29 @@ impl Verifier {
     pub fn check_group_info(&self, group_info: &[u8], signer_index: u32) -> Result<()> {
         let gi = match decode(group_info)?.extract() {
             MlsMessageBodyIn::GroupInfo(gi) => gi,
-            _ => return Err(MlsError::Malformed("not a GroupInfo".into())),
+            _ => return Err(MlsError::refused(Refusal::Malformed, "not a GroupInfo")),
         };
         if gi.extensions().ratchet_tree().is_none() {
-            return Err(MlsError::Invalid("GroupInfo lacks the ratchet tree extension".into()));
+            return Err(MlsError::refused(Refusal::GroupInfoMismatch, "GroupInfo lacks the ratchet tree extension"));
         }
         let leaf = self
             .group
             .leaf(LeafNodeIndex::new(signer_index))
-            .ok_or_else(|| MlsError::Invalid("GroupInfo signer is not a member".into()))?;
+            .ok_or_else(|| MlsError::refused(Refusal::GroupInfoMismatch, "GroupInfo signer is not a member"))?;
         let pk = OpenMlsSignaturePublicKey::from_signature_key(
             leaf.signature_key().clone(),
             crate::CIPHERSUITE.signature_algorithm(),
         );
         let verified: openmls::messages::group_info::GroupInfo = gi
             .verify(&self.crypto, &pk)
-            .map_err(|_| MlsError::Invalid("GroupInfo signature does not verify".into()))?;
+            .map_err(|_| MlsError::refused(Refusal::BadSignature, "GroupInfo signature does not verify"))?;
         let ours = self.group.group_context().tls_serialize_detached().map_err(lib)?;
         let theirs = verified.group_context().tls_serialize_detached().map_err(lib)?;
         if ours != theirs {
-            return Err(MlsError::Invalid("GroupInfo does not match the group state after the commit".into()));
+            return Err(MlsError::refused(
+                Refusal::GroupInfoMismatch,
+                "GroupInfo does not match the group state after the commit",
+            ));
         }
         Ok(())
     }
@@ -330,11 +381,11 @@ impl Verifier {
         let mut rest = bytes;
         let take = |rest: &mut &[u8]| -> Result<Vec<u8>> {
             if rest.len() < 4 {
-                return Err(MlsError::Malformed("truncated verifier state".into()));
+                return Err(MlsError::refused(Refusal::Malformed, "truncated verifier state"));
             }
             let n = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
             if rest.len() < 4 + n {
-                return Err(MlsError::Malformed("truncated verifier state".into()));
+                return Err(MlsError::refused(Refusal::Malformed, "truncated verifier state"));
             }
             let v = rest[4..4 + n].to_vec();
             *rest = &rest[4 + n..];
@@ -350,7 +401,7 @@ impl Verifier {
         let storage = MemoryStorage { values: RwLock::new(map) };
         let group = PublicGroup::load(&storage, &GroupId::from_slice(&gid))
             .map_err(lib)?
-            .ok_or_else(|| MlsError::Malformed("verifier state has no group".into()))?;
+            .ok_or_else(|| MlsError::refused(Refusal::Malformed, "verifier state has no group"))?;
         Ok(Self { group, storage, crypto: RustCrypto::default(), staged: None })
     }
 }
@@ -432,14 +483,24 @@ pub struct KeyPackageInfo {
 pub fn validate_key_package(bytes: &[u8]) -> Result<KeyPackageInfo> {
     let kp = match decode(bytes)?.extract() {
         MlsMessageBodyIn::KeyPackage(kp) => kp,
-        _ => return Err(MlsError::Malformed("not a KeyPackage".into())),
+        _ => return Err(MlsError::refused(Refusal::Malformed, "not a KeyPackage")),
     };
     let crypto = RustCrypto::default();
     let kp = kp.validate(&crypto, ProtocolVersion::Mls10).map_err(invalid)?;
     if kp.ciphersuite() != crate::CIPHERSUITE {
-        return Err(MlsError::Invalid(format!("ciphersuite {:?} is not Spine's", kp.ciphersuite())));
+        return Err(MlsError::refused(
+            Refusal::Unsupported,
+            format!("ciphersuite {:?} is not Spine's", kp.ciphersuite()),
+        ));
     }
     let leaf = kp.leaf_node();
+    refuse_grease(leaf)?;
+    if kp.last_resort() && !leaf.capabilities().extensions().contains(&ExtensionType::LastResort) {
+        return Err(MlsError::refused(
+            Refusal::Unsupported,
+            "a last-resort key package must list the last_resort extension (0x000A) in its leaf's capabilities",
+        ));
+    }
     let name = name_of(leaf.credential())?;
     let reference = kp.hash_ref(&crypto).map_err(lib)?;
     Ok(KeyPackageInfo {

@@ -67,7 +67,7 @@ fn streams(env: &Env, d: &Device, token: &str) -> Vec<tokio::task::JoinHandle<(&
     let (ch, tok) = (env.channel.clone(), token.to_string());
     let mailbox = tokio::spawn(async move {
         let mut s = GroupsClient::new(ch)
-            .receive(req(gpb::ReceiveRequest { from_seq: 0 }, &tok))
+            .receive(req(gpb::ReceiveRequest { from_seq: 0, ..Default::default() }, &tok))
             .await
             .expect("receive opens")
             .into_inner();

@@ -145,6 +145,7 @@ async fn report(node: &Node, t: &TenantStore, account: &str) -> Result<DataRepor
     let identity_prefix = format!("spine/v1/{tenant}/{account}/");
     let (mut memberships, mut log_entries, mut committed, mut disputes, mut gone) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut previous = Vec::new();
     let mut groups: Vec<String> = gm.iter().map(|kv| split(t, &kv.key).1).collect();
     groups.sort();
     groups.dedup();
@@ -162,6 +163,13 @@ async fn report(node: &Node, t: &TenantStore, account: &str) -> Result<DataRepor
                 meta.roster.len()
             ));
         }
+        if let Some(kv) = node.groups.get(&model::prev_key(g)).await? {
+            let prev: model::PrevEpoch = parse(&kv)?;
+            for r in prev.roster.iter().filter(|r| r.device.tenant == tenant && r.device.account == account) {
+                previous
+                    .push(format!("device {} in group {g}'s epoch {} at leaf {}", r.device.device, prev.epoch, r.leaf));
+            }
+        }
         for kv in node.groups.range_all(&model::log_prefix(g)).await? {
             let e: LogEntry = parse(&kv)?;
             let addressed = e.recipients.iter().any(|d| d.tenant == tenant && d.account == account);
@@ -178,6 +186,14 @@ async fn report(node: &Node, t: &TenantStore, account: &str) -> Result<DataRepor
                 let epoch =
                     node.groups.relative(&kv.key).rsplit('/').next().unwrap_or_default().trim_start_matches('0');
                 committed.push(format!("group {g} epoch {epoch} committed by leaf {leaf}"));
+            }
+        }
+        for kv in node.groups.range_all(&model::voided_prefix(g)).await? {
+            let v: model::Voided = parse(&kv)?;
+            if mine.iter().any(|r| r.leaf == v.committer_leaf) {
+                let epoch =
+                    node.groups.relative(&kv.key).rsplit('/').next().unwrap_or_default().trim_start_matches('0');
+                committed.push(format!("group {g} epoch {epoch} committed by leaf {}, voided", v.committer_leaf));
             }
         }
         for kv in node.groups.range_all(&model::disputes_prefix(g)).await? {
@@ -245,6 +261,14 @@ async fn report(node: &Node, t: &TenantStore, account: &str) -> Result<DataRepor
             "the account's devices; the group's member devices (roster, state and GroupInfo)",
         ),
         item(
+            "previous_epoch",
+            "The epoch before the current one of each group the account's devices were in: its roster, public MLS state and GroupInfo, naming them, kept until the next commit so the group's members can have the current one voided (docs/api.md, \"A forked epoch\").",
+            &format!("{gspace}/prev"),
+            until_deleted(),
+            previous,
+            "Spine only, until a voiding makes it the group's state again",
+        ),
+        item(
             "group_log_entry",
             "Group messages not yet delivered to every recipient that are addressed to the account's devices or name them (a commit adding one, its own commits and proposals); each is dropped from the log once delivered.",
             &format!("{gspace}/log/<seq>"),
@@ -254,8 +278,8 @@ async fn report(node: &Node, t: &TenantStore, account: &str) -> Result<DataRepor
         ),
         item(
             "committed_epoch",
-            "For each epoch of a group a commit started, the leaf index of the member that committed it: these are the epochs the account's devices committed (from the leaf each holds now).",
-            &format!("{gspace}/committers/<epoch>"),
+            "For each epoch of a group a commit started, the leaf index of the member that committed it: these are the epochs the account's devices committed (from the leaf each holds now), and the commits of theirs the group's members had voided.",
+            &format!("{gspace}/committers/<epoch> and {gspace}/voided/<epoch>"),
             until_deleted(),
             committed,
             "the group's member devices (GetGroup, with disputes)",

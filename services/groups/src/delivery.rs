@@ -10,9 +10,10 @@ use spine_runtime::now_secs;
 use spine_runtime::store::{Compare, KeyValue, Op, TenantStore, Txn};
 use spine_runtime::telemetry::redact;
 
-use crate::error::{GroupsError, Result, invalid, mls};
+use crate::error::{GroupsError, Result, invalid, mls, mls_refusal};
 use crate::model::{self, Device, GroupMeta, LogEntry, RosterEntry, gid_hex, json, parse};
 use crate::{APPLICATION_EPOCH_WINDOW, Node};
+use spine_mls::Refusal;
 use spine_runtime::rate::Kind;
 
 /// Most commit attempts before answering ABORTED (each re-verifies).
@@ -21,6 +22,10 @@ const CAS_ATTEMPTS: usize = 8;
 pub(crate) const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Most tenants one group's policy names.
 const MAX_POLICY_TENANTS: usize = 16;
+/// How long a disputed commit holds off new commits on top of it, waiting
+/// for enough of the other members to dispute it (and void it) or for one
+/// of them to confirm it.
+pub(crate) const FREEZE_SECS: i64 = 600;
 
 pub(crate) fn group_id(v: &[u8]) -> Result<String> {
     if v.is_empty() || v.len() > 64 {
@@ -40,6 +45,8 @@ struct Loaded {
     meta: GroupMeta,
     meta_kv: KeyValue,
     verifier: Verifier,
+    /// The stored state `verifier` was read from.
+    state: Vec<u8>,
     /// The fan-out cursor: last log entry delivered, and its revision.
     fanout: (u64, i64),
 }
@@ -62,7 +69,7 @@ async fn load(node: &Node, g: &str) -> Result<Option<Loaded>> {
         Verifier::from_bytes(&state.value).map_err(|e| GroupsError::Internal(format!("group state: {e}")))?;
     let fanout = find(model::fanout_key(g))
         .map_or((0, 0), |kv| (serde_json::from_slice::<model::Counter>(&kv.value).map_or(0, |c| c.n), kv.mod_revision));
-    Ok(Some(Loaded { meta, meta_kv, verifier, fanout }))
+    Ok(Some(Loaded { meta, meta_kv, verifier, state: state.value.clone(), fanout }))
 }
 
 /// The group, if the calling device is a member. Non-members learn nothing
@@ -127,7 +134,12 @@ fn roster(v: &Verifier) -> Result<Vec<RosterEntry>> {
         .collect())
 }
 
-pub(crate) fn to_proto(g: &[u8], meta: &GroupMeta, disputes: Vec<pb::Dispute>) -> pb::Group {
+pub(crate) fn to_proto(
+    g: &[u8],
+    meta: &GroupMeta,
+    disputes: Vec<pb::Dispute>,
+    voided: Vec<pb::VoidedCommit>,
+) -> pb::Group {
     pb::Group {
         group_id: g.to_vec(),
         epoch: meta.epoch,
@@ -144,7 +156,28 @@ pub(crate) fn to_proto(g: &[u8], meta: &GroupMeta, disputes: Vec<pb::Dispute>) -
         allowed_tenant_ids: meta.allowed.clone(),
         created_at: Some(prost_types::Timestamp { seconds: meta.created_at, nanos: 0 }),
         disputes,
+        voided,
+        commits_frozen_until: frozen_until(meta, now_secs())
+            .map(|until| prost_types::Timestamp { seconds: until, nanos: 0 }),
     }
+}
+
+/// Whether a device still in the group (not the committer) disputes the
+/// current epoch: disputes of devices gone since (an account deleted) no
+/// longer hold the group still.
+async fn disputed_by_members(node: &Node, g: &str, meta: &GroupMeta) -> Result<bool> {
+    let disputes = node.groups.range_all(&model::epoch_disputes_prefix(g, meta.epoch)).await?;
+    Ok(disputes.iter().any(|kv| {
+        let who = kv.key.rsplit('/').next().unwrap_or_default();
+        meta.roster.iter().any(|r| Some(&r.device) != meta.committer.as_ref() && model::gone_id(&r.device) == who)
+    }))
+}
+
+/// Until when commits on top of the current epoch are refused, if they are:
+/// its commit is disputed, not confirmed, and the freeze has not run out.
+fn frozen_until(meta: &GroupMeta, now: i64) -> Option<i64> {
+    let until = meta.disputed_at? + FREEZE_SECS;
+    (!meta.confirmed && meta.committer.is_some() && now < until).then_some(until)
 }
 
 pub(crate) async fn create(
@@ -176,7 +209,7 @@ pub(crate) async fn create(
     let g_raw = v.group_id();
     let g = group_id(&g_raw)?;
     if !v.ciphersuite_ok() {
-        return Err(invalid("group_info", "the group must use ciphersuite 0x0001"));
+        return Err(mls_refusal("group_info", Refusal::Unsupported, "the group must use ciphersuite 0x0001"));
     }
     let ds_index = v
         .external_sender_index(&node.ds.public_key())
@@ -188,8 +221,17 @@ pub(crate) async fn create(
     for m in &members {
         admit(node, t, &allowed, me, &Device::of(&m.name), &m.signature_key).await?;
     }
-    let meta =
-        GroupMeta { epoch: v.epoch(), next_seq: 1, roster: roster(&v)?, allowed, created_at: now_secs(), ds_index };
+    let meta = GroupMeta {
+        epoch: v.epoch(),
+        next_seq: 1,
+        roster: roster(&v)?,
+        allowed,
+        created_at: now_secs(),
+        ds_index,
+        committer: None,
+        confirmed: false,
+        disputed_at: None,
+    };
     let mut txn = Txn::new()
         .when(Compare::Absent(node.groups.key(&model::meta_key(&g))))
         .then(Op::put(node.groups.key(&model::meta_key(&g)), json(&meta)))
@@ -203,7 +245,7 @@ pub(crate) async fn create(
         return Err(GroupsError::AlreadyExists);
     }
     tracing::info!(group = %redact(&g), members = meta.roster.len(), "group created");
-    Ok(to_proto(&g_raw, &meta, vec![]))
+    Ok(to_proto(&g_raw, &meta, vec![], vec![]))
 }
 
 pub(crate) async fn get(node: &Node, me: &Device, raw: &[u8]) -> Result<pb::Group> {
@@ -227,7 +269,17 @@ pub(crate) async fn get(node: &Node, me: &Device, raw: &[u8]) -> Result<pb::Grou
         };
         disputes.push(pb::Dispute { epoch, committer_leaf_index: committer, reports });
     }
-    Ok(to_proto(raw, &meta, disputes))
+    let mut voided = Vec::new();
+    for kv in node.groups.range_all(&model::voided_prefix(&g)).await? {
+        let epoch = node.groups.relative(&kv.key).rsplit('/').next().and_then(|e| e.parse().ok()).unwrap_or(0);
+        let v: model::Voided = parse(&kv)?;
+        voided.push(pb::VoidedCommit {
+            epoch,
+            committer_leaf_index: v.committer_leaf,
+            voided_at: Some(prost_types::Timestamp { seconds: v.at, nanos: 0 }),
+        });
+    }
+    Ok(to_proto(raw, &meta, disputes, voided))
 }
 
 /// The GroupInfo for a member device, or for a new device of an account
@@ -265,10 +317,17 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
         if !is_member && !account_in_group {
             return Err(GroupsError::NotFound("group"));
         }
+        if let Some(until) = frozen_until(&l.meta, now_secs())
+            && disputed_by_members(node, &g, &l.meta).await?
+        {
+            return Err(GroupsError::Frozen { epoch: l.meta.epoch, until });
+        }
         let verdict = l.verifier.verify(&req.commit).map_err(mls("commit"))?;
         let (sender, added, removed) = match verdict {
             Verified::Commit { sender, added, removed, .. } => (sender, added, removed),
-            Verified::Proposal { .. } => return Err(invalid("commit", "a proposal, not a commit")),
+            Verified::Proposal { .. } => {
+                return Err(mls_refusal("commit", Refusal::NotAllowed, "a proposal, not a commit"));
+            }
         };
         // The commit is the calling device's own, signed with its
         // registered key.
@@ -280,7 +339,9 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
                     ));
                 }
             }
-            Sender::External => return Err(invalid("commit", "commits by external senders are not accepted")),
+            Sender::External => {
+                return Err(mls_refusal("commit", Refusal::NotAllowed, "commits by external senders are not accepted"));
+            }
         }
         if matches!(sender, Sender::NewMember { .. }) {
             admit(node, t, &l.meta.allowed, me, me, &my_key).await?;
@@ -303,7 +364,7 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
         };
         l.verifier.check_group_info(&req.group_info, signer).map_err(mls("group_info"))?;
         if !req.welcome.is_empty() && !spine_mls::client::is_welcome(&req.welcome) {
-            return Err(invalid("welcome", "not a Welcome message"));
+            return Err(mls_refusal("welcome", Refusal::Malformed, "not a Welcome message"));
         }
 
         // The delivery service keeps its place as the group's external
@@ -316,6 +377,9 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
         }
         let mut meta = l.meta.clone();
         meta.epoch = l.verifier.epoch();
+        meta.committer = Some(me.clone());
+        meta.confirmed = false;
+        meta.disputed_at = None;
         meta.roster = roster(&l.verifier).map_err(|_| {
             GroupsError::Refused("a commit may not bring in a credential that is not a Spine device".into())
         })?;
@@ -340,10 +404,38 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
             .map(|m| Device::of(&m.name))
             .filter(|d| !meta.roster.iter().any(|r| &r.device == d))
             .collect();
+        // The epoch this commit leaves, kept until the next commit so the
+        // commit can be voided if its members dispute it; except when the
+        // commit removes a device that no longer exists: that epoch names a
+        // deleted account (or a revoked device) and must not be kept, nor
+        // brought back.
+        let mut removes_gone = false;
+        for m in &removed {
+            let d = Device::of(&m.name);
+            let t = tenant_store(node, t, &d.tenant)?;
+            if directory::device(&t, &d.account, &d.device).await?.is_none() {
+                removes_gone = true;
+                break;
+            }
+        }
+        let prev_op = if removes_gone {
+            Op::delete(node.groups.key(&model::prev_key(&g)))
+        } else {
+            let old_info = node.groups.get(&model::info_key(&g)).await?.map(|kv| kv.value).unwrap_or_default();
+            let prev = model::PrevEpoch {
+                epoch: from_epoch,
+                state: model::b64(&l.state),
+                info: model::b64(&old_info),
+                roster: old_roster.clone(),
+                committer_leaf: signer,
+            };
+            Op::put(node.groups.key(&model::prev_key(&g)), json(&prev))
+        };
         let mut txn = Txn::new()
             .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
             .then(Op::put(node.groups.key(&model::state_key(&g)), l.verifier.to_bytes()))
             .then(Op::put(node.groups.key(&model::info_key(&g)), req.group_info.clone()))
+            .then(prev_op)
             .then(Op::put(node.groups.key(&model::committer_key(&g, meta.epoch)), signer.to_string().into_bytes()));
         let mut log = vec![(seq, entry)];
         if !req.welcome.is_empty() {
@@ -408,13 +500,18 @@ pub(crate) async fn application(node: &Node, me: &Device, req: pb::SendApplicati
     node.rt.limits.check(Kind::GroupMessages, &me.tenant, &me.account, 1.0)?;
     node.rt.limits.check(Kind::GroupMessageBytes, &me.tenant, &me.account, req.message.len() as f64)?;
     for _ in 0..CAS_ATTEMPTS {
-        let l = load_for_member(node, &g, me).await?;
+        let mut l = load_for_member(node, &g, me).await?;
         let framing = l.verifier.check_application(&req.message).map_err(mls("message"))?;
         if framing.epoch > l.meta.epoch || framing.epoch + APPLICATION_EPOCH_WINDOW < l.meta.epoch {
             return Err(invalid(
                 "message",
                 format!("epoch {} is outside the accepted window (group at {})", framing.epoch, l.meta.epoch),
             ));
+        }
+        // A member other than the committer writing in the new epoch has
+        // processed its commit: the commit works, and can no longer be voided.
+        if framing.epoch == l.meta.epoch && l.meta.committer.as_ref().is_some_and(|c| c != me) {
+            l.meta.confirmed = true;
         }
         let recipients = l.meta.roster.iter().map(|r| r.device.clone()).filter(|d| d != me).collect();
         let entry = LogEntry::new(EntryKind::Application, &req.message, framing.epoch, recipients);
@@ -454,7 +551,110 @@ pub(crate) async fn dispute(node: &Node, me: &Device, req: pb::ReportDisputeRequ
         .await?;
     crate::metrics::dispute();
     tracing::debug!(group = %redact(&g), epoch = req.epoch, "commit disputed by a member");
+    if req.epoch == meta.epoch {
+        settle(node, &g).await?;
+    }
     Ok(())
+}
+
+/// Settles the disputes of the current epoch's commit: the first dispute
+/// freezes commits on top of it; the commit is voided once more than half of
+/// the other members of the epoch before (not its committer) disputed it,
+/// unless one of them confirmed it by writing in the new epoch. See
+/// docs/api.md, "A forked epoch", for the rule and its abuse cases.
+async fn settle(node: &Node, g: &str) -> Result<()> {
+    for _ in 0..CAS_ATTEMPTS {
+        let Some(l) = load(node, g).await? else { return Ok(()) };
+        let Some(committer) = l.meta.committer.clone() else { return Ok(()) };
+        if l.meta.confirmed {
+            return Ok(());
+        }
+        let Some(prev_kv) = node.groups.get(&model::prev_key(g)).await? else { return Ok(()) };
+        let prev: model::PrevEpoch = parse(&prev_kv)?;
+        if prev.epoch + 1 != l.meta.epoch {
+            return Ok(());
+        }
+        let voters: Vec<&Device> = prev.roster.iter().map(|r| &r.device).filter(|d| **d != committer).collect();
+        let disputed: std::collections::HashSet<String> = node
+            .groups
+            .range_all(&model::epoch_disputes_prefix(g, l.meta.epoch))
+            .await?
+            .into_iter()
+            .filter_map(|kv| kv.key.rsplit('/').next().map(str::to_string))
+            .collect();
+        let votes = voters.iter().filter(|d| disputed.contains(&model::gone_id(d))).count();
+        if votes * 2 > voters.len() {
+            if void(node, g, &l, &prev, prev_kv.mod_revision).await? {
+                return Ok(());
+            }
+            continue;
+        }
+        if l.meta.disputed_at.is_some() {
+            return Ok(());
+        }
+        // The first dispute: freeze commits on top of this one.
+        let mut meta = l.meta.clone();
+        meta.disputed_at = Some(now_secs());
+        let txn = Txn::new()
+            .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
+            .then(Op::put(l.meta_kv.key.clone(), json(&meta)));
+        if node.groups.txn(txn).await?.succeeded {
+            return Ok(());
+        }
+    }
+    Err(GroupsError::Conflict)
+}
+
+/// Voids the current epoch's commit: the group goes back to `prev` (state,
+/// GroupInfo, roster), the membership index follows, and every device of
+/// either roster is told by an ENTRY_KIND_EPOCH_VOIDED entry. `false` if the
+/// group changed meanwhile.
+async fn void(node: &Node, g: &str, l: &Loaded, prev: &model::PrevEpoch, prev_rev: i64) -> Result<bool> {
+    let voided_epoch = l.meta.epoch;
+    let mut meta = l.meta.clone();
+    meta.epoch = prev.epoch;
+    meta.roster = prev.roster.clone();
+    meta.committer = None;
+    meta.confirmed = false;
+    meta.disputed_at = None;
+    let seq = meta.next_seq;
+    meta.next_seq += 1;
+    let before: Vec<Device> = prev.roster.iter().map(|r| r.device.clone()).collect();
+    let after: Vec<Device> = l.meta.roster.iter().map(|r| r.device.clone()).collect();
+    let mut recipients = before.clone();
+    recipients.extend(after.iter().filter(|d| !before.contains(d)).cloned());
+    let mut entry = LogEntry::new(EntryKind::EpochVoided, &[], voided_epoch, recipients);
+    // The membership index follows, in the fan-out (after the voided
+    // commit's own, which it must undo): every device told is indexed, then
+    // those the voided commit brought in leave with it, and those it took
+    // out are members again.
+    entry.joins = true;
+    entry.removed = after.iter().filter(|d| !before.contains(d)).cloned().collect();
+    let base = Txn::new()
+        .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
+        .when(Compare::ModRevision(node.groups.key(&model::prev_key(g)), prev_rev))
+        .then(Op::put(l.meta_kv.key.clone(), json(&meta)))
+        .then(Op::put(node.groups.key(&model::state_key(g)), model::unb64(&prev.state)?))
+        .then(Op::put(node.groups.key(&model::info_key(g)), model::unb64(&prev.info)?))
+        .then(Op::delete(node.groups.key(&model::prev_key(g))))
+        .then(Op::delete(node.groups.key(&model::committer_key(g, voided_epoch))))
+        .then(Op::delete_prefix(node.groups.key(&model::epoch_disputes_prefix(g, voided_epoch))));
+    let record = model::Voided { committer_leaf: prev.committer_leaf, at: now_secs() };
+    let out = node
+        .mailbox_lease
+        .txn(|lease| {
+            base.clone()
+                .then(Op::put_leased(node.groups.key(&model::log_key(g, seq)), json(&entry), lease))
+                .then(Op::put_leased(node.groups.key(&model::voided_key(g, voided_epoch)), json(&record), lease))
+        })
+        .await?;
+    if !out.succeeded {
+        return Ok(false);
+    }
+    crate::metrics::voided();
+    tracing::info!(group = %redact(g), epoch = voided_epoch, "disputed commit voided");
+    spawn_fanout(node, g.to_string());
+    Ok(true)
 }
 
 /// Deletes the disputes a device filed in a group (its account is gone).

@@ -32,6 +32,10 @@ pub enum GroupsError {
     Authz(#[from] AuthzError),
     #[error("concurrent update, retry")]
     Conflict,
+    /// The current epoch's commit is disputed: no commit on top of it until
+    /// it is settled or `until` passes.
+    #[error("the commit that created epoch {epoch} is disputed")]
+    Frozen { epoch: u64, until: i64 },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal: {0}")]
@@ -44,11 +48,26 @@ pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> GroupsE
     GroupsError::Invalid { field, reason: reason.into() }
 }
 
+/// MLS input Spine refuses for `refusal` (INVALID_ARGUMENT with that
+/// stable reason).
+pub(crate) fn mls_refusal(field: &'static str, refusal: spine_mls::Refusal, message: impl Into<String>) -> GroupsError {
+    GroupsError::Mls { field, source: MlsError::refused(refusal, message) }
+}
+
 pub(crate) fn mls(field: &'static str) -> impl FnOnce(MlsError) -> GroupsError {
     move |source| match source {
         MlsError::WrongEpoch { current, .. } => GroupsError::WrongEpoch { current },
         source => GroupsError::Mls { field, source },
     }
+}
+
+/// INVALID_ARGUMENT for refused MLS input: the field (in the message and a
+/// `google.rpc.BadRequest`) and a stable reason (`google.rpc.ErrorInfo`),
+/// never the MLS library's diagnostics.
+fn mls_refused(field: &str, refusal: spine_mls::Refusal, message: &str) -> Status {
+    let mut details = ErrorDetails::with_bad_request_violation(field, message);
+    details.set_error_info(refusal.reason(), wire::DOMAIN, std::collections::HashMap::<String, String>::new());
+    Status::with_error_details(Code::InvalidArgument, format!("{field}: {message}"), details)
 }
 
 impl From<GroupsError> for Status {
@@ -58,7 +77,13 @@ impl From<GroupsError> for Status {
             GroupsError::Mls { field, source: MlsError::Library(detail) } => {
                 wire::internal(&format!("{field}: {detail}"))
             }
-            GroupsError::Mls { field, source } => wire::invalid(field, source.to_string()),
+            GroupsError::Mls { field, source: MlsError::Refused { refusal, message, detail } } => {
+                if !detail.is_empty() {
+                    tracing::debug!(field, reason = refusal.reason(), detail = %detail, "MLS input refused");
+                }
+                mls_refused(field, refusal, &message)
+            }
+            GroupsError::Mls { field, source } => mls_refused(field, spine_mls::Refusal::Invalid, &source.to_string()),
             GroupsError::WrongEpoch { current } => Status::with_error_details(
                 Code::FailedPrecondition,
                 format!("wrong epoch: the group is at epoch {current}"),
@@ -77,6 +102,25 @@ impl From<GroupsError> for Status {
             GroupsError::Rate(r) => r.into(),
             GroupsError::Authz(a) => a.into(),
             GroupsError::Conflict => Status::aborted("concurrent update, retry"),
+            GroupsError::Frozen { epoch, until } => {
+                let wait = (until - spine_runtime::now_secs()).max(1) as u64;
+                let mut details = ErrorDetails::with_error_info(
+                    "EPOCH_DISPUTED",
+                    wire::DOMAIN,
+                    [("epoch".to_string(), epoch.to_string()), ("frozen_until".to_string(), until.to_string())]
+                        .into_iter()
+                        .collect::<std::collections::HashMap<_, _>>(),
+                );
+                details.set_retry_info(Some(std::time::Duration::from_secs(wait)));
+                Status::with_error_details(
+                    Code::FailedPrecondition,
+                    format!(
+                        "the commit that created epoch {epoch} is disputed: commits on top of it wait until it is \
+                         settled (at most {wait} s)"
+                    ),
+                    details,
+                )
+            }
             GroupsError::Store(StoreError::TooLarge) => {
                 wire::with_reason(Code::ResourceExhausted, "group state too large for the store", "GROUP_TOO_LARGE")
             }

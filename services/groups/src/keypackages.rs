@@ -1,5 +1,6 @@
 //! The key-package directory.
 
+use spine_mls::Refusal;
 use spine_mls::verifier::validate_key_package;
 use spine_proto::groups::v1 as pb;
 use spine_runtime::directory;
@@ -7,7 +8,7 @@ use spine_runtime::ids::{self, Kind, TenantId};
 use spine_runtime::now_secs;
 use spine_runtime::store::{Compare, Op, TenantStore, Txn};
 
-use crate::error::{GroupsError, Result, invalid, mls};
+use crate::error::{GroupsError, Result, invalid, mls, mls_refusal};
 use crate::model::{self, Device, b64, json, parse, unb64};
 use crate::{MAX_KEY_PACKAGE_LIFETIME_SECS, MAX_KEY_PACKAGES, Node};
 
@@ -33,21 +34,28 @@ fn check(bytes: &[u8], me: &Device, registered: &[u8], last_resort: bool) -> Res
         return Err(invalid(field, format!("1 to {MAX_KEY_PACKAGE_BYTES} bytes")));
     }
     let info = validate_key_package(bytes).map_err(mls(field))?;
+    let refused = |r: Refusal, m: String| mls_refusal(field, r, m);
     if Device::of(&info.name) != *me {
-        return Err(invalid(field, "the credential must name the calling device"));
+        return Err(refused(Refusal::BadCredential, "the credential must name the calling device".into()));
     }
     if info.signature_key != registered {
-        return Err(invalid(field, "the signature key is not the device's registered key"));
+        return Err(refused(Refusal::BadCredential, "the signature key is not the device's registered key".into()));
     }
     if info.last_resort != last_resort {
-        return Err(invalid(field, if last_resort { "not marked last-resort" } else { "marked last-resort" }));
+        let m = if last_resort { "not marked last-resort" } else { "marked last-resort" };
+        return Err(refused(Refusal::Invalid, m.into()));
     }
     let now = now_secs().max(0) as u64;
     if info.not_after <= now || info.not_before > now + 300 {
-        return Err(invalid(field, "outside its lifetime"));
+        return Err(refused(Refusal::Lifetime, "outside its lifetime".into()));
     }
     if info.not_after - now > MAX_KEY_PACKAGE_LIFETIME_SECS {
-        return Err(invalid(field, format!("lifetime longer than {MAX_KEY_PACKAGE_LIFETIME_SECS} seconds")));
+        return Err(refused(
+            Refusal::Lifetime,
+            format!(
+                "lifetime longer than {MAX_KEY_PACKAGE_LIFETIME_SECS} seconds (ServiceInfo.max_key_package_lifetime_seconds)"
+            ),
+        ));
     }
     Ok((info.reference.clone(), StoredKp { kp: b64(bytes), not_after: info.not_after, reference: info.reference }))
 }

@@ -174,7 +174,7 @@ pub(crate) async fn fanout(rt: &Arc<Runtime>, groups: &GroupSpace, lease: &Share
             }
         }
         for d in &e.removed {
-            if e.kind != pb::EntryKind::Commit as i32 {
+            if e.kind != pb::EntryKind::Commit as i32 && e.kind != pb::EntryKind::EpochVoided as i32 {
                 continue;
             }
             let Some(tenant) = TenantId::parse(&d.tenant) else { continue };
@@ -227,7 +227,7 @@ pub(crate) fn receive(
     t: TenantStore,
     me: Device,
     principal: spine_runtime::Principal,
-    from_seq: u64,
+    req: pb::ReceiveRequest,
 ) -> tokio_stream::wrappers::ReceiverStream<std::result::Result<pb::MailboxEntry, Status>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -235,7 +235,7 @@ pub(crate) fn receive(
         let attrs = [opentelemetry_kv()];
         open.open_streams.add(1, &attrs);
         let result = tokio::select! {
-            r = pump(&rt, &t, &me, from_seq, &tx) => r,
+            r = pump(&rt, &t, &me, &req, &tx) => r,
             // The stream ends with its credential (expiry, revocation,
             // deletion), like every stream.
             status = rt.auth.stream_end(&principal) => Err(status),
@@ -256,11 +256,11 @@ async fn pump(
     rt: &Arc<Runtime>,
     t: &TenantStore,
     me: &Device,
-    from_seq: u64,
+    req: &pb::ReceiveRequest,
     tx: &mpsc::Sender<std::result::Result<pb::MailboxEntry, Status>>,
 ) -> std::result::Result<(), Status> {
     let prefix = model::mbox_prefix(&me.account, &me.device);
-    let mut next = from_seq.max(1);
+    let mut next = req.from_seq.max(1);
     let rev = rt.store.revision().await.map_err(GroupsError::from)?;
     let mut watch = rt.store.watch(&t.key(&prefix), rev + 1).await.map_err(GroupsError::from)?;
     // Backlog first (the watch buffers what arrives meanwhile).
@@ -275,6 +275,12 @@ async fn pump(
             return Ok(());
         }
         next = seq + 1;
+    }
+    if req.mark_caught_up {
+        let marker = pb::MailboxEntry { seq: next - 1, kind: pb::EntryKind::CaughtUp as i32, ..Default::default() };
+        if tx.send(Ok(marker)).await.is_err() {
+            return Ok(());
+        }
     }
     loop {
         tokio::select! {

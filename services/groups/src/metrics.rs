@@ -24,6 +24,8 @@ pub(crate) struct GroupsMetrics {
     pub dropped: Counter<u64>,
     /// Disputes reported.
     pub disputes: Counter<u64>,
+    /// Commits voided after disputes.
+    pub voided: Counter<u64>,
 }
 
 pub(crate) fn metrics() -> &'static GroupsMetrics {
@@ -55,6 +57,7 @@ pub(crate) fn metrics() -> &'static GroupsMetrics {
                 .with_description("Application messages dropped for devices whose mailbox was full")
                 .build(),
             disputes: m.u64_counter("spine.groups.disputes").with_description("Disputes reported").build(),
+            voided: m.u64_counter("spine.groups.voided").with_description("Commits voided after disputes").build(),
         }
     })
 }
@@ -69,6 +72,10 @@ pub(crate) fn dropped() {
 
 pub(crate) fn dispute() {
     metrics().disputes.add(1, &[]);
+}
+
+pub(crate) fn voided() {
+    metrics().voided.add(1, &[]);
 }
 
 pub(crate) fn upkeep_failure() {

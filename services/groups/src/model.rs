@@ -8,7 +8,10 @@
 //! - `s/fanout`: the last log entry delivered to every recipient;
 //! - `info`: the current GroupInfo (public, for external joins);
 //! - `log/<gseq>`: handshake and application messages awaiting fan-out;
-//! - `committers/<epoch>`, `disputes/<epoch>/<device>`: dispute records.
+//! - `committers/<epoch>`, `disputes/<epoch>/<device>`: dispute records;
+//! - `prev`: the previous epoch's public state, GroupInfo and roster, kept
+//!   until the next commit so a disputed commit can be voided;
+//! - `voided/<epoch>`: commits voided (who committed, when).
 //!
 //! Each member's tenant (`/spine/t/<tenant>/`):
 //! - `kp/<account>/<device>/<ref>`, `kpl/<account>/<device>`: key packages;
@@ -53,11 +56,23 @@ pub fn committer_key(g: &str, epoch: u64) -> String {
 pub fn committers_prefix(g: &str) -> String {
     format!("{g}/committers/")
 }
+pub fn prev_key(g: &str) -> String {
+    format!("{g}/prev")
+}
+pub fn voided_prefix(g: &str) -> String {
+    format!("{g}/voided/")
+}
+pub fn voided_key(g: &str, epoch: u64) -> String {
+    format!("{g}/voided/{epoch:020}")
+}
 pub fn disputes_prefix(g: &str) -> String {
     format!("{g}/disputes/")
 }
 pub fn dispute_key(g: &str, epoch: u64, tenant: &str, device: &str) -> String {
     format!("{g}/disputes/{epoch:020}/{tenant}.{device}")
+}
+pub fn epoch_disputes_prefix(g: &str, epoch: u64) -> String {
+    format!("{g}/disputes/{epoch:020}/")
 }
 
 /// `<g>/gone/<tenant>.<device>`: when Spine first saw that a member device
@@ -145,6 +160,38 @@ pub struct GroupMeta {
     pub created_at: i64,
     /// Index of the delivery service among the group's external senders.
     pub ds_index: u32,
+    /// The device whose commit created the current epoch (none for the
+    /// creation epoch, or after a voiding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committer: Option<Device>,
+    /// A member other than the committer has sent a message in the current
+    /// epoch: the commit that created it works, and cannot be voided.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub confirmed: bool,
+    /// When the current epoch's commit was first disputed (Unix seconds):
+    /// new commits on top of it wait (see `delivery::FREEZE_SECS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disputed_at: Option<i64>,
+}
+
+/// The epoch before the current one, kept to void a disputed commit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrevEpoch {
+    pub epoch: u64,
+    /// Base64 verifier state (public group state).
+    pub state: String,
+    /// Base64 GroupInfo.
+    pub info: String,
+    pub roster: Vec<RosterEntry>,
+    /// Leaf index of the commit's sender in the new epoch.
+    pub committer_leaf: u32,
+}
+
+/// A voided commit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Voided {
+    pub committer_leaf: u32,
+    pub at: i64,
 }
 
 impl GroupMeta {
@@ -255,6 +302,9 @@ mod tests {
             allowed: vec!["tn_x".into()],
             created_at: 1,
             ds_index: 0,
+            committer: None,
+            confirmed: false,
+            disputed_at: None,
         };
         let r: spine_runtime::directory::GroupRoster =
             serde_json::from_slice(&serde_json::to_vec(&meta).unwrap()).unwrap();

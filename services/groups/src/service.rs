@@ -130,7 +130,7 @@ impl Groups for GroupsApi {
     async fn receive(&self, req: Request<pb::ReceiveRequest>) -> Result<Response<Self::ReceiveStream>, Status> {
         let (t, me) = device(&req)?;
         let principal = Caller::of(&req)?.principal().clone();
-        Ok(Response::new(Box::pin(mailbox::receive(self.0.rt.clone(), t, me, principal, req.get_ref().from_seq))))
+        Ok(Response::new(Box::pin(mailbox::receive(self.0.rt.clone(), t, me, principal, *req.get_ref()))))
     }
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {

@@ -166,12 +166,7 @@ async fn full_flow(backend: Backend) {
     );
 
     // Everyone left agrees: epoch, authenticator, SFrame keys.
-    let group = alice
-        .groups(&env)
-        .get_group(req(pb::GetGroupRequest { group_id: b"family-call".to_vec() }, &alice.token))
-        .await
-        .unwrap()
-        .into_inner();
+    let group = get_group(&env, &alice.token, b"family-call").await;
     assert_eq!((group.epoch, group.members.len()), (4, 2));
     assert_eq!(alice.g().epoch(), 4);
     assert_eq!(bob.g().epoch(), 4);

@@ -27,21 +27,7 @@ async fn logs_carry_no_identifiers_and_streams_end_on_drain() {
     bob.upload(&env, 2).await;
     let gid = b"private-group-id".to_vec();
     create_group(&env, &mut alice, &gid, vec![t.id.clone()]).await;
-    let kps: Vec<Vec<u8>> = alice
-        .groups(&env)
-        .claim_key_packages(req(
-            pb::ClaimKeyPackagesRequest {
-                targets: vec![pb::Target { target: Some(pb::target::Target::AccountId(bob.account.clone())) }],
-            },
-            &alice.token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key_packages
-        .into_iter()
-        .map(|k| k.key_package)
-        .collect();
+    let kps = claim(&env, &alice.token, vec![by_account(&bob.account)]).await;
     let add = alice.act(|c, g| c.add(g, &kps)).unwrap();
     alice.send_commit(&env, &add).await.unwrap();
     alice.act(|c, g| c.merge_pending(g)).unwrap();
@@ -60,7 +46,7 @@ async fn logs_carry_no_identifiers_and_streams_end_on_drain() {
     // reconnects to another node and resumes from its next sequence number.
     let mut stream = bob
         .groups(&env)
-        .receive(req(pb::ReceiveRequest { from_seq: bob.next_seq }, &bob.token))
+        .receive(req(pb::ReceiveRequest { from_seq: bob.next_seq, ..Default::default() }, &bob.token))
         .await
         .unwrap()
         .into_inner();

@@ -19,45 +19,6 @@ async fn snapshot(env: &Env) -> BTreeMap<String, Vec<u8>> {
     env.rt.store.range_all("/spine/").await.unwrap().into_iter().map(|kv| (kv.key, kv.value)).collect()
 }
 
-/// Members of one tenant in one group, all at the same epoch.
-async fn group_of(env: &Env, n: usize, gid: &[u8]) -> (spine_identity::testing::Tenant, Vec<Member>) {
-    let t = env.tenant("t").await;
-    let mut members = Vec::new();
-    for _ in 0..n {
-        let a = env.account(&t).await;
-        let_anyone_add(env, &t, &a).await;
-        let m = member(env, &t, &a).await;
-        m.upload(env, 1).await;
-        members.push(m);
-    }
-    create_group(env, &mut members[0], gid, vec![t.id.clone()]).await;
-    // Claims take at most 32 targets at a time.
-    let mut kps: Vec<Vec<u8>> = Vec::new();
-    for chunk in members[1..].chunks(32) {
-        let targets = chunk
-            .iter()
-            .map(|m| pb::Target { target: Some(pb::target::Target::AccountId(m.account.clone())) })
-            .collect();
-        let claimed = members[0]
-            .groups(env)
-            .claim_key_packages(req(pb::ClaimKeyPackagesRequest { targets }, &members[0].token))
-            .await
-            .unwrap()
-            .into_inner()
-            .key_packages;
-        kps.extend(claimed.into_iter().map(|k| k.key_package));
-    }
-    let add = members[0].act(|c, g| c.add(g, &kps)).unwrap();
-    members[0].send_commit(env, &add).await.unwrap();
-    members[0].act(|c, g| c.merge_pending(g)).unwrap();
-    for m in members[1..].iter_mut() {
-        let e = m.receive(env, 1).await.remove(0);
-        assert_eq!(e.message, *add.welcome.as_ref().unwrap());
-        m.group = Some(m.client.join(&e.message).unwrap());
-    }
-    (t, members)
-}
-
 /// 20 members commit against the same epoch at once, on etcd, ten rounds:
 /// each round exactly one wins, every loser gets WRONG_EPOCH with the new
 /// epoch, and the group's state is the winner's.
@@ -93,12 +54,7 @@ async fn exactly_one_commit_wins_each_epoch_on_etcd() {
         assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
         let w = winners[0];
         // The stored GroupInfo is the winner's.
-        let info = members[0]
-            .groups(&env)
-            .get_group_info(req(pb::GetGroupInfoRequest { group_id: b"race".to_vec() }, &members[0].token))
-            .await
-            .unwrap()
-            .into_inner();
+        let info = group_info(&env, &members[0].token, b"race").await;
         assert_eq!((info.epoch, &info.group_info), (epoch + 1, &bundles[w].group_info));
         // Everyone moves to the winner's epoch.
         for (i, m) in members.iter_mut().enumerate() {
@@ -294,18 +250,7 @@ async fn groups_are_siloed() {
         ))
         .await
         .unwrap();
-    let s = members[0]
-        .groups(&env)
-        .claim_key_packages(req(
-            pb::ClaimKeyPackagesRequest {
-                targets: vec![pb::Target { target: Some(pb::target::Target::AccountId(blocker.account.clone())) }],
-            },
-            &members[0].token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .key_packages;
+    let s = claim(&env, &members[0].token, vec![by_account(&blocker.account)]).await;
     assert!(s.is_empty());
 }
 
@@ -355,23 +300,13 @@ async fn deletion_external_join_dispute_and_report() {
     members[0].act(|c, g| c.merge_pending(g)).unwrap();
     let e = members[1].receive(&env, 1).await.remove(0);
     members[1].act(|c, g| c.process(g, &e.message)).unwrap();
-    let group = members[0]
-        .groups(&env)
-        .get_group(req(pb::GetGroupRequest { group_id: gid.clone() }, &members[0].token))
-        .await
-        .unwrap()
-        .into_inner();
+    let group = get_group(&env, &members[0].token, &gid).await;
     assert_eq!(group.members.len(), 2);
     assert!(group.members.iter().all(|m| m.account_id != victim.account));
 
     // Member 1's second device joins by external commit.
     let mut second = member(&env, &t, &members[1].account.clone()).await;
-    let info = second
-        .groups(&env)
-        .get_group_info(req(pb::GetGroupInfoRequest { group_id: gid.clone() }, &second.token))
-        .await
-        .unwrap()
-        .into_inner();
+    let info = group_info(&env, &second.token, &gid).await;
     let (g2, join) = second.client.join_external(&info.group_info).unwrap();
     second.group = Some(g2);
     second.send_commit(&env, &join).await.unwrap();
@@ -400,12 +335,7 @@ async fn deletion_external_join_dispute_and_report() {
         .report_dispute(req(pb::ReportDisputeRequest { group_id: gid.clone(), epoch }, &members[1].token))
         .await
         .unwrap();
-    let group = members[0]
-        .groups(&env)
-        .get_group(req(pb::GetGroupRequest { group_id: gid.clone() }, &members[0].token))
-        .await
-        .unwrap()
-        .into_inner();
+    let group = get_group(&env, &members[0].token, &gid).await;
     assert_eq!(group.disputes.len(), 1);
     assert_eq!((group.disputes[0].epoch, group.disputes[0].reports), (epoch, 1));
     assert_eq!(group.disputes[0].committer_leaf_index, second.g().own_index());

@@ -657,7 +657,7 @@ async fn operators_faults_lose_nothing_and_fail_only_with_unavailable() {
     let outcome = std::mem::take(&mut *mls_outcome.lock().unwrap());
     let mut stream = GroupsClient::new(live[0].clone())
         .max_decoding_message_size(16 << 20)
-        .receive(req(gpb::ReceiveRequest { from_seq: 1 }, &bob.token))
+        .receive(req(gpb::ReceiveRequest { from_seq: 1, ..Default::default() }, &bob.token))
         .await
         .unwrap()
         .into_inner();

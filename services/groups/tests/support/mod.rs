@@ -91,24 +91,30 @@ impl Member {
 
     /// Reads the mailbox from `next_seq` until `n` entries arrived.
     pub async fn receive(&mut self, env: &Env, n: usize) -> Vec<pb::MailboxEntry> {
-        let mut stream = self
-            .groups(env)
-            .receive(req(pb::ReceiveRequest { from_seq: self.next_seq }, &self.token))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut out = Vec::new();
-        while out.len() < n {
-            let e = tokio::time::timeout(Duration::from_secs(20), stream.next())
-                .await
-                .unwrap_or_else(|_| panic!("{} got {} of {n} mailbox entries", self.device, out.len()))
-                .expect("stream open")
-                .expect("entry");
-            self.next_seq = e.seq + 1;
-            out.push(e);
-        }
-        out
+        receive_entries(env, &self.token, &mut self.next_seq, n).await
     }
+}
+
+/// Reads the mailbox of the device holding `token` from `*next_seq` until
+/// `n` entries arrived, moving `*next_seq` past them.
+pub async fn receive_entries(env: &Env, token: &str, next_seq: &mut u64, n: usize) -> Vec<pb::MailboxEntry> {
+    let mut stream = GroupsClient::new(env.channel.clone())
+        .max_decoding_message_size(16 << 20)
+        .receive(req(pb::ReceiveRequest { from_seq: *next_seq, ..Default::default() }, token))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let e = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("got {} of {n} mailbox entries", out.len()))
+            .expect("stream open")
+            .expect("entry");
+        *next_seq = e.seq + 1;
+        out.push(e);
+    }
+    out
 }
 
 /// A registered device of `account` with an MLS client naming it.
@@ -181,4 +187,69 @@ pub fn wrong_epoch(s: &tonic::Status) -> Option<u64> {
     }
     let info = s.get_details_error_info()?;
     (info.reason == "WRONG_EPOCH").then(|| info.metadata.get("current_epoch")?.parse().ok()).flatten()
+}
+
+/// A claim target naming an account of the caller's own tenant.
+pub fn by_account(account: &str) -> pb::Target {
+    pb::Target { target: Some(pb::target::Target::AccountId(account.into())) }
+}
+
+/// Claims one key package per target with `token`; panics on refusal.
+pub async fn claim(env: &Env, token: &str, targets: Vec<pb::Target>) -> Vec<Vec<u8>> {
+    GroupsClient::new(env.channel.clone())
+        .claim_key_packages(req(pb::ClaimKeyPackagesRequest { targets }, token))
+        .await
+        .unwrap()
+        .into_inner()
+        .key_packages
+        .into_iter()
+        .map(|k| k.key_package)
+        .collect()
+}
+
+/// The group as `token`'s device sees it; panics on refusal.
+pub async fn get_group(env: &Env, token: &str, gid: &[u8]) -> pb::Group {
+    GroupsClient::new(env.channel.clone())
+        .get_group(req(pb::GetGroupRequest { group_id: gid.to_vec() }, token))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The group's current GroupInfo; panics on refusal.
+pub async fn group_info(env: &Env, token: &str, gid: &[u8]) -> pb::GroupInfoResponse {
+    GroupsClient::new(env.channel.clone())
+        .get_group_info(req(pb::GetGroupInfoRequest { group_id: gid.to_vec() }, token))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Members of one tenant in one group, all at the same epoch.
+pub async fn group_of(env: &Env, n: usize, gid: &[u8]) -> (spine_identity::testing::Tenant, Vec<Member>) {
+    let t = env.tenant("t").await;
+    let mut members = Vec::new();
+    for _ in 0..n {
+        let a = env.account(&t).await;
+        let_anyone_add(env, &t, &a).await;
+        let m = member(env, &t, &a).await;
+        m.upload(env, 1).await;
+        members.push(m);
+    }
+    create_group(env, &mut members[0], gid, vec![t.id.clone()]).await;
+    // Claims take at most 32 targets at a time.
+    let mut kps: Vec<Vec<u8>> = Vec::new();
+    for chunk in members[1..].chunks(32) {
+        let targets = chunk.iter().map(|m| by_account(&m.account)).collect();
+        kps.extend(claim(env, &members[0].token, targets).await);
+    }
+    let add = members[0].act(|c, g| c.add(g, &kps)).unwrap();
+    members[0].send_commit(env, &add).await.unwrap();
+    members[0].act(|c, g| c.merge_pending(g)).unwrap();
+    for m in members[1..].iter_mut() {
+        let e = m.receive(env, 1).await.remove(0);
+        assert_eq!(e.message, *add.welcome.as_ref().unwrap());
+        m.group = Some(m.client.join(&e.message).unwrap());
+    }
+    (t, members)
 }

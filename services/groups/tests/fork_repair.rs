@@ -1,0 +1,196 @@
+//! A forked epoch, repaired by the service. The delivery service cannot
+//! check a commit's membership tag (it needs a group secret), so it accepts
+//! a commit whose tag is corrupted; every other member refuses it and is
+//! stuck. They dispute it: the first dispute freezes commits on top of it,
+//! a majority of the other members voids it, the group is back at the
+//! epoch before for everyone, the committer rejoins by external commit and
+//! messages flow again at one epoch. A commit that works (another member
+//! writes in its epoch) cannot be voided by a lying minority.
+
+mod support;
+
+use spine_identity::testing::req;
+use spine_mls::client::Incoming;
+use spine_proto::groups::v1 as pb;
+use spine_runtime::config::Backend;
+use support::*;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+async fn dispute(env: &spine_identity::testing::Env, m: &Member, gid: &[u8], epoch: u64) {
+    m.groups(env)
+        .report_dispute(req(pb::ReportDisputeRequest { group_id: gid.to_vec(), epoch }, &m.token))
+        .await
+        .unwrap();
+}
+
+async fn send(env: &spine_identity::testing::Env, m: &mut Member, text: &str) {
+    let gid = m.g().group_id();
+    let bytes = m.act(|c, g| c.send(g, text.as_bytes())).unwrap();
+    m.groups(env)
+        .send_application(req(pb::SendApplicationRequest { group_id: gid, message: bytes }, &m.token))
+        .await
+        .unwrap();
+}
+
+fn reason(s: &tonic::Status) -> String {
+    s.get_details_error_info().map(|i| i.reason).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_corrupted_commit_is_disputed_voided_and_the_group_heals() {
+    let env = start(Backend::Embedded).await;
+    let gid = b"forked".to_vec();
+    let (_, mut m) = group_of(&env, 4, &gid).await;
+    let e0 = m[0].g().epoch();
+
+    // Alice commits with a corrupted membership tag (the last bytes of a
+    // PublicMessage commit): the service cannot tell, and accepts it.
+    let mut bad = m[0].act(|c, g| c.self_update(g)).unwrap();
+    let last = bad.commit.len() - 1;
+    bad.commit[last] ^= 0x55;
+    assert_eq!(m[0].send_commit(&env, &bad).await.unwrap(), e0 + 1);
+    m[0].act(|c, g| c.merge_pending(g)).unwrap();
+
+    // Every other member refuses it, and stays at e0.
+    for x in m[1..].iter_mut() {
+        let e = x.receive(&env, 1).await.remove(0);
+        assert_eq!(e.kind, pb::EntryKind::Commit as i32);
+        assert!(x.act(|c, g| c.process(g, &e.message)).is_err(), "a corrupted tag is refused by members");
+        assert_eq!(x.g().epoch(), e0);
+    }
+    // Their own commits now lose (WRONG_EPOCH): they are stuck.
+    let stuck = m[1].act(|c, g| c.self_update(g)).unwrap();
+    assert!(wrong_epoch(&m[1].send_commit(&env, &stuck).await.unwrap_err()).is_some());
+    m[1].act(|c, g| c.discard_pending(g)).unwrap();
+
+    // Bob disputes: commits on top of the disputed epoch are frozen, and
+    // everyone sees it.
+    dispute(&env, &m[1], &gid, e0 + 1).await;
+    let g = get_group(&env, &m[2].token, &gid).await;
+    assert_eq!((g.epoch, g.disputes.len(), g.disputes[0].reports), (e0 + 1, 1, 1));
+    assert!(g.commits_frozen_until.is_some(), "a disputed epoch freezes commits on top of it");
+    let on_top = m[0].act(|c, g| c.self_update(g)).unwrap();
+    let frozen = m[0].send_commit(&env, &on_top).await.unwrap_err();
+    assert_eq!((frozen.code(), reason(&frozen).as_str()), (Code::FailedPrecondition, "EPOCH_DISPUTED"));
+    assert!(frozen.get_details_retry_info().is_some());
+    m[0].act(|c, g| c.discard_pending(g)).unwrap();
+    // The committer's own dispute does not count.
+    dispute(&env, &m[0], &gid, e0 + 1).await;
+    assert_eq!(get_group(&env, &m[1].token, &gid).await.epoch, e0 + 1);
+
+    // Carol disputes too: two of the three other members, a majority. The
+    // commit is voided: the group is back at e0 and everyone is told.
+    dispute(&env, &m[2], &gid, e0 + 1).await;
+    let g = get_group(&env, &m[3].token, &gid).await;
+    assert_eq!(g.epoch, e0, "the group is back at the epoch before");
+    assert_eq!(g.members.len(), 4);
+    assert!(g.commits_frozen_until.is_none());
+    assert_eq!(g.voided.len(), 1);
+    assert_eq!((g.voided[0].epoch, g.voided[0].committer_leaf_index), (e0 + 1, m[0].g().own_index()));
+    assert!(g.disputes.iter().all(|d| d.epoch != e0 + 1), "the voided epoch's disputes are settled");
+    for x in m.iter_mut() {
+        let e = x.receive(&env, 1).await.remove(0);
+        assert_eq!((e.kind, e.epoch, e.group_id.clone()), (pb::EntryKind::EpochVoided as i32, e0 + 1, gid.clone()));
+    }
+    let info = group_info(&env, &m[0].token, &gid).await;
+    assert_eq!(info.epoch, e0, "GetGroupInfo serves the epoch before again");
+
+    // The next commit wins as usual: Alice, who had merged the voided
+    // commit, rejoins by external commit from the restored GroupInfo.
+    let (rejoined, join) = m[0].client.join_external(&info.group_info).unwrap();
+    m[0].group = Some(rejoined);
+    assert_eq!(m[0].send_commit(&env, &join).await.unwrap(), e0 + 1);
+    for x in m[1..].iter_mut() {
+        let e = x.receive(&env, 1).await.remove(0);
+        assert!(matches!(x.act(|c, g| c.process(g, &e.message)).unwrap(), Incoming::Commit { .. }));
+    }
+    // One epoch for everyone, and messages flow both ways.
+    let auth = m[0].g().epoch_authenticator();
+    for x in m[1..].iter_mut() {
+        assert_eq!(x.g().epoch_authenticator(), auth);
+    }
+    send(&env, &mut m[0], "back together").await;
+    for x in m[1..].iter_mut() {
+        let e = x.receive(&env, 1).await.remove(0);
+        assert!(matches!(
+            x.act(|c, g| c.process(g, &e.message)).unwrap(),
+            Incoming::Application { plaintext, .. } if plaintext == b"back together"
+        ));
+    }
+    send(&env, &mut m[3], "and back").await;
+    let e = m[0].receive(&env, 1).await;
+    let last = e.last().unwrap();
+    assert!(matches!(
+        m[0].act(|c, g| c.process(g, &last.message)).unwrap(),
+        Incoming::Application { plaintext, .. } if plaintext == b"and back"
+    ));
+    // A commit on the healed group goes through.
+    let next = m[1].act(|c, g| c.self_update(g)).unwrap();
+    assert_eq!(m[1].send_commit(&env, &next).await.unwrap(), e0 + 2);
+}
+
+#[tokio::test]
+async fn a_commit_that_works_cannot_be_voided() {
+    let env = start(Backend::Embedded).await;
+    let gid = b"honest".to_vec();
+    let (_, mut m) = group_of(&env, 4, &gid).await;
+    let e0 = m[0].g().epoch();
+    let good = m[0].act(|c, g| c.self_update(g)).unwrap();
+    m[0].send_commit(&env, &good).await.unwrap();
+    m[0].act(|c, g| c.merge_pending(g)).unwrap();
+    for x in m[1..].iter_mut() {
+        let e = x.receive(&env, 1).await.remove(0);
+        x.act(|c, g| c.process(g, &e.message)).unwrap();
+    }
+    // One member lies: the epoch freezes, but one vote of three is no
+    // majority.
+    dispute(&env, &m[1], &gid, e0 + 1).await;
+    assert!(get_group(&env, &m[0].token, &gid).await.commits_frozen_until.is_some());
+    // Another member writes in the new epoch: the commit is confirmed, the
+    // freeze lifts, and a second liar cannot void it.
+    send(&env, &mut m[3], "it works for me").await;
+    assert!(get_group(&env, &m[0].token, &gid).await.commits_frozen_until.is_none());
+    dispute(&env, &m[2], &gid, e0 + 1).await;
+    let g = get_group(&env, &m[0].token, &gid).await;
+    assert_eq!((g.epoch, g.voided.len()), (e0 + 1, 0));
+    let next = m[2].act(|c, g| c.self_update(g)).unwrap();
+    assert_eq!(m[2].send_commit(&env, &next).await.unwrap(), e0 + 2);
+    // Disputing an older epoch only records it.
+    dispute(&env, &m[1], &gid, e0 + 1).await;
+    assert_eq!(get_group(&env, &m[0].token, &gid).await.epoch, e0 + 2);
+}
+
+#[tokio::test]
+async fn receive_marks_the_end_of_the_backlog() {
+    use futures::StreamExt;
+    let env = start(Backend::Embedded).await;
+    let gid = b"marker".to_vec();
+    let (_, mut m) = group_of(&env, 2, &gid).await;
+    send(&env, &mut m[0], "one").await;
+    send(&env, &mut m[0], "two").await;
+    let mut s = m[1]
+        .groups(&env)
+        .receive(req(pb::ReceiveRequest { from_seq: m[1].next_seq, mark_caught_up: true }, &m[1].token))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        let e = s.next().await.unwrap().unwrap();
+        kinds.push((e.kind, e.seq));
+    }
+    let n = m[1].next_seq;
+    assert_eq!(
+        kinds,
+        vec![
+            (pb::EntryKind::Application as i32, n),
+            (pb::EntryKind::Application as i32, n + 1),
+            (pb::EntryKind::CaughtUp as i32, n + 1)
+        ]
+    );
+    // What comes after the marker arrives live.
+    send(&env, &mut m[0], "three").await;
+    let e = s.next().await.unwrap().unwrap();
+    assert_eq!((e.kind, e.seq), (pb::EntryKind::Application as i32, n + 2));
+}
