@@ -382,5 +382,17 @@ async fn mls_rs_and_openmls_share_groups_through_spine() {
     let groups_section = report.sections.iter().find(|s| s.service == "groups").unwrap();
     let memberships = groups_section.items.iter().find(|i| i.kind == "group_membership").unwrap();
     assert_eq!(memberships.count, 1, "a device that rejoins by external commit stays indexed");
+
+    // And so revoking it proposes its removal at once, not at the next
+    // upkeep (15 s): the proposal reaches Alice within 3 s, after Carol's
+    // message she has not read yet.
+    env.identity()
+        .revoke_device(req(ipb::RevokeDeviceRequest { account_id: b.clone(), device_id: bob_dev.clone() }, &tb.cred))
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(3), alice.receive(&env, 2))
+        .await
+        .expect("the removal was proposed at once");
+    assert_eq!((e[0].kind, e[1].kind), (pb::EntryKind::Application as i32, pb::EntryKind::Proposal as i32));
     println!("interop: mls-rs and openmls through Spine, epoch {} reached", bg.current_epoch());
 }
