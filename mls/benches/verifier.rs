@@ -101,7 +101,7 @@ fn bench(cr: &mut Criterion) {
                     }
                 },
                 BatchSize::LargeInput,
-            )
+            );
         });
         g.bench_function(BenchmarkId::new("verifier", &name), |b| {
             b.iter_batched(
@@ -111,7 +111,7 @@ fn bench(cr: &mut Criterion) {
                     v.apply().unwrap();
                 },
                 BatchSize::LargeInput,
-            )
+            );
         });
         g.bench_function(BenchmarkId::new("service_mls_work", &name), |b| {
             b.iter_batched(
@@ -123,7 +123,7 @@ fn bench(cr: &mut Criterion) {
                     v.to_bytes()
                 },
                 BatchSize::LargeInput,
-            )
+            );
         });
         g.finish();
         eprintln!("{name}: state {} bytes, commit {} bytes", c.state.len(), c.commit.commit.len());

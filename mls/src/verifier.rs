@@ -327,7 +327,7 @@ impl Verifier {
             leaf.signature_key().clone(),
             crate::CIPHERSUITE.signature_algorithm(),
         );
-        let verified: openmls::messages::group_info::GroupInfo = gi
+        let verified: group_info::GroupInfo = gi
             .verify(&self.crypto, &pk)
             .map_err(|_| MlsError::refused(Refusal::BadSignature, "GroupInfo signature does not verify"))?;
         let ours = self.group.group_context().tls_serialize_detached().map_err(lib)?;

@@ -66,7 +66,7 @@ fn samples() -> &'static (Samples, Client, Group) {
         let key_package = bob.key_packages(1, false).unwrap().remove(0);
         let add = alice.add(&mut ga, std::slice::from_ref(&key_package)).unwrap();
         alice.merge_pending(&mut ga).unwrap();
-        let welcome = add.welcome.clone().unwrap();
+        let welcome = add.welcome.unwrap();
         let group_info = alice.group_info(&ga).unwrap();
         let verifier = Verifier::from_group_info(&group_info).unwrap();
         let commit = alice.self_update(&mut ga).unwrap().commit;

@@ -188,9 +188,7 @@ impl AccountData for CallsData {
             if rec.leg_of(&me).is_some() {
                 let idle = self.0.idle_ms();
                 match self.0.cluster.update(&rec.id, |r| crate::machine::hang_up(r, &me, now_ms(), idle)).await {
-                    Ok(_)
-                    | Err(crate::error::CallError::NotFound)
-                    | Err(crate::error::CallError::Precondition { .. }) => {}
+                    Ok(_) | Err(crate::error::CallError::NotFound | crate::error::CallError::Precondition { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
             }

@@ -50,9 +50,7 @@ pub async fn issue_credential(
 ) -> Result<pb::MediaNodeCredential, CallError> {
     ids::request_id(&req.request_id).map_err(|m| invalid("request_id", m))?;
     node_id(&req.node_id)?;
-    if req.label.chars().count() > 64
-        || req.label.chars().any(|c| c.is_control() || spine_runtime::ids::is_bidi_control(c))
-    {
+    if req.label.chars().count() > 64 || req.label.chars().any(|c| c.is_control() || ids::is_bidi_control(c)) {
         return Err(invalid("label", "at most 64 characters, no control characters"));
     }
     let fp = fingerprint(req);

@@ -345,7 +345,7 @@ impl Node {
                 match self.cluster.update(&existing, |c| machine::join(c, me, Some(member.leaf), now_ms(), idle)).await
                 {
                     Ok((rec, v)) => return Ok(render(&rec, v, me)),
-                    Err(CallError::NotFound) | Err(CallError::Precondition { reason: "CALL_ENDED", .. }) => {
+                    Err(CallError::NotFound | CallError::Precondition { reason: "CALL_ENDED", .. }) => {
                         self.cluster.clear_aux(&group_call_key(&gid), &existing).await?;
                         continue;
                     }
@@ -689,7 +689,7 @@ impl MediaNodes for MediaNodesApi {
         }
         if r.address.is_empty()
             || r.address.len() > 256
-            || r.address.chars().any(|c| c.is_control() || c.is_whitespace() || spine_runtime::ids::is_bidi_control(c))
+            || r.address.chars().any(|c| c.is_control() || c.is_whitespace() || ids::is_bidi_control(c))
         {
             return Err(invalid("address", "1 to 256 characters, no spaces or control characters").into());
         }

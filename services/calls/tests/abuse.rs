@@ -15,7 +15,6 @@ mod groups_support;
 use std::time::Duration;
 
 use futures::StreamExt;
-use spine_identity::testing::{Device, Env, Tenant, req};
 use spine_proto::calls::v1 as pb;
 use spine_proto::groups::v1 as gpb;
 use spine_proto::groups::v1::groups_client::GroupsClient;
@@ -23,6 +22,7 @@ use spine_proto::identity::v1 as ipb;
 use spine_proto::presence::v1 as ppb;
 use spine_proto::presence::v1::presence_client::PresenceClient;
 use spine_runtime::config::Backend;
+use spine_testing::{Device, Env, Tenant, req};
 use support::*;
 use tonic::{Code, Status};
 

@@ -7,11 +7,11 @@ mod support;
 
 use std::time::Duration;
 
-use spine_identity::testing::req;
 use spine_proto::calls::v1 as pb;
 use spine_proto::calls::v1::calls_client::CallsClient;
 use spine_proto::common::v1::peer_ref;
 use spine_runtime::config::Backend;
+use spine_testing::req;
 use support::*;
 use tonic::Code;
 
@@ -99,21 +99,18 @@ async fn one_to_one_across_nodes() {
     assert_eq!((state(&ended), end(&ended)), (pb::CallState::Ended, pb::EndReason::HungUp));
     let c = alice2.call_where(&id, |c| state(c) == pb::CallState::Ended).await;
     assert_eq!(end(&c), pb::EndReason::HungUp);
-    assert!(
-        spine_runtime::testing::eventually(Duration::from_secs(5), || async { live_state(&n[0]).await.is_empty() })
-            .await
-    );
+    assert!(spine_testing::eventually(Duration::from_secs(5), || async { live_state(&n[0]).await.is_empty() }).await);
     let gone = alice2.calls().get_call(alice2.req(pb::GetCallRequest { call_id: id.clone() })).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
     // Open streams are registered once each; closed ones leave nothing.
     let sessions = || async { n[0].rt.store.count("/spine/sys/calls/sess/").await.unwrap() };
     assert_eq!(sessions().await, 3, "alice (replaced once), b1, b2");
     drop((alice, alice2, b1, b2));
-    assert!(spine_runtime::testing::eventually(Duration::from_secs(5), || async { sessions().await == 0 }).await);
+    assert!(spine_testing::eventually(Duration::from_secs(5), || async { sessions().await == 0 }).await);
 }
 
-fn clone_dev(d: &spine_identity::testing::Device) -> spine_identity::testing::Device {
-    spine_identity::testing::Device {
+fn clone_dev(d: &spine_testing::Device) -> spine_testing::Device {
+    spine_testing::Device {
         tenant: d.tenant.clone(),
         account: d.account.clone(),
         device: d.device.clone(),
@@ -372,8 +369,7 @@ async fn calls_end_when_their_devices_vanish() {
     let e = bob.call_where(&id, |c| state(c) == pb::CallState::Ended).await;
     assert_eq!(end(&e), pb::EndReason::ConnectionLost);
     assert!(
-        spine_runtime::testing::eventually(Duration::from_secs(5), || async { live_state(&n[0]).await.is_empty() })
-            .await,
+        spine_testing::eventually(Duration::from_secs(5), || async { live_state(&n[0]).await.is_empty() }).await,
         "no call or pair key outlives the call"
     );
 
@@ -388,8 +384,7 @@ async fn calls_end_when_their_devices_vanish() {
     let (bob_dev, carol_dev) = (clone_dev(&bob.dev), clone_dev(&carol.dev));
     drop((bob, carol));
     assert!(
-        spine_runtime::testing::eventually(Duration::from_secs(10), || async { live_state(&n[0]).await.is_empty() })
-            .await,
+        spine_testing::eventually(Duration::from_secs(10), || async { live_state(&n[0]).await.is_empty() }).await,
         "an answered call whose devices all left is gone"
     );
     let bob = Phone::connect(&n[0], bob_dev).await;

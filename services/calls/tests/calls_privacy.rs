@@ -4,15 +4,15 @@
 
 mod support;
 
-use spine_identity::testing::req;
 use spine_proto::calls::v1 as pb;
 use spine_proto::calls::v1::call_records_client::CallRecordsClient;
 use spine_runtime::config::Backend;
+use spine_testing::req;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_carry_no_identifiers_payloads_or_secrets() {
-    let capture = spine_runtime::testing::LogCapture::install(
+    let capture = spine_testing::LogCapture::install(
         "debug,spine_runtime=trace,spine_calls=trace,spine_identity=trace,h2=info,hyper=info,tower=info",
     );
     const TURN_SECRET: &str = "turn-secret-never-logged";

@@ -7,13 +7,13 @@ mod support;
 use std::time::Duration;
 
 use prost_types::Timestamp;
-use spine_identity::testing::req;
 use spine_proto::calls::v1 as pb;
 use spine_proto::calls::v1::call_records_client::CallRecordsClient;
 use spine_proto::calls::v1::media_nodes_client::MediaNodesClient;
 use spine_proto::common::v1::PeerRef;
 use spine_proto::identity::v1 as ipb;
 use spine_runtime::config::Backend;
+use spine_testing::req;
 use support::*;
 use tonic::Code;
 
@@ -421,7 +421,7 @@ async fn streams_end_with_their_token_or_when_too_slow() {
     let mut p = Phone::connect(env, short).await;
     match p.next(Duration::from_secs(6)).await {
         Some(Err(s)) => {
-            assert_eq!((s.code(), s.message()), (Code::Unauthenticated, "token expired: reconnect with a fresh token"))
+            assert_eq!((s.code(), s.message()), (Code::Unauthenticated, "token expired: reconnect with a fresh token"));
         }
         other => panic!("the stream outlived its token: {other:?}"),
     }

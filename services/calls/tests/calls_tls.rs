@@ -7,11 +7,11 @@
 mod support;
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use spine_identity::testing::req;
 use spine_proto::calls::v1 as pb;
 use spine_proto::presence::v1 as ppb;
 use spine_proto::presence::v1::presence_client::PresenceClient;
 use spine_runtime::config::{Backend, TlsConfig};
+use spine_testing::req;
 use support::*;
 
 const PEER_NAME: &str = "spine-peer.test";

@@ -21,12 +21,12 @@ mod support;
 mod groups_support;
 
 use groups_support::{create_group, let_anyone_add, member};
-use spine_identity::testing::{Device, req};
 use spine_proto::common::v1::DataReport;
 use spine_proto::groups::v1 as gpb;
 use spine_proto::identity::v1 as ipb;
 use spine_runtime::config::Backend;
 use spine_runtime::store::KeyValue;
+use spine_testing::{Device, req};
 use support::*;
 
 /// Whether `key` matches a location pattern (`<name>` stands for one
@@ -58,7 +58,7 @@ fn locations(report: &DataReport) -> Vec<(String, String)> {
 }
 
 fn naming(dump: &[KeyValue], needles: &[&str]) -> Vec<KeyValue> {
-    dump.iter().filter(|kv| needles.iter().any(|n| spine_runtime::testing::mentions(kv, n))).cloned().collect()
+    dump.iter().filter(|kv| needles.iter().any(|n| spine_testing::mentions(kv, n))).cloned().collect()
 }
 
 /// Keys that name the account but are other accounts' data (see above).
@@ -74,7 +74,7 @@ fn others_data(key: &str, account: &str) -> bool {
     }
 }
 
-async fn report(env: &spine_identity::testing::Env, token: &str) -> DataReport {
+async fn report(env: &spine_testing::Env, token: &str) -> DataReport {
     env.identity().get_data_report(req(ipb::GetDataReportRequest::default(), token)).await.unwrap().into_inner()
 }
 
@@ -198,7 +198,7 @@ async fn every_key_naming_the_account_is_in_its_report() {
     let needles = [alice_acct.as_str(), a1.device.as_str(), a2.device.as_str(), a3.device.as_str()];
     let report = report(env, &a1.token).await;
     let patterns = locations(&report);
-    let dump = spine_runtime::testing::dump(&env.rt.store).await;
+    let dump = spine_testing::dump(&env.rt.store).await;
     let mut missing = Vec::new();
     let mut kinds = std::collections::BTreeSet::new();
     for kv in naming(&dump, &needles) {
@@ -271,12 +271,12 @@ async fn every_key_naming_the_account_is_in_its_report() {
             || key.starts_with(&format!("/spine/sys/auth/revoked/{}/", messenger.id))
             || others_data(key, &alice_acct)
     };
-    let left = spine_runtime::testing::eventually(std::time::Duration::from_secs(10), || async {
-        let dump = spine_runtime::testing::dump(&env.rt.store).await;
+    let left = spine_testing::eventually(std::time::Duration::from_secs(10), || async {
+        let dump = spine_testing::dump(&env.rt.store).await;
         naming(&dump, &needles).iter().all(|kv| allowed(&kv.key))
     })
     .await;
-    let dump = spine_runtime::testing::dump(&env.rt.store).await;
+    let dump = spine_testing::dump(&env.rt.store).await;
     let rest: Vec<String> = naming(&dump, &needles).into_iter().map(|kv| kv.key).filter(|k| !allowed(k)).collect();
     assert!(left, "after deletion the store still names the account:\n{}", rest.join("\n"));
     drop((alice_phone, bob_phone));

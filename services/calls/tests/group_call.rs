@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use groups_support::{Member, create_group, let_anyone_add, member};
 use sframe::frame::MonotonicCounter;
-use spine_identity::testing::{Device, req};
 use spine_mls::DeviceName;
 use spine_proto::calls::v1 as pb;
 use spine_proto::calls::v1::media_nodes_client::MediaNodesClient;
 use spine_proto::identity::v1 as ipb;
 use spine_runtime::config::Backend;
+use spine_testing::{Device, req};
 use support::*;
 use tonic::Code;
 
@@ -34,14 +34,7 @@ fn device_of(m: &Member) -> Device {
 
 /// Registers a media node with a credential of its own (issued by the
 /// operator), which is returned.
-async fn register_sfu(
-    env: &spine_identity::testing::Env,
-    id: &str,
-    region: &str,
-    capacity: u32,
-    load: u32,
-    ttl: u32,
-) -> String {
+async fn register_sfu(env: &spine_testing::Env, id: &str, region: &str, capacity: u32, load: u32, ttl: u32) -> String {
     let cred = MediaNodesClient::new(env.channel.clone())
         .issue_media_node_credential(req(
             pb::IssueMediaNodeCredentialRequest { request_id: id.into(), node_id: id.into(), label: id.into() },
@@ -144,7 +137,7 @@ async fn group_call_keyed_by_mls() {
 
     // The lapsed node is never chosen.
     assert!(
-        spine_runtime::testing::eventually(Duration::from_secs(15), || async {
+        spine_testing::eventually(Duration::from_secs(15), || async {
             env.rt.store.get("/spine/sys/calls/media/sfu-eu-lapsing").await.unwrap().is_none()
         })
         .await

@@ -32,7 +32,7 @@ impl Drop for Coturn {
 }
 
 fn coturn() -> Coturn {
-    let port = spine_runtime::testing::free_port();
+    let port = spine_testing::free_port();
     let child = Command::new("turnserver")
         .args([
             "-n",

@@ -119,7 +119,7 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         println!("{workers} workers, {secs} s each, one etcd on this machine");
-        let etcd = spine_runtime::testing::EtcdServer::start().await;
+        let etcd = spine_testing::EtcdServer::start().await;
         let cas = etcd_cas(etcd.store().await, workers, secs).await;
         drop(etcd);
         let commits = send_commit(workers, secs, Backend::Etcd).await;

@@ -10,12 +10,12 @@ mod support;
 
 use std::time::Duration;
 
-use spine_identity::testing::{Env, req};
 use spine_mls::DeviceName;
 use spine_mls::client::{Client, DeviceKey};
 use spine_proto::groups::v1 as pb;
 use spine_proto::identity::v1 as ipb;
 use spine_runtime::config::Backend;
+use spine_testing::{Env, req};
 use support::*;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -235,7 +235,7 @@ async fn no_foreign_credentials_and_the_delivery_service_keeps_its_place() {
 /// arrive. And sends are rate limited per account, with a retry hint.
 #[tokio::test]
 async fn mailboxes_have_quotas_and_sends_are_rate_limited() {
-    let mut config = spine_identity::testing::test_config();
+    let mut config = spine_testing::test_config();
     config.groups.mailbox_max_entries = 6;
     config.limits.rates.group_messages.account = spine_runtime::rate::Rate::new(1.0, 30.0);
     let env = start_with(Backend::Embedded, config).await;
@@ -320,7 +320,7 @@ async fn mailboxes_have_quotas_and_sends_are_rate_limited() {
 async fn commits_uploads_claims_and_disputes_are_rate_limited() {
     use spine_runtime::rate::{Limit, Rate};
     let tight = Limit { account: Rate::new(0.01, 2.0), tenant: Rate::new(1000.0, 1000.0) };
-    let mut config = spine_identity::testing::test_config();
+    let mut config = spine_testing::test_config();
     config.limits.rates.commits = tight;
     config.limits.rates.key_package_uploads = tight;
     config.limits.rates.key_package_claims = tight;
@@ -373,7 +373,7 @@ async fn commits_uploads_claims_and_disputes_are_rate_limited() {
 /// etcd (it was counted, then written: a race overran it).
 #[tokio::test]
 async fn the_key_package_limit_holds_under_concurrent_uploads() {
-    let mut config = spine_identity::testing::test_config();
+    let mut config = spine_testing::test_config();
     config.limits.rates.key_package_uploads.account = spine_runtime::rate::Rate::new(100.0, 100.0);
     let env = start_with(Backend::Etcd, config).await;
     let t = env.tenant("t").await;
@@ -403,7 +403,7 @@ async fn the_key_package_limit_holds_under_concurrent_uploads() {
 /// the others, nor an account's deletion from removing its groups data.
 #[tokio::test]
 async fn upkeep_and_deletion_go_on_past_a_broken_group() {
-    let mut config = spine_identity::testing::test_config();
+    let mut config = spine_testing::test_config();
     config.groups.upkeep_secs = 1;
     let env = start_with(Backend::Embedded, config).await;
     let t = env.tenant("t").await;
@@ -429,7 +429,7 @@ async fn upkeep_and_deletion_go_on_past_a_broken_group() {
         .revoke_device(req(ipb::RevokeDeviceRequest { account_id: b.clone(), device_id: bob.device.clone() }, &t.cred))
         .await
         .unwrap();
-    let proposed = spine_runtime::testing::eventually(Duration::from_secs(10), || async {
+    let proposed = spine_testing::eventually(Duration::from_secs(10), || async {
         env.rt.store.range_all(&format!("/spine/g/{}/gone/", hex::encode(b"zzz"))).await.unwrap().len() == 1
             && env.rt.store.range_all(&format!("/spine/t/{}/mbox/{a}/", t.id)).await.unwrap().iter().any(|kv| {
                 String::from_utf8_lossy(&kv.value).contains(&format!("\"kind\":{}", pb::EntryKind::Proposal as i32))
@@ -439,7 +439,7 @@ async fn upkeep_and_deletion_go_on_past_a_broken_group() {
     assert!(proposed, "the upkeep stopped at the broken group");
     // Alice's account is deleted: her groups data goes, broken group or not.
     env.identity().delete_account(req(ipb::DeleteAccountRequest { account_id: a.clone() }, &t.cred)).await.unwrap();
-    let gone = spine_runtime::testing::eventually(Duration::from_secs(10), || async {
+    let gone = spine_testing::eventually(Duration::from_secs(10), || async {
         let left = env.rt.store.range_all(&format!("/spine/t/{}/", t.id)).await.unwrap();
         !left.iter().any(|kv| {
             ["kp/", "kpl/", "mbox/", "mbox-head/", "mbox-grp/", "gm/"]

@@ -9,22 +9,22 @@
 
 mod support;
 
-use spine_identity::testing::req;
 use spine_mls::client::Incoming;
 use spine_proto::groups::v1 as pb;
 use spine_runtime::config::Backend;
+use spine_testing::req;
 use support::*;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-async fn dispute(env: &spine_identity::testing::Env, m: &Member, gid: &[u8], epoch: u64) {
+async fn dispute(env: &spine_testing::Env, m: &Member, gid: &[u8], epoch: u64) {
     m.groups(env)
         .report_dispute(req(pb::ReportDisputeRequest { group_id: gid.to_vec(), epoch }, &m.token))
         .await
         .unwrap();
 }
 
-async fn send(env: &spine_identity::testing::Env, m: &mut Member, text: &str) {
+async fn send(env: &spine_testing::Env, m: &mut Member, text: &str) {
     let gid = m.g().group_id();
     let bytes = m.act(|c, g| c.send(g, text.as_bytes())).unwrap();
     m.groups(env)

@@ -6,12 +6,12 @@
 mod support;
 
 use sframe::frame::MonotonicCounter;
-use spine_identity::testing::req;
 use spine_mls::client::Incoming;
 use spine_proto::common::v1::InteropRef;
 use spine_proto::groups::v1 as pb;
 use spine_proto::identity::v1 as ipb;
 use spine_runtime::config::Backend;
+use spine_testing::req;
 use support::*;
 
 async fn full_flow(backend: Backend) {

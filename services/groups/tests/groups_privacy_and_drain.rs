@@ -6,14 +6,14 @@ mod support;
 use std::time::Duration;
 
 use futures::StreamExt;
-use spine_identity::testing::req;
 use spine_proto::groups::v1 as pb;
 use spine_runtime::config::Backend;
+use spine_testing::req;
 use support::*;
 
 #[tokio::test]
 async fn logs_carry_no_identifiers_and_streams_end_on_drain() {
-    let capture = spine_runtime::testing::LogCapture::install(
+    let capture = spine_testing::LogCapture::install(
         "debug,spine_runtime=trace,spine_groups=trace,spine_identity=trace,h2=info,hyper=info,tower=info",
     );
 

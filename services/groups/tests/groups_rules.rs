@@ -7,11 +7,11 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use spine_identity::testing::{Env, req};
 use spine_mls::client::Incoming;
 use spine_proto::groups::v1 as pb;
 use spine_proto::identity::v1 as ipb;
 use spine_runtime::config::Backend;
+use spine_testing::{Env, req};
 use support::*;
 use tonic::Code;
 
@@ -372,7 +372,7 @@ async fn a_group_with_no_member_left_is_deleted() {
         t_keys.iter().map(|k| &k.key).collect::<Vec<_>>()
     );
     // The upkeep runs every 15 s; wait for it (bounded), as a node would.
-    let gone = spine_runtime::testing::eventually(std::time::Duration::from_secs(40), || async {
+    let gone = spine_testing::eventually(std::time::Duration::from_secs(40), || async {
         env.rt.store.range_all(&format!("/spine/g/{}/", hex::encode(b"orphan"))).await.unwrap().is_empty()
     })
     .await;

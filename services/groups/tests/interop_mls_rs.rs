@@ -23,7 +23,6 @@ use mls_rs::{CipherSuite, CipherSuiteProvider, Client, CryptoProvider, Extension
 use sframe::frame::{EncryptedFrame, MediaFrame, MonotonicCounter};
 use sframe::key::{DecryptionKey, EncryptionKey};
 use sframe::mls::{MlsExporter, MlsKeyId};
-use spine_identity::testing::{Env, req};
 use spine_mls::DeviceName;
 use spine_mls::client::Incoming;
 use spine_proto::common::v1::InteropRef;
@@ -31,6 +30,7 @@ use spine_proto::groups::v1 as pb;
 use spine_proto::groups::v1::groups_client::GroupsClient;
 use spine_proto::identity::v1 as ipb;
 use spine_runtime::config::Backend;
+use spine_testing::{Env, req};
 use support::*;
 use tonic::Code;
 use tonic_types::StatusExt;

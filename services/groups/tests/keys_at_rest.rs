@@ -6,19 +6,19 @@
 use std::sync::Arc;
 
 use base64::Engine;
-use spine_identity::testing::{TEST_KEK, req, start_on_with, test_config};
 use spine_proto::groups::v1 as pb;
 use spine_proto::groups::v1::groups_client::GroupsClient;
 use spine_proto::identity::v1 as ipb;
 use spine_runtime::Runtime;
 use spine_runtime::sealing::Sealer;
 use spine_runtime::store::{EmbeddedStore, Store};
+use spine_testing::{TEST_KEK, req, start_on_with, test_config};
 
 fn kek(byte: u8) -> String {
     base64::engine::general_purpose::STANDARD.encode([byte; 32])
 }
 
-async fn node(store: Arc<dyn Store>, current: &str, previous: &[&str]) -> spine_identity::testing::Env {
+async fn node(store: Arc<dyn Store>, current: &str, previous: &[&str]) -> spine_testing::Env {
     let mut config = test_config();
     config.auth.key_encryption_key = Some(current.to_string());
     config.auth.previous_key_encryption_keys = previous.iter().map(|k| k.to_string()).collect();
@@ -43,7 +43,7 @@ async fn sealed_values(store: &Arc<dyn Store>) -> Vec<(String, String)> {
     out
 }
 
-async fn ds_key(env: &spine_identity::testing::Env, token: &str) -> Vec<u8> {
+async fn ds_key(env: &spine_testing::Env, token: &str) -> Vec<u8> {
     GroupsClient::new(env.channel.clone())
         .get_service_info(req(pb::GetServiceInfoRequest {}, token))
         .await

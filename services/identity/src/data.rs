@@ -474,7 +474,7 @@ async fn finish_for(node: &Node, t: &TenantStore, account: &str) {
                 }
             }
             Err(e) => {
-                tracing::warn!(service = holder.service(), error = %e.message(), account = %redact(account), "deletion incomplete; will retry")
+                tracing::warn!(service = holder.service(), error = %e.message(), account = %redact(account), "deletion incomplete; will retry");
             }
         }
     }

@@ -15,8 +15,6 @@ pub mod error;
 mod keys;
 mod model;
 mod service;
-#[cfg(feature = "testing")]
-pub mod testing;
 mod validate;
 
 use std::sync::Arc;

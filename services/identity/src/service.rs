@@ -285,20 +285,20 @@ impl IdentityApi {
                 match p.as_str() {
                     "video_calling_enabled" => cur.video_calling_enabled = new.video_calling_enabled,
                     "who_can_call" => {
-                        cur.who_can_call = enum_field::<pb::WhoCanCall>("settings.who_can_call", new.who_can_call)?
+                        cur.who_can_call = enum_field::<pb::WhoCanCall>("settings.who_can_call", new.who_can_call)?;
                     }
                     "presence_visibility" => {
                         cur.presence_visibility = enum_field::<pb::PresenceVisibility>(
                             "settings.presence_visibility",
                             new.presence_visibility,
-                        )?
+                        )?;
                     }
                     "last_seen" => {
-                        cur.last_seen = enum_field::<pb::LastSeenGranularity>("settings.last_seen", new.last_seen)?
+                        cur.last_seen = enum_field::<pb::LastSeenGranularity>("settings.last_seen", new.last_seen)?;
                     }
                     "last_seen_reciprocal" => cur.last_seen_reciprocal = new.last_seen_reciprocal,
                     "cross_app" => {
-                        cur.cross_app = enum_field::<pb::CrossAppReachability>("settings.cross_app", new.cross_app)?
+                        cur.cross_app = enum_field::<pb::CrossAppReachability>("settings.cross_app", new.cross_app)?;
                     }
                     "auto_answer_hint" => cur.auto_answer_hint = new.auto_answer_hint,
                     "group_call_rings" => cur.group_call_rings = new.group_call_rings,
@@ -306,16 +306,16 @@ impl IdentityApi {
                         cur.who_can_add_to_groups = enum_field::<pb::WhoCanAddToGroups>(
                             "settings.who_can_add_to_groups",
                             new.who_can_add_to_groups,
-                        )?
+                        )?;
                     }
                     "do_not_disturb" => cur.do_not_disturb = Some(new.do_not_disturb.unwrap_or_default()),
                     "do_not_disturb.enabled" => {
                         cur.do_not_disturb.get_or_insert_default().enabled =
-                            new.do_not_disturb.as_ref().is_some_and(|d| d.enabled)
+                            new.do_not_disturb.as_ref().is_some_and(|d| d.enabled);
                     }
                     "do_not_disturb.until" => {
                         cur.do_not_disturb.get_or_insert_default().until =
-                            new.do_not_disturb.as_ref().and_then(|d| d.until)
+                            new.do_not_disturb.as_ref().and_then(|d| d.until);
                     }
                     other => return Err(invalid("update_mask", format!("unknown or read-only field `{other}`"))),
                 }
@@ -367,11 +367,7 @@ impl IdentityApi {
 
     /// Resolves a handle for a caller of `caller_tenant`. Unknown, revoked,
     /// not-for-you and unreachable all look the same: NOT_FOUND.
-    async fn resolve(
-        &self,
-        handle: &str,
-        caller_tenant: &spine_runtime::ids::TenantId,
-    ) -> Result<spine_runtime::ids::TenantId> {
+    async fn resolve(&self, handle: &str, caller_tenant: &ids::TenantId) -> Result<ids::TenantId> {
         let sys = self.node().rt.system_store();
         match spine_runtime::directory::resolve_handle(&sys, handle, caller_tenant).await? {
             Some((tenant, _account)) => Ok(tenant),
@@ -744,7 +740,7 @@ impl Identity for IdentityApi {
         // person blocked).
         if let Ok(rec) = parse::<HandleRec>(&kv) {
             let peer = spine_runtime::directory::peer_interop(s.store.tenant().as_str(), handle);
-            for other in rec.allowed.iter().filter_map(|t| spine_runtime::ids::TenantId::parse(t)) {
+            for other in rec.allowed.iter().filter_map(|t| ids::TenantId::parse(t)) {
                 let ot = sys.tenant_for_maintenance(&other);
                 crate::data::delete_refs_to(&ot, &peer, Some(PeerList::Contacts)).await?;
             }

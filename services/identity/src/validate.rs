@@ -34,7 +34,7 @@ pub fn name(field: &'static str, v: &str, required: bool) -> Result<String> {
     if v.chars().any(char::is_control) {
         return Err(invalid(field, "control characters are not allowed"));
     }
-    if v.chars().any(spine_runtime::ids::is_bidi_control) {
+    if v.chars().any(ids::is_bidi_control) {
         return Err(invalid(field, "bidirectional formatting characters are not allowed"));
     }
     Ok(v.to_string())

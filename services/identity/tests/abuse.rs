@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use spine_identity::testing::{assert_code, req, start, start_on, start_with, test_config};
 use spine_proto::identity::v1 as pb;
 use spine_runtime::config::Backend;
 use spine_runtime::store::{
     EmbeddedStore, KeyValue, LeaseId, RangePage, Store, StoreError, Txn, TxnOutcome, WatchStream,
 };
+use spine_testing::{assert_code, req, start, start_on, start_with, test_config};
 use tokio::io::AsyncReadExt;
 use tonic::Code;
 

@@ -1,10 +1,10 @@
 //! The identity service end to end over gRPC, on both stores.
 
 use prost_types::FieldMask;
-use spine_identity::testing::{Env, assert_code, req, start};
 use spine_proto::common::v1::{PeerRef, peer_ref, retention};
 use spine_proto::identity::v1 as pb;
 use spine_runtime::config::Backend;
+use spine_testing::{Env, assert_code, req, start};
 use tonic::Code;
 
 macro_rules! on_both_stores {
@@ -536,7 +536,7 @@ async fn tenant_credentials_rotate(env: Env) {
     assert_eq!((again.credential_id.as_str(), again.secret.as_str()), (new.credential_id.as_str(), ""));
     // Both work during rotation.
     env.account(&t).await;
-    env.account(&spine_identity::testing::Tenant { id: t.id.clone(), cred: new.secret.clone() }).await;
+    env.account(&spine_testing::Tenant { id: t.id.clone(), cred: new.secret.clone() }).await;
     let creds = id
         .list_tenant_credentials(req(pb::ListTenantCredentialsRequest::default(), &new.secret))
         .await
@@ -556,7 +556,7 @@ async fn tenant_credentials_rotate(env: Env) {
         env.identity().create_account(req(pb::CreateAccountRequest { request_id: "z".into() }, &t.cred)).await,
         Code::Unauthenticated,
     );
-    env.account(&spine_identity::testing::Tenant { id: t.id.clone(), cred: new.secret.clone() }).await;
+    env.account(&spine_testing::Tenant { id: t.id.clone(), cred: new.secret.clone() }).await;
     // The last credential cannot be revoked by the tenant itself.
     let last = id
         .revoke_tenant_credential(req(
@@ -586,9 +586,9 @@ async fn tenant_credentials_rotate(env: Env) {
     assert_eq!(events[0].actor_id, env.operator.split('.').next().unwrap());
     assert_eq!(events[1].actor_id, old_id);
     // The stored records hold hashes, never a secret, in any encoding.
-    let dump = spine_runtime::testing::dump(&env.rt.store).await;
+    let dump = spine_testing::dump(&env.rt.store).await;
     for secret in [&t.cred, &new.secret] {
-        spine_runtime::testing::assert_absent(&dump, secret.split('.').nth(1).unwrap(), "a tenant secret");
+        spine_testing::assert_absent(&dump, secret.split('.').nth(1).unwrap(), "a tenant secret");
     }
 }
 
@@ -669,7 +669,7 @@ async fn a_second_node_verifies_and_revokes_from_the_store() {
     let t = env.tenant("messenger").await;
     let d = env.device(&t).await;
     let store2 = env.etcd.as_ref().unwrap().store().await;
-    let node2 = spine_identity::testing::start_on(store2, None, spine_identity::testing::test_config()).await;
+    let node2 = spine_testing::start_on(store2, None, spine_testing::test_config()).await;
     let mut id2 = node2.identity();
     id2.get_account(req(pb::GetAccountRequest::default(), &d.token)).await.unwrap();
     env.identity()
@@ -679,7 +679,7 @@ async fn a_second_node_verifies_and_revokes_from_the_store() {
         ))
         .await
         .unwrap();
-    let refused = spine_runtime::testing::eventually(std::time::Duration::from_secs(5), || {
+    let refused = spine_testing::eventually(std::time::Duration::from_secs(5), || {
         let mut id2 = id2.clone();
         let tok = d.token.clone();
         async move {
@@ -697,9 +697,9 @@ async fn a_second_node_verifies_and_revokes_from_the_store() {
 #[tokio::test]
 async fn signing_keys_are_sealed_at_rest() {
     use base64::Engine;
-    let mut config = spine_identity::testing::test_config();
+    let mut config = spine_testing::test_config();
     config.auth.key_encryption_key = Some(base64::engine::general_purpose::STANDARD.encode([42u8; 32]));
-    let env = spine_identity::testing::start_with(Backend::Embedded, config).await;
+    let env = spine_testing::start_with(Backend::Embedded, config).await;
     let t = env.tenant("t").await;
     let d = env.device(&t).await;
     env.identity().get_account(req(pb::GetAccountRequest::default(), &d.token)).await.unwrap();

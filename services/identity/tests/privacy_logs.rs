@@ -3,14 +3,14 @@
 //! every crate and trace level for Spine's own.
 
 use prost_types::FieldMask;
-use spine_identity::testing::{req, start};
 use spine_proto::common::v1::{PeerRef, peer_ref};
 use spine_proto::identity::v1 as pb;
 use spine_runtime::config::Backend;
+use spine_testing::{req, start};
 
 #[tokio::test]
 async fn logs_carry_no_identifiers_tokens_or_secrets() {
-    let capture = spine_runtime::testing::LogCapture::install(
+    let capture = spine_testing::LogCapture::install(
         "debug,spine_runtime=trace,spine_identity=trace,h2=info,hyper=info,tower=info",
     );
 

@@ -10,11 +10,11 @@ use base64::Engine;
 use bytes::{Buf, BufMut};
 use ed25519_dalek::SigningKey;
 use prost_types::FieldMask;
-use spine_identity::testing::{Device, Env, Tenant, assert_code, req, start};
 use spine_proto::common::v1::{InteropRef, PeerRef, peer_ref};
 use spine_proto::identity::v1 as pb;
 use spine_runtime::auth::token::{self, Claims};
 use spine_runtime::config::Backend;
+use spine_testing::{Device, Env, Tenant, assert_code, req, start};
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 

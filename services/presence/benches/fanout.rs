@@ -19,11 +19,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use spine_identity::testing::req;
 use spine_proto::identity::v1 as ipb;
 use spine_proto::presence::v1::presence_client::PresenceClient;
 use spine_proto::presence::v1::presence_server::{Presence, PresenceServer};
 use spine_proto::presence::v1::{self as pb, Status};
+use spine_testing::req;
 use tokio::sync::broadcast;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response};
@@ -115,7 +115,7 @@ async fn rounds(
     n: usize,
     streams: usize,
     delivered: &AtomicU64,
-    publish: impl Fn(usize, usize) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    publish: impl Fn(usize, usize) -> Pin<Box<dyn Future<Output = ()> + Send>>,
 ) -> f64 {
     let mut rates = Vec::new();
     for r in 0..n {
@@ -176,9 +176,9 @@ fn main() {
         .await;
 
         // Spine presence on the embedded store.
-        let env = spine_identity::testing::start_with_services(
+        let env = spine_testing::start_with_services(
             spine_runtime::config::Backend::Embedded,
-            spine_identity::testing::test_config(),
+            spine_testing::test_config(),
             |rt, mut routes, addr| async move {
                 let (names, _) = spine_presence::install(&rt, &mut routes, addr.to_string()).await.unwrap();
                 (routes, names)

@@ -124,8 +124,7 @@ async fn resolve(node: &Node, me: &Me, targets: &[pb::Target]) -> Result<Vec<Opt
         return Err(invalid("targets", "a target is named twice"));
     }
     let sys = node.rt.system_store();
-    let caller_tenant =
-        spine_runtime::ids::TenantId::parse(&me.account.0).ok_or_else(|| Status::internal("internal error"))?;
+    let caller_tenant = ids::TenantId::parse(&me.account.0).ok_or_else(|| Status::internal("internal error"))?;
     let mut out = Vec::with_capacity(targets.len());
     for t in targets {
         out.push(match t.target.as_ref() {
@@ -244,7 +243,7 @@ impl Presence for PresenceApi {
         let local_only = forwarded(&node, req.metadata(), WATCH);
         let targets = req.into_inner().targets;
         let fail = failed.clone();
-        let out = outbox.clone();
+        let out = outbox;
         tokio::spawn(async move {
             let _slot = slot;
             let open = spine_runtime::telemetry::metrics();
@@ -344,7 +343,7 @@ fn too_slow() -> Status {
 /// What a watch stream watches, and for whom.
 struct Watch<'a> {
     me: &'a Me,
-    principal: &'a spine_runtime::Principal,
+    principal: &'a Principal,
     keys: &'a [Option<AccountKey>],
     targets: &'a [pb::Target],
     auth: Option<&'a MetadataValue<Ascii>>,

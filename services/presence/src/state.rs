@@ -106,7 +106,7 @@ pub fn render(target: u32, status: Option<Status>, last_online: i64, view: Optio
                     a if a <= 7 * 86_400 => LastSeen::WithinWeek,
                     a if a <= 30 * 86_400 => LastSeen::WithinMonth,
                     _ => LastSeen::LongAgo,
-                } as i32
+                } as i32;
             }
             LastSeenGranularity::Hour | LastSeenGranularity::Exact => {
                 let unit = if view.last_seen == LastSeenGranularity::Hour { 3600 } else { 60 };

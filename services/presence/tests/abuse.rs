@@ -6,21 +6,21 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use spine_identity::testing::{Env, req};
 use spine_proto::common::v1::{InteropRef, PeerRef, peer_ref};
 use spine_proto::identity::v1 as ipb;
 use spine_proto::presence::v1 as pb;
 use spine_proto::presence::v1::presence_client::PresenceClient;
 use spine_runtime::config::Backend;
+use spine_testing::{Env, req};
 use tonic::Code;
 use tonic_types::StatusExt;
 
 async fn start() -> (Env, spine_presence::RingView) {
     let view = std::sync::Arc::new(std::sync::Mutex::new(None));
     let v = view.clone();
-    let env = spine_identity::testing::start_with_services(
+    let env = spine_testing::start_with_services(
         Backend::Embedded,
-        spine_identity::testing::test_config(),
+        spine_testing::test_config(),
         |rt, mut routes, addr| async move {
             let (names, ring) = spine_presence::install(&rt, &mut routes, addr.to_string()).await.expect("presence");
             *v.lock().unwrap() = Some(ring);
@@ -73,8 +73,7 @@ async fn a_device_holds_a_bounded_number_of_watches_and_frees_what_they_held() {
     // Closing the streams frees everything they held, and a new stream of
     // the device is accepted again.
     drop(open);
-    let freed =
-        spine_runtime::testing::eventually(Duration::from_secs(5), || async { ring.accounts_held() <= 1 }).await;
+    let freed = spine_testing::eventually(Duration::from_secs(5), || async { ring.accounts_held() <= 1 }).await;
     assert!(freed, "closed watches left {} accounts in memory", ring.accounts_held());
     client(&env).watch(req(pb::WatchRequest { targets: made_up(1) }, &d.token)).await.unwrap();
     // A target named twice in one watch (or query) is refused.

@@ -7,17 +7,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use spine_identity::testing::{Env, req};
 use spine_proto::common::v1::{PeerRef, peer_ref};
 use spine_proto::presence::v1::presence_client::PresenceClient;
 use spine_proto::presence::v1::{self as pb, Status};
 use spine_runtime::config::Backend;
 use spine_runtime::store::Store;
+use spine_testing::{Env, req};
 
 type Slot = Arc<Mutex<Option<spine_presence::RingView>>>;
 
 type Installed = (tonic::service::RoutesBuilder, Vec<&'static str>);
-type InstallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Installed> + Send>>;
+type InstallFuture = std::pin::Pin<Box<dyn Future<Output = Installed> + Send>>;
 
 /// Installs presence and keeps the node's ring view in `slot`.
 fn installer(
@@ -42,22 +42,12 @@ async fn announce(env: &Env, token: &str, status: Status) -> Result<(), tonic::S
 #[tokio::test]
 async fn presence_moves_when_its_owner_leaves_without_a_false_offline() {
     let (slot_a, slot_b): (Slot, Slot) = Default::default();
-    let a = spine_identity::testing::start_with_services(
-        Backend::Etcd,
-        spine_identity::testing::test_config(),
-        installer(slot_a.clone()),
-    )
-    .await;
+    let a = spine_testing::start_with_services(Backend::Etcd, spine_testing::test_config(), installer(slot_a.clone()))
+        .await;
     let store_b: Arc<dyn Store> = a.etcd.as_ref().unwrap().store().await;
-    let b = spine_identity::testing::start_on_with(
-        store_b,
-        None,
-        spine_identity::testing::test_config(),
-        installer(slot_b.clone()),
-    )
-    .await;
+    let b = spine_testing::start_on_with(store_b, None, spine_testing::test_config(), installer(slot_b.clone())).await;
     let ring = |s: &Slot| s.lock().unwrap().as_ref().map(|r| (r.me().to_string(), r.members())).unwrap();
-    let both = spine_runtime::testing::eventually(Duration::from_secs(10), || async {
+    let both = spine_testing::eventually(Duration::from_secs(10), || async {
         ring(&slot_a).1.len() == 2 && ring(&slot_b).1.len() == 2
     })
     .await;
@@ -101,7 +91,7 @@ async fn presence_moves_when_its_owner_leaves_without_a_false_offline() {
     };
     // The owner leaves.
     owner_env.server.stop().await.unwrap();
-    let moved = spine_runtime::testing::eventually(Duration::from_secs(10), || async {
+    let moved = spine_testing::eventually(Duration::from_secs(10), || async {
         other_env.rt.store.range_all("/spine/sys/presence/nodes/").await.map(|k| k.len() == 1).unwrap_or(false)
     })
     .await;
@@ -111,7 +101,7 @@ async fn presence_moves_when_its_owner_leaves_without_a_false_offline() {
     while Instant::now() < until {
         match tokio::time::timeout(until - Instant::now(), stream.next()).await {
             Ok(Some(Ok(u))) => {
-                assert_eq!(u.states[0].status, Status::Online as i32, "the watcher saw {:?}", u.states[0])
+                assert_eq!(u.states[0].status, Status::Online as i32, "the watcher saw {:?}", u.states[0]);
             }
             Ok(Some(Err(e))) => panic!("watch ended: {e:?}"),
             Ok(None) => panic!("watch ended"),

@@ -7,18 +7,18 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use prost_types::FieldMask;
-use spine_identity::testing::{Env, Tenant, req};
 use spine_proto::common::v1::{InteropRef, PeerRef, peer_ref};
 use spine_proto::identity::v1 as ipb;
 use spine_proto::presence::v1::presence_client::PresenceClient;
 use spine_proto::presence::v1::{self as pb, LastSeen, Status};
 use spine_runtime::config::Backend;
+use spine_testing::{Env, Tenant, req};
 use tonic::Code;
 
 async fn start() -> Env {
-    spine_identity::testing::start_with_services(
+    spine_testing::start_with_services(
         Backend::Embedded,
-        spine_identity::testing::test_config(),
+        spine_testing::test_config(),
         |rt, mut routes, addr| async move {
             let (names, _) = spine_presence::install(&rt, &mut routes, addr.to_string()).await.expect("presence");
             (routes, names)
@@ -358,7 +358,7 @@ async fn a_slow_watcher_is_dropped_without_slowing_others() {
         }
         tokio::time::sleep(Duration::from_millis(550)).await;
     }
-    let got_all = spine_runtime::testing::eventually(Duration::from_secs(10), || async {
+    let got_all = spine_testing::eventually(Duration::from_secs(10), || async {
         counted.load(std::sync::atomic::Ordering::Relaxed) >= 100 * 7
     })
     .await;

@@ -26,8 +26,6 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -188,7 +186,7 @@ impl Runtime {
     where
         T: Send + Sync + 'static,
         F: Fn(Arc<T>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<(), StoreError>> + Send,
+        Fut: Future<Output = Result<(), StoreError>> + Send,
     {
         let rt = self.clone();
         tokio::spawn(async move {
@@ -211,7 +209,7 @@ impl Runtime {
     where
         T: Send + Sync + 'static,
         F: Fn(Arc<T>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<(), E>> + Send,
+        Fut: Future<Output = Result<(), E>> + Send,
         E: std::fmt::Display,
     {
         tokio::spawn(async move {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use spine_runtime::store::{Compare, EtcdStore, Op, Store, StoreError, Txn};
-use spine_runtime::testing::EtcdCluster;
+use spine_runtime::store::{Compare, EtcdStore, Op, Store, StoreError, Txn, TxnOutcome};
+use spine_testing::EtcdCluster;
 
 /// A mix of what services do: reads, ranges, compare-and-swap writes, a
 /// lease with a leased key. Returns each operation's latency and every
@@ -136,8 +136,7 @@ async fn a_frozen_member_is_passed_over_until_it_answers() {
         assert!(slow <= 1, "{slow} requests waited for the frozen member");
         cluster.resume(victim);
         assert!(
-            spine_runtime::testing::eventually(Duration::from_secs(10), || async { store.healthy_members() == 3 })
-                .await,
+            spine_testing::eventually(Duration::from_secs(10), || async { store.healthy_members() == 3 }).await,
             "the probe finds the member answering again"
         );
     }
@@ -160,9 +159,51 @@ async fn etcd_over_tls_with_client_certificates() {
     assert!(EtcdStore::open(o).await.is_err(), "no client certificate");
     // A CA that did not sign the members' certificates: refused too.
     let other = tempfile::tempdir().unwrap();
-    let other = spine_runtime::testing::EtcdTlsFiles::generate(other.path());
+    let other = spine_testing::EtcdTlsFiles::generate(other.path());
     let mut o = cluster.options();
     o.connect_timeout = Duration::from_millis(800);
     o.tls.as_mut().unwrap().ca_pem = std::fs::read(&other.ca).unwrap();
     assert!(EtcdStore::open(o).await.is_err(), "unknown CA");
+}
+
+// The check a transaction whose answer was lost goes through (EtcdStore::applied).
+async fn open(cluster: &EtcdCluster) -> EtcdStore {
+    EtcdStore::open(cluster.options()).await.unwrap()
+}
+
+/// The check a transaction whose answer was lost goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_is_judged_by_the_store() {
+    let cluster = EtcdCluster::start(1).await;
+    let s = open(&cluster).await;
+    let put = |v: &str| Txn::new().when(Compare::Absent("/t/a".into())).then(Op::put("/t/a", v.to_string()));
+
+    // Sent, applied, answer lost: judged applied.
+    let seen = s.revision().await.unwrap();
+    let applied_txn = put("mine");
+    let out = s.txn(applied_txn.clone()).await.unwrap();
+    assert!(out.succeeded);
+    assert_eq!(
+        s.applied(&applied_txn, seen).await.unwrap(),
+        Some(TxnOutcome { succeeded: true, revision: out.revision })
+    );
+
+    // Another writer's value: not ours.
+    assert_eq!(s.applied(&put("theirs"), seen).await.unwrap(), None);
+    // Our value, but written before we sent: not this attempt's doing.
+    let now = s.revision().await.unwrap();
+    assert_eq!(s.applied(&applied_txn, now).await.unwrap(), None);
+    // Never sent: the key is absent.
+    let other = Txn::new().then(Op::put("/t/b", "x"));
+    assert_eq!(s.applied(&other, now).await.unwrap(), None);
+
+    // A delete-only transaction is judged by whether its keys are gone.
+    let del = Txn::new().then(Op::delete("/t/a")).then(Op::delete_prefix("/t/p/"));
+    assert_eq!(s.applied(&del, now).await.unwrap(), None, "/t/a is still there");
+    s.delete("/t/a").await.unwrap();
+    assert!(s.applied(&del, now).await.unwrap().is_some_and(|o| o.succeeded));
+    s.put("/t/p/1", b"x".to_vec()).await.unwrap();
+    assert_eq!(s.applied(&del, now).await.unwrap(), None, "a key under the prefix is left");
+    // Nothing to judge by: not taken as applied.
+    assert_eq!(s.applied(&Txn::new(), now).await.unwrap(), None);
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use spine_runtime::store::{Compare, EmbeddedStore, EventKind, MAX_TXN_OPS, Op, Store, StoreError, Txn};
-use spine_runtime::testing::{EtcdServer, eventually};
+use spine_testing::{EtcdServer, eventually};
 
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -24,7 +24,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let server = spine_runtime::testing::EtcdServer::start().await;
+                    let server = spine_testing::EtcdServer::start().await;
                     super::$name(server.store().await).await;
                 }
             )*

@@ -80,7 +80,7 @@ pub async fn shutdown_signal() {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await
+                std::future::pending::<()>().await;
             }
         }
     };

@@ -17,7 +17,7 @@ use spine_proto::common::v1::{PeerRef, peer_ref};
 use spine_proto::identity::v1 as ipb;
 use spine_proto::identity::v1::identity_client::IdentityClient;
 use spine_proto::identity::v1::tenant_admin_client::TenantAdminClient;
-use spine_runtime::testing::{EtcdServer, eventually, free_port};
+use spine_testing::{EtcdServer, eventually, free_port};
 use support::{connect, device, operator, req, serve};
 use tonic::transport::Channel;
 

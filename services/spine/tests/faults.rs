@@ -33,7 +33,7 @@ use spine_proto::identity::v1 as ipb;
 use spine_proto::identity::v1::identity_client::IdentityClient;
 use spine_proto::presence::v1 as ppb;
 use spine_proto::presence::v1::presence_client::PresenceClient;
-use spine_runtime::testing::{EtcdCluster, eventually, free_port};
+use spine_testing::{EtcdCluster, eventually, free_port};
 use support::{BIN, KEK, Proc, connect, req};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -139,7 +139,7 @@ impl Nodes {
     async fn call<T, F, Fut>(&self, op: &'static str, home: &AtomicUsize, mut f: F) -> Result<T, Status>
     where
         F: FnMut(Channel) -> Fut,
-        Fut: std::future::Future<Output = Result<T, Status>>,
+        Fut: Future<Output = Result<T, Status>>,
     {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut after_lost = false;

@@ -21,7 +21,7 @@ use spine_proto::common::v1::{PeerRef, peer_ref};
 use spine_proto::identity::v1 as pb;
 use spine_proto::identity::v1::identity_client::IdentityClient;
 use spine_proto::identity::v1::tenant_admin_client::TenantAdminClient;
-use spine_runtime::testing::free_port;
+use spine_testing::free_port;
 use support::Proc;
 use tonic::{Request, Response, Status};
 

@@ -14,7 +14,7 @@ use spine_proto::identity::v1::identity_client::IdentityClient;
 use spine_proto::identity::v1::tenant_admin_client::TenantAdminClient;
 use spine_proto::presence::v1::presence_client::PresenceClient;
 use spine_proto::presence::v1::{self as pb, Status};
-use spine_runtime::testing::{EtcdServer, free_port};
+use spine_testing::{EtcdServer, free_port};
 use support::{connect, device, operator, req, serve};
 
 #[tokio::test]
@@ -35,7 +35,7 @@ async fn a_crashed_owner_hands_presence_over_without_a_false_offline() {
             .map(|kv| (kv.key.rsplit('/').next().unwrap().to_string(), String::from_utf8(kv.value).unwrap()))
             .collect::<Vec<_>>()
     };
-    assert!(spine_runtime::testing::eventually(Duration::from_secs(10), || async { nodes().await.len() == 2 }).await);
+    assert!(spine_testing::eventually(Duration::from_secs(10), || async { nodes().await.len() == 2 }).await);
 
     let tenant = TenantAdminClient::new(ch_a.clone())
         .create_tenant(req(ipb::CreateTenantRequest { request_id: "t".into(), display_name: "t".into() }, &operator))
@@ -105,14 +105,14 @@ async fn a_crashed_owner_hands_presence_over_without_a_false_offline() {
     doomed.0.kill().unwrap();
     let _ = doomed.0.wait();
     assert!(
-        spine_runtime::testing::eventually(Duration::from_secs(15), || async { nodes().await.len() == 1 }).await,
+        spine_testing::eventually(Duration::from_secs(15), || async { nodes().await.len() == 1 }).await,
         "the dead node's lease did not expire"
     );
     let until = Instant::now() + Duration::from_secs(12);
     while Instant::now() < until {
         match tokio::time::timeout(until - Instant::now(), stream.next()).await {
             Ok(Some(Ok(u))) => {
-                assert_eq!(u.states[0].status, Status::Online as i32, "the watcher saw {:?}", u.states[0])
+                assert_eq!(u.states[0].status, Status::Online as i32, "the watcher saw {:?}", u.states[0]);
             }
             Ok(other) => panic!("watch ended: {other:?}"),
             Err(_) => break,

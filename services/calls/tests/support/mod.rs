@@ -7,20 +7,20 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use prost_types::FieldMask;
-use spine_identity::testing::{Device, Env, Tenant, req};
 use spine_proto::calls::v1 as pb;
 use spine_proto::calls::v1::calls_client::CallsClient;
 use spine_proto::common::v1::{InteropRef, PeerRef, peer_ref};
 use spine_proto::identity::v1 as ipb;
 use spine_runtime::config::{Backend, Config};
 use spine_runtime::store::{EmbeddedStore, Store};
-use spine_runtime::testing::EtcdServer;
+use spine_testing::EtcdServer;
+use spine_testing::{Device, Env, Tenant, req};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 pub fn config() -> Config {
-    let mut c = spine_identity::testing::test_config();
+    let mut c = spine_testing::test_config();
     c.calls.ring_timeout_secs = 30;
     c.calls.node_ttl_secs = 2;
     c
@@ -52,26 +52,24 @@ pub async fn nodes_with_views(
         let mut c = config();
         tweak(i, &mut c);
         let (v, r) = (views.clone(), rings.clone());
-        let env =
-            spine_identity::testing::start_on_with(store.clone(), etcd.take(), c, |rt, mut routes, addr| async move {
-                let mut names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
-                let (more, view) =
-                    spine_calls::install(&rt, &mut routes, addr.to_string()).await.expect("calls install");
-                v.lock().unwrap().push(view);
-                names.extend(more);
-                let (more, ring) =
-                    spine_presence::install(&rt, &mut routes, addr.to_string()).await.expect("presence install");
-                r.lock().unwrap().push(ring);
-                names.extend(more);
-                (routes, names)
-            })
-            .await;
+        let env = spine_testing::start_on_with(store.clone(), etcd.take(), c, |rt, mut routes, addr| async move {
+            let mut names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
+            let (more, view) = spine_calls::install(&rt, &mut routes, addr.to_string()).await.expect("calls install");
+            v.lock().unwrap().push(view);
+            names.extend(more);
+            let (more, ring) =
+                spine_presence::install(&rt, &mut routes, addr.to_string()).await.expect("presence install");
+            r.lock().unwrap().push(ring);
+            names.extend(more);
+            (routes, names)
+        })
+        .await;
         out.push(env);
     }
     // Every node sees every other.
     for env in &out {
         assert!(
-            spine_runtime::testing::eventually(Duration::from_secs(10), || async {
+            spine_testing::eventually(Duration::from_secs(10), || async {
                 env.rt.store.count("/spine/sys/calls/nodes/").await.unwrap() as usize == n
                     && env.rt.store.count("/spine/sys/presence/nodes/").await.unwrap() as usize == n
             })
@@ -82,7 +80,7 @@ pub async fn nodes_with_views(
     // an account before a test announces or watches).
     let all_rings = std::mem::take(&mut *rings.lock().unwrap());
     assert!(
-        spine_runtime::testing::eventually(Duration::from_secs(10), || async {
+        spine_testing::eventually(Duration::from_secs(10), || async {
             all_rings.iter().all(|r| r.members().len() == n)
         })
         .await

@@ -5,21 +5,21 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use spine_identity::testing::{Env, Tenant, req};
 use spine_mls::DeviceName;
 use spine_mls::client::{Client, CommitBundle, DeviceKey, Group};
 use spine_proto::groups::v1 as pb;
 use spine_proto::groups::v1::groups_client::GroupsClient;
 use spine_runtime::config::Backend;
+use spine_testing::{Env, Tenant, req};
 use tonic::transport::Channel;
 
 pub async fn start(backend: Backend) -> Env {
-    start_with(backend, spine_identity::testing::test_config()).await
+    start_with(backend, spine_testing::test_config()).await
 }
 
 /// [`start`] with a config of the test's own.
 pub async fn start_with(backend: Backend, config: spine_runtime::Config) -> Env {
-    spine_identity::testing::start_with_services(backend, config, |rt, mut routes, _| async move {
+    spine_testing::start_with_services(backend, config, |rt, mut routes, _| async move {
         let names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
         (routes, names)
     })
@@ -226,7 +226,7 @@ pub async fn group_info(env: &Env, token: &str, gid: &[u8]) -> pb::GroupInfoResp
 }
 
 /// Members of one tenant in one group, all at the same epoch.
-pub async fn group_of(env: &Env, n: usize, gid: &[u8]) -> (spine_identity::testing::Tenant, Vec<Member>) {
+pub async fn group_of(env: &Env, n: usize, gid: &[u8]) -> (Tenant, Vec<Member>) {
     let t = env.tenant("t").await;
     let mut members = Vec::new();
     for _ in 0..n {

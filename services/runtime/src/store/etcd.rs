@@ -362,7 +362,7 @@ impl EtcdStore {
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
         F: FnMut(etcd::Client) -> Fut,
-        Fut: std::future::Future<Output = Result<T, etcd::Error>>,
+        Fut: Future<Output = Result<T, etcd::Error>>,
     {
         self.run_within(self.inner.request_timeout, op).await
     }
@@ -370,7 +370,7 @@ impl EtcdStore {
     async fn run_within<T, F, Fut>(&self, budget: Duration, mut op: F) -> Result<T, StoreError>
     where
         F: FnMut(etcd::Client) -> Fut,
-        Fut: std::future::Future<Output = Result<T, etcd::Error>>,
+        Fut: Future<Output = Result<T, etcd::Error>>,
     {
         let deadline = Instant::now() + budget;
         let mut backoff = Duration::from_millis(25);
@@ -399,7 +399,7 @@ impl EtcdStore {
     async fn attempt<T, F, Fut>(&self, i: usize, deadline: Instant, op: &mut F) -> Result<T, Failure>
     where
         F: FnMut(etcd::Client) -> Fut,
-        Fut: std::future::Future<Output = Result<T, etcd::Error>>,
+        Fut: Future<Output = Result<T, etcd::Error>>,
     {
         let left = deadline.saturating_duration_since(Instant::now());
         let wait = self.inner.attempt_timeout.min(left).max(Duration::from_millis(1));
@@ -421,7 +421,8 @@ impl EtcdStore {
 
     /// Whether a transaction whose answer was lost applied, judged from
     /// the store now (see the module docs); `None` if that cannot be told.
-    async fn applied(&self, txn: &Txn, seen_before: i64) -> Result<Option<TxnOutcome>, StoreError> {
+    #[doc(hidden)] // public for the store tests in tests/etcd_members.rs
+    pub async fn applied(&self, txn: &Txn, seen_before: i64) -> Result<Option<TxnOutcome>, StoreError> {
         if let Some((key, value)) = txn.success.iter().find_map(|op| match op {
             Op::Put { key, value, .. } => Some((key, value)),
             _ => None,
@@ -668,52 +669,5 @@ impl Store for EtcdStore {
             .await?;
         self.saw(resp.header());
         Ok(resp.count().max(0) as u64)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::EtcdCluster;
-
-    async fn store(cluster: &EtcdCluster) -> EtcdStore {
-        EtcdStore::open(cluster.options()).await.unwrap()
-    }
-
-    /// The check a transaction whose answer was lost goes through.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_lost_answer_is_judged_by_the_store() {
-        let cluster = EtcdCluster::start(1).await;
-        let s = store(&cluster).await;
-        let put = |v: &str| Txn::new().when(Compare::Absent("/t/a".into())).then(Op::put("/t/a", v.to_string()));
-
-        // Sent, applied, answer lost: judged applied.
-        let seen = s.revision().await.unwrap();
-        let applied_txn = put("mine");
-        let out = s.txn(applied_txn.clone()).await.unwrap();
-        assert!(out.succeeded);
-        assert_eq!(
-            s.applied(&applied_txn, seen).await.unwrap(),
-            Some(TxnOutcome { succeeded: true, revision: out.revision })
-        );
-
-        // Another writer's value: not ours.
-        assert_eq!(s.applied(&put("theirs"), seen).await.unwrap(), None);
-        // Our value, but written before we sent: not this attempt's doing.
-        let now = s.revision().await.unwrap();
-        assert_eq!(s.applied(&applied_txn, now).await.unwrap(), None);
-        // Never sent: the key is absent.
-        let other = Txn::new().then(Op::put("/t/b", "x"));
-        assert_eq!(s.applied(&other, now).await.unwrap(), None);
-
-        // A delete-only transaction is judged by whether its keys are gone.
-        let del = Txn::new().then(Op::delete("/t/a")).then(Op::delete_prefix("/t/p/"));
-        assert_eq!(s.applied(&del, now).await.unwrap(), None, "/t/a is still there");
-        s.delete("/t/a").await.unwrap();
-        assert!(s.applied(&del, now).await.unwrap().is_some_and(|o| o.succeeded));
-        s.put("/t/p/1", b"x".to_vec()).await.unwrap();
-        assert_eq!(s.applied(&del, now).await.unwrap(), None, "a key under the prefix is left");
-        // Nothing to judge by: not taken as applied.
-        assert_eq!(s.applied(&Txn::new(), now).await.unwrap(), None);
     }
 }

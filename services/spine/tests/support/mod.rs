@@ -249,13 +249,13 @@ pub async fn call_raw(ch: &Channel, path: &str, streaming: (bool, bool), cred: &
 /// Every service in this process on an in-memory embedded store, as
 /// `spine serve` assembles them: (the server, a channel to it, an operator
 /// credential).
-pub async fn in_process_node() -> (spine_runtime::testing::TestServer, Channel, String) {
+pub async fn in_process_node() -> (spine_testing::TestServer, Channel, String) {
     let store = std::sync::Arc::new(spine_runtime::store::EmbeddedStore::in_memory());
-    let rt = spine_runtime::Runtime::with_store(spine_identity::testing::test_config(), store).unwrap();
+    let rt = spine_runtime::Runtime::with_store(spine_testing::test_config(), store).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (routes, names) = spine::node::assemble(&rt, addr).await.unwrap();
-    let server = spine_runtime::testing::TestServer::start_on(listener, rt.clone(), routes, names).await;
+    let server = spine_testing::TestServer::start_on(listener, rt.clone(), routes, names).await;
     let ch = server.channel().await;
     let operator = spine_identity::bootstrap_operator(&rt, "test").await.unwrap();
     (server, ch, operator)

@@ -1,12 +1,24 @@
-//! Test support: a real etcd server on free loopback ports, started per test
-//! and stopped when dropped.
+//! Spine's test support, for the tests of every crate in the workspace:
+//! - real etcd servers and clusters on free loopback ports (plain or TLS),
+//!   started per test and stopped when dropped ([`EtcdServer`],
+//!   [`EtcdCluster`]);
+//! - a node's services on a free port ([`TestServer`]), and the identity
+//!   harness most tests start from ([`Env`]: an operator credential and
+//!   helpers that make tenants, accounts and devices through the public API);
+//! - what privacy tests need: log capture, store dumps and the readings of
+//!   stored values a secret could hide in.
+//!
+//! It is a dev-dependency only; nothing here ships in the binary.
+
+mod env;
+pub use env::*;
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::store::{EtcdStore, Store};
+use spine_runtime::store::{EtcdStore, Store};
 
 /// A free TCP port on 127.0.0.1 (bound then released), chosen at random
 /// below Linux's ephemeral range: the kernel's own choices for port 0 come
@@ -100,9 +112,9 @@ impl EtcdTlsFiles {
     }
 
     /// What a node needs to reach the cluster.
-    pub fn client(&self) -> crate::store::EtcdTls {
+    pub fn client(&self) -> spine_runtime::store::EtcdTls {
         let read = |p: &std::path::Path| std::fs::read(p).expect("read TLS material");
-        crate::store::EtcdTls {
+        spine_runtime::store::EtcdTls {
             ca_pem: read(&self.ca),
             client_cert_pem: Some(read(&self.client_cert)),
             client_key_pem: Some(read(&self.client_key)),
@@ -233,8 +245,8 @@ impl EtcdCluster {
     }
 
     /// Options reaching every member (with TLS if the cluster has it).
-    pub fn options(&self) -> crate::store::EtcdOptions {
-        let mut o = crate::store::EtcdOptions::new(&self.endpoints(), Duration::from_secs(5));
+    pub fn options(&self) -> spine_runtime::store::EtcdOptions {
+        let mut o = spine_runtime::store::EtcdOptions::new(&self.endpoints(), Duration::from_secs(5));
         o.tls = self.tls.as_ref().map(EtcdTlsFiles::client);
         o
     }
@@ -334,7 +346,7 @@ impl Drop for EtcdCluster {
 pub async fn eventually<F, Fut>(within: Duration, mut cond: F) -> bool
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: Future<Output = bool>,
 {
     let deadline = Instant::now() + within;
     loop {
@@ -352,15 +364,19 @@ where
 #[derive(Debug)]
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
-    config: crate::Config,
+    config: spine_runtime::Config,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), crate::server::ServeError>>,
+    task: tokio::task::JoinHandle<Result<(), spine_runtime::server::ServeError>>,
 }
 
 impl TestServer {
     /// Serves `routes` through the full runtime stack (auth, metrics,
     /// health, reflection) and returns once credentials can be verified.
-    pub async fn start(rt: Arc<crate::Runtime>, routes: tonic::service::Routes, names: Vec<&'static str>) -> Self {
+    pub async fn start(
+        rt: Arc<spine_runtime::Runtime>,
+        routes: tonic::service::Routes,
+        names: Vec<&'static str>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         Self::start_on(listener, rt, routes, names).await
     }
@@ -369,13 +385,13 @@ impl TestServer {
     /// services that must know their own address).
     pub async fn start_on(
         listener: tokio::net::TcpListener,
-        rt: Arc<crate::Runtime>,
+        rt: Arc<spine_runtime::Runtime>,
         routes: tonic::service::Routes,
         names: Vec<&'static str>,
     ) -> Self {
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(crate::server::serve(rt.clone(), routes, names, listener, async {
+        let task = tokio::spawn(spine_runtime::server::serve(rt.clone(), routes, names, listener, async {
             let _ = rx.await;
         }));
         rt.auth.wait_synced().await;
@@ -390,7 +406,7 @@ impl TestServer {
     /// A connected channel (over TLS, as a peer node would connect, when
     /// the server serves TLS).
     pub async fn channel(&self) -> tonic::transport::Channel {
-        crate::server::peer_endpoint(&self.config, &self.addr.to_string())
+        spine_runtime::server::peer_endpoint(&self.config, &self.addr.to_string())
             .expect("endpoint")
             .connect()
             .await
@@ -398,7 +414,7 @@ impl TestServer {
     }
 
     /// Drains and stops the server (as on SIGTERM).
-    pub async fn stop(mut self) -> Result<(), crate::server::ServeError> {
+    pub async fn stop(mut self) -> Result<(), spine_runtime::server::ServeError> {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
@@ -445,8 +461,8 @@ impl std::io::Write for LogCapture {
 }
 
 /// Every key and value under `/spine/`, for tests that search the store.
-pub async fn dump(store: &Arc<dyn Store>) -> Vec<crate::store::KeyValue> {
-    store.range_all(crate::store::scoped::ROOT).await.expect("dump the store")
+pub async fn dump(store: &Arc<dyn Store>) -> Vec<spine_runtime::store::KeyValue> {
+    store.range_all(spine_runtime::store::scoped::ROOT).await.expect("dump the store")
 }
 
 /// The byte strings a stored value may hide `needle` in: the value itself,
@@ -497,7 +513,7 @@ pub fn readings(value: &[u8]) -> Vec<Vec<u8>> {
 }
 
 /// Whether a stored key or value holds `needle`, plainly or in base64.
-pub fn mentions(kv: &crate::store::KeyValue, needle: &str) -> bool {
+pub fn mentions(kv: &spine_runtime::store::KeyValue, needle: &str) -> bool {
     let n = needle.as_bytes();
     let has = |hay: &[u8]| hay.windows(n.len()).any(|w| w == n);
     has(kv.key.as_bytes()) || readings(&kv.value).iter().any(|r| has(r))
@@ -506,7 +522,7 @@ pub fn mentions(kv: &crate::store::KeyValue, needle: &str) -> bool {
 /// Fails the test if any stored key or value holds `needle` (named `what`
 /// in the message), in any encoding [`readings`] knows.
 #[track_caller]
-pub fn assert_absent(dump: &[crate::store::KeyValue], needle: &str, what: &str) {
+pub fn assert_absent(dump: &[spine_runtime::store::KeyValue], needle: &str, what: &str) {
     for kv in dump {
         assert!(!mentions(kv, needle), "{what} is stored under {}", kv.key);
     }

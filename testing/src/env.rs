@@ -1,10 +1,11 @@
-//! Test support (feature `testing`): an identity server, plus any other
+//! The identity harness: an identity server, plus any other
 //! services a test installs, on a free loopback port over either store, with
 //! an operator credential and helpers that make tenants, accounts and
 //! devices through the public API.
 
 use std::sync::Arc;
 
+use crate::{EtcdServer, TestServer};
 use ed25519_dalek::SigningKey;
 use spine_proto::identity::v1 as pb;
 use spine_proto::identity::v1::identity_client::IdentityClient;
@@ -12,7 +13,6 @@ use spine_proto::identity::v1::tenant_admin_client::TenantAdminClient;
 use spine_runtime::Runtime;
 use spine_runtime::config::{Backend, Config};
 use spine_runtime::store::{EmbeddedStore, Store};
-use spine_runtime::testing::{EtcdServer, TestServer};
 use tonic::service::RoutesBuilder;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -69,7 +69,7 @@ pub async fn start_with(backend: Backend, config: Config) -> Env {
 pub async fn start_with_services<F, Fut>(backend: Backend, config: Config, extra: F) -> Env
 where
     F: FnOnce(Arc<Runtime>, RoutesBuilder, std::net::SocketAddr) -> Fut,
-    Fut: std::future::Future<Output = (RoutesBuilder, Vec<&'static str>)>,
+    Fut: Future<Output = (RoutesBuilder, Vec<&'static str>)>,
 {
     let (store, etcd): (Arc<dyn Store>, _) = match backend {
         Backend::Embedded => (Arc::new(EmbeddedStore::in_memory()), None),
@@ -88,17 +88,17 @@ pub async fn start_on(store: Arc<dyn Store>, etcd: Option<EtcdServer>, config: C
 pub async fn start_on_with<F, Fut>(store: Arc<dyn Store>, etcd: Option<EtcdServer>, config: Config, extra: F) -> Env
 where
     F: FnOnce(Arc<Runtime>, RoutesBuilder, std::net::SocketAddr) -> Fut,
-    Fut: std::future::Future<Output = (RoutesBuilder, Vec<&'static str>)>,
+    Fut: Future<Output = (RoutesBuilder, Vec<&'static str>)>,
 {
     let rt = Runtime::with_store(config, store).expect("test config starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let addr = listener.local_addr().expect("local addr");
     let mut routes = RoutesBuilder::default();
-    let mut names = crate::install(&rt, &mut routes);
+    let mut names = spine_identity::install(&rt, &mut routes);
     let (routes, more) = extra(rt.clone(), routes, addr).await;
     names.extend(more);
     let server = TestServer::start_on(listener, rt.clone(), routes.routes(), names).await;
-    let operator = crate::bootstrap_operator(&rt, "test").await.unwrap();
+    let operator = spine_identity::bootstrap_operator(&rt, "test").await.unwrap();
     let channel = server.channel().await;
     Env { rt, server, operator, channel, etcd }
 }

@@ -2,12 +2,12 @@
 //! and every kind of item in the data report is listed in docs/privacy.md.
 
 use prost::Message;
-use spine_identity::testing::{req, start};
 use spine_proto::identity::v1 as pb;
 use spine_runtime::config::Backend;
+use spine_testing::{req, start};
 
 fn doc(name: &str) -> String {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/");
     std::fs::read_to_string(format!("{path}{name}")).unwrap()
 }
 
