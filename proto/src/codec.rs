@@ -4,13 +4,13 @@
 //! tell its own bad input from a server bug:
 //! - bytes that do not decode as the message are INVALID_ARGUMENT, not the
 //!   INTERNAL the stock codec gives;
-//! - a message larger than the configured limit ([`set_max_message_bytes`],
-//!   from `limits.max_message_bytes`) is INVALID_ARGUMENT naming the limit.
-//!   tonic's own cap ([`TRANSPORT_MAX_MESSAGE_BYTES`]) sits far above it and
-//!   answers OUT_OF_RANGE only for absurd sizes.
+//! - it starts encoders small (see below).
+//!
+//! A node's own message limit (`limits.max_message_bytes`) is enforced on
+//! the wire before decoding, by `spine_runtime::frames`; tonic's cap
+//! ([`TRANSPORT_MAX_MESSAGE_BYTES`]) sits behind it.
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prost::Message;
 use tonic::Status;
@@ -19,18 +19,6 @@ use tonic_prost::{ProstCodec, ProstEncoder};
 
 /// The cap services give tonic (`max_decoding_message_size`).
 pub const TRANSPORT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
-
-static MAX_MESSAGE_BYTES: AtomicUsize = AtomicUsize::new(2 * 1024 * 1024);
-
-/// Sets the largest message any Spine method accepts (process-wide).
-pub fn set_max_message_bytes(n: usize) {
-    MAX_MESSAGE_BYTES.store(n.min(TRANSPORT_MAX_MESSAGE_BYTES), Ordering::Relaxed);
-}
-
-/// The largest message any Spine method accepts.
-pub fn max_message_bytes() -> usize {
-    MAX_MESSAGE_BYTES.load(Ordering::Relaxed)
-}
 
 /// Prost codec whose decode errors are INVALID_ARGUMENT.
 #[derive(Debug, Clone)]
@@ -74,10 +62,6 @@ impl<U: Message + Default> Decoder for SpineDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        let (len, max) = (bytes::Buf::remaining(buf), max_message_bytes());
-        if len > max {
-            return Err(Status::invalid_argument(format!("message of {len} bytes exceeds the limit of {max} bytes")));
-        }
         U::decode(buf).map(Some).map_err(|e| Status::invalid_argument(format!("malformed protobuf message: {e}")))
     }
 }

@@ -36,6 +36,8 @@ pub fn test_config() -> Config {
     let mut c = Config::default();
     c.auth.key_activation_delay_secs = 0;
     c.auth.key_encryption_key = Some(TEST_KEK.into());
+    // Shared by every node of a test, as a deployment's nodes share it.
+    c.telemetry.id_hash_key = Some("test id hash key".into());
     let generous = spine_runtime::rate::Limit {
         account: spine_runtime::rate::Rate::new(100_000.0, 100_000.0),
         tenant: spine_runtime::rate::Rate::new(1_000_000.0, 1_000_000.0),
@@ -94,7 +96,10 @@ where
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let addr = listener.local_addr().expect("local addr");
     let mut routes = RoutesBuilder::default();
-    let mut names = spine_identity::install(&rt, &mut routes);
+    let (mut names, ()) =
+        spine_runtime::service::install::<spine_identity::Identity>(&rt, &mut routes, addr.to_string())
+            .await
+            .expect("identity starts");
     let (routes, more) = extra(rt.clone(), routes, addr).await;
     names.extend(more);
     let server = TestServer::start_on(listener, rt.clone(), routes.routes(), names).await;

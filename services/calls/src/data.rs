@@ -9,7 +9,7 @@ use spine_runtime::store::TenantStore;
 use tonic::Status;
 
 use crate::Node;
-use crate::model::{AccountKey, End, State, now_ms};
+use crate::model::{AccountKey, End, State};
 use crate::records;
 
 pub(crate) struct CallsData(pub Arc<Node>);
@@ -73,7 +73,7 @@ pub(crate) async fn delete_account(node: &Node, t: &TenantStore, account: &str) 
         match node
             .cluster
             .update(&rec.id, |r| {
-                crate::machine::end(r, End::AccountDeleted, now_ms());
+                crate::machine::end(r, End::AccountDeleted, node.clock.now_ms());
                 Ok(())
             })
             .await
@@ -187,7 +187,12 @@ impl AccountData for CallsData {
         for (rec, _) in self.0.cluster.calls_of(&me.account_key()) {
             if rec.leg_of(&me).is_some() {
                 let idle = self.0.idle_ms();
-                match self.0.cluster.update(&rec.id, |r| crate::machine::hang_up(r, &me, now_ms(), idle)).await {
+                match self
+                    .0
+                    .cluster
+                    .update(&rec.id, |r| crate::machine::hang_up(r, &me, self.0.clock.now_ms(), idle))
+                    .await
+                {
                     Ok(_) | Err(crate::error::CallError::NotFound | crate::error::CallError::Precondition { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }

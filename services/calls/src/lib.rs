@@ -14,14 +14,18 @@
 //! key, or keep anything about a call after it ends beyond what the
 //! tenant's record policy names.
 
+pub mod clock;
 mod cluster;
+pub mod config;
 mod data;
 mod error;
 mod machine;
 mod media;
 mod metrics;
 mod model;
+mod placement;
 mod records;
+mod relay;
 mod rules;
 mod service;
 mod turn;
@@ -31,27 +35,32 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{CallsConfig, TurnConfig};
 use spine_proto::calls::v1::call_records_server::CallRecordsServer;
 use spine_proto::calls::v1::calls_server::CallsServer;
 use spine_proto::calls::v1::media_nodes_server::MediaNodesServer;
-use spine_runtime::Runtime;
-use spine_runtime::store::{GroupSpace, StoreError};
-use tonic::server::NamedService;
-use tonic::service::RoutesBuilder;
+use spine_runtime::service::{Installer, SpineService};
+use spine_runtime::store::{SharedSpace, StoreError};
+use spine_runtime::{Runtime, StartError};
 
-pub use service::MAX_PAYLOAD;
+pub use relay::MAX_PAYLOAD;
 pub use turn::mint as mint_turn_credentials;
 
 pub(crate) struct Node {
     rt: Arc<Runtime>,
     cluster: Arc<cluster::Cluster>,
-    groups: GroupSpace,
+    groups: SharedSpace,
     /// Lease for idempotency answers (media-node credentials).
     idem_lease: spine_runtime::store::SharedLease,
     /// Legs of the calls this node runs whose device has no signalling
     /// session: since when (ms). Kept in memory by the call's home: a call
     /// adopted by another node starts counting again there.
     unattended: std::sync::Mutex<HashMap<(String, String), i64>>,
+    /// The `[calls]` section.
+    config: CallsConfig,
+    /// Time, for every timer and timestamp (tests drive it).
+    clock: Arc<dyn Clock>,
 }
 
 /// How a calls node sees the cluster (for tests and tools).
@@ -91,7 +100,7 @@ async fn finish_deletions(node: &Node) -> Result<(), String> {
 /// Every 200 ms: ring timeouts and idle ends of the calls this node runs,
 /// and ended calls left behind.
 async fn timers(node: &Node) -> Result<(), String> {
-    let now = model::now_ms();
+    let now = node.clock.now_ms();
     for (rec, rev) in node.cluster.my_calls() {
         if rec.state == model::State::Ended {
             if rec.ended_ms.is_some_and(|e| e + 3000 < now) {
@@ -102,7 +111,7 @@ async fn timers(node: &Node) -> Result<(), String> {
         // A copy first: most ticks change nothing and need no store work.
         if machine::tick(&mut rec.clone(), now) {
             let r = node.cluster.update(&rec.id, |c| {
-                machine::tick(c, model::now_ms());
+                machine::tick(c, node.clock.now_ms());
                 Ok(())
             });
             if let Err(e) = r.await {
@@ -117,7 +126,7 @@ async fn timers(node: &Node) -> Result<(), String> {
 /// for `calls.unattended_secs`, by call; the clock of every other leg is
 /// reset.
 fn lost_legs(node: &Node, calls: &[(model::CallRec, i64)], now: i64) -> HashMap<String, Vec<model::DevKey>> {
-    let limit = (node.rt.config.calls.unattended_secs * 1000) as i64;
+    let limit = (node.config.unattended_secs * 1000) as i64;
     let mut since = node.unattended.lock().expect("unattended lock");
     let mut seen = std::collections::HashSet::new();
     let mut lost: HashMap<String, Vec<model::DevKey>> = HashMap::new();
@@ -146,14 +155,14 @@ async fn housekeeping(node: &Node) -> Result<(), String> {
     node.cluster.adopt_orphans().await;
     let idle = node.idle_ms();
     let mine = node.cluster.my_calls();
-    for (id, lost) in lost_legs(node, &mine, model::now_ms()) {
+    for (id, lost) in lost_legs(node, &mine, node.clock.now_ms()) {
         let r = node.cluster.update(&id, |c| {
-            machine::lose_legs(c, &lost, model::now_ms(), idle);
+            machine::lose_legs(c, &lost, node.clock.now_ms(), idle);
             Ok(())
         });
         match r.await {
             Ok(_) => tracing::debug!(
-                call = %spine_runtime::telemetry::redact(&id),
+                call = %node.rt.redact(&id),
                 legs = lost.len(),
                 "devices lost their signalling session; left the call"
             ),
@@ -162,11 +171,11 @@ async fn housekeeping(node: &Node) -> Result<(), String> {
     }
     for (rec, _) in node.cluster.my_calls() {
         let Some(g) = rec.group.as_ref().filter(|_| rec.state != model::State::Ended) else { continue };
-        let roster = spine_runtime::directory::group_roster(&node.groups, &g.gid).await.map_err(|e| e.to_string())?;
-        let roster = roster.unwrap_or(spine_runtime::directory::GroupRoster { epoch: g.epoch, roster: vec![] });
-        if machine::apply_roster(&mut rec.clone(), &roster, model::now_ms(), idle) {
+        let roster = spine_read_models::roster::group_roster(&node.groups, &g.gid).await.map_err(|e| e.to_string())?;
+        let roster = roster.unwrap_or(spine_read_models::roster::GroupRoster { epoch: g.epoch, roster: vec![] });
+        if machine::apply_roster(&mut rec.clone(), &roster, node.clock.now_ms(), idle) {
             let r = node.cluster.update(&rec.id, |c| {
-                machine::apply_roster(c, &roster, model::now_ms(), idle);
+                machine::apply_roster(c, &roster, node.clock.now_ms(), idle);
                 Ok(())
             });
             if let Err(e) = r.await {
@@ -177,47 +186,67 @@ async fn housekeeping(node: &Node) -> Result<(), String> {
     Ok(())
 }
 
-/// Adds the calls services (this node reachable by peers at `advertise`),
-/// registers the account-data hook and starts the upkeep.
-pub async fn install(
-    rt: &Arc<Runtime>,
-    routes: &mut RoutesBuilder,
-    advertise: String,
-) -> Result<(Vec<&'static str>, CallsView), StoreError> {
-    let cluster = cluster::Cluster::start(rt, advertise).await?;
-    let node = Arc::new(Node {
-        rt: rt.clone(),
-        cluster,
-        groups: GroupSpace::new(rt.store.clone()),
-        idem_lease: spine_runtime::idempotency::lease(rt.store.clone()),
-        unattended: Default::default(),
-    });
-    rt.register_account_data(Arc::new(data::CallsData(node.clone())));
-    routes.add_service(CallsServer::new(service::CallsApi(node.clone())));
-    routes.add_service(CallRecordsServer::new(service::CallRecordsApi));
-    routes.add_service(MediaNodesServer::new(service::MediaNodesApi(node.clone())));
-    Runtime::spawn_upkeep(
-        Arc::downgrade(&node),
-        Duration::from_millis(200),
-        "calls-timers",
-        |n: Arc<Node>| async move { timers(&n).await },
-    );
-    Runtime::spawn_upkeep(
-        Arc::downgrade(&node),
-        Duration::from_secs(1),
-        "calls-housekeeping",
-        |n: Arc<Node>| async move { housekeeping(&n).await },
-    );
-    Runtime::spawn_upkeep(Arc::downgrade(&node), Duration::from_secs(30), "calls-records", |n: Arc<Node>| async move {
-        expire_all(&n.rt, spine_runtime::now_secs()).await.map_err(|e| e.to_string())?;
-        finish_deletions(&n).await
-    });
-    Ok((
-        vec![
-            <CallsServer<service::CallsApi> as NamedService>::NAME,
-            <CallRecordsServer<service::CallRecordsApi> as NamedService>::NAME,
-            <MediaNodesServer<service::MediaNodesApi> as NamedService>::NAME,
-        ],
-        CallsView(node),
-    ))
+/// What tests and tools may choose when installing calls.
+#[derive(Debug, Default)]
+pub struct CallsOptions {
+    /// The clock timers and records read (default: the wall clock).
+    pub clock: Option<Arc<dyn Clock>>,
+}
+
+/// The calls service: `Calls` (signalling and call state),
+/// `CallRecords` (tenant servers) and `MediaNodes` (media nodes and
+/// operators).
+#[derive(Debug)]
+pub struct Calls;
+
+#[async_trait::async_trait]
+impl SpineService for Calls {
+    const NAME: &'static str = "calls";
+    type Handle = CallsView;
+    type Options = CallsOptions;
+
+    /// Adds the calls services (this node reachable by peers at
+    /// `at.advertise`), registers the account-data hook and starts the
+    /// upkeep.
+    async fn install(at: &mut Installer<'_>, options: CallsOptions) -> Result<CallsView, StartError> {
+        let clock = options.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let rt = at.rt;
+        let config: CallsConfig = rt.config.section().map_err(StartError::Config)?;
+        let cluster = cluster::Cluster::start(rt, &config, at.advertise.clone(), clock.clone()).await?;
+        let node = Arc::new(Node {
+            rt: rt.clone(),
+            cluster,
+            groups: spine_read_models::roster::group_space(rt.store.clone()),
+            idem_lease: spine_runtime::idempotency::lease(rt.store.clone()),
+            unattended: Default::default(),
+            config,
+            clock,
+        });
+        rt.register_account_data(Arc::new(data::CallsData(node.clone())));
+        spine_runtime::add_service!(at, CallsServer::new(service::CallsApi(node.clone())));
+        spine_runtime::add_service!(at, CallRecordsServer::new(service::CallRecordsApi));
+        spine_runtime::add_service!(at, MediaNodesServer::new(service::MediaNodesApi(node.clone())));
+        Runtime::spawn_upkeep(
+            Arc::downgrade(&node),
+            Duration::from_millis(200),
+            "calls-timers",
+            |n: Arc<Node>| async move { timers(&n).await },
+        );
+        Runtime::spawn_upkeep(
+            Arc::downgrade(&node),
+            Duration::from_secs(1),
+            "calls-housekeeping",
+            |n: Arc<Node>| async move { housekeeping(&n).await },
+        );
+        Runtime::spawn_upkeep(
+            Arc::downgrade(&node),
+            Duration::from_secs(30),
+            "calls-records",
+            |n: Arc<Node>| async move {
+                expire_all(&n.rt, spine_runtime::now_secs()).await.map_err(|e| e.to_string())?;
+                finish_deletions(&n).await
+            },
+        );
+        Ok(CallsView(node))
+    }
 }

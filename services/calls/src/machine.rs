@@ -171,7 +171,12 @@ fn after_group_change(rec: &mut CallRec, now: i64, idle_ms: i64) {
 
 /// Applies the group's current roster and epoch: participants no longer in
 /// the roster are removed. Returns whether anything changed.
-pub fn apply_roster(rec: &mut CallRec, roster: &spine_runtime::directory::GroupRoster, now: i64, idle_ms: i64) -> bool {
+pub fn apply_roster(
+    rec: &mut CallRec,
+    roster: &spine_read_models::roster::GroupRoster,
+    now: i64,
+    idle_ms: i64,
+) -> bool {
     let Some(g) = rec.group.as_mut() else { return false };
     let mut changed = false;
     if g.epoch != roster.epoch {
@@ -246,6 +251,53 @@ pub fn tick(rec: &mut CallRec, now: i64) -> bool {
         changed = true;
     }
     changed
+}
+
+/// Whether a callee who is already `occupied` (in that many other calls)
+/// can be rung: free, waiting (in one call, so this one rings as call
+/// waiting), or busy (in a call with another already waiting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    Free,
+    Waiting,
+    Busy,
+}
+
+pub fn availability(occupied: usize) -> Availability {
+    match occupied {
+        0 => Availability::Free,
+        1 => Availability::Waiting,
+        _ => Availability::Busy,
+    }
+}
+
+/// What a new direct call meets when its pair already has a live call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairTaken {
+    /// The same request again: answer with the call it made.
+    Retry,
+    /// The callee is ringing the caller at the same time: the second
+    /// start answers the first call.
+    Glare,
+    /// A live call between the two: ALREADY_EXISTS.
+    Exists,
+}
+
+/// Decides a direct call start by `caller` (request `request`) to
+/// `callee` against the pair's live call `existing`.
+pub fn pair_taken(
+    existing: &CallRec,
+    request: &str,
+    caller: &crate::model::AccountKey,
+    callee: &crate::model::AccountKey,
+) -> PairTaken {
+    if existing.request == request {
+        return PairTaken::Retry;
+    }
+    let glare = existing.state == State::Ringing
+        && existing.caller().is_some_and(|p| &p.who == callee)
+        && existing.callee().is_some_and(|p| &p.who == caller);
+    if glare { PairTaken::Glare } else { PairTaken::Exists }
 }
 
 #[cfg(test)]
@@ -356,5 +408,110 @@ mod tests {
         assert_eq!((g.state, g.legs.len(), g.idle_deadline_ms), (State::Active, 1, 1006));
         assert!(lose_legs(&mut g, &[dev("a", "a1")], 7, 1000));
         assert_eq!((g.state, g.end), (State::Ended, Some(End::ConnectionLost)));
+    }
+
+    fn group(legs: usize) -> CallRec {
+        let mut g = direct();
+        g.kind = Kind::Group;
+        g.state = State::Active;
+        g.ring_deadline_ms = 0;
+        g.legs.truncate(0);
+        for (i, a) in ["a", "b", "c"].iter().take(legs).enumerate() {
+            g.legs.push(Leg { id: format!("lg_{a}"), dev: dev(a, &format!("{a}1")), leaf: i as u32, joined_ms: 0 });
+        }
+        g
+    }
+
+    #[test]
+    fn ring_timeout_ends_a_direct_call_and_stops_a_group_ringing() {
+        let mut r = direct();
+        assert!(!tick(&mut r, 44_999), "nothing before the deadline");
+        assert!(tick(&mut r, 45_000));
+        assert_eq!((r.state, r.end, r.ended_ms), (State::Ended, Some(End::NoAnswer), Some(45_000)));
+        assert!(!tick(&mut r, 90_000), "an ended call does not change again");
+        // A group call keeps running; only the ringing stops.
+        let mut g = group(2);
+        g.ring_deadline_ms = 10;
+        g.parties[1].ring = Ring::Ringing;
+        assert!(tick(&mut g, 10));
+        assert_eq!((g.state, g.parties[1].ring.clone(), g.ring_deadline_ms), (State::Active, Ring::TimedOut, 0));
+    }
+
+    #[test]
+    fn glare_answers_the_first_call_and_a_retry_returns_it() {
+        let a = AccountKey { tenant: "tn_t".into(), account: "a".into() };
+        let b = AccountKey { tenant: "tn_t".into(), account: "b".into() };
+        let r = direct(); // a rings b
+        assert_eq!(pair_taken(&r, "r", &a, &b), PairTaken::Retry);
+        assert_eq!(pair_taken(&r, "other", &a, &b), PairTaken::Exists, "a calls b twice");
+        assert_eq!(pair_taken(&r, "from-b", &b, &a), PairTaken::Glare, "b calls a while a rings b");
+        // Glare is resolved by answering the first call from b's device.
+        let mut r = direct();
+        answer(&mut r, &dev("b", "b1"), 3).unwrap();
+        assert_eq!(r.state, State::Active);
+        // Once answered, a new call either way is a live call, not glare.
+        assert_eq!(pair_taken(&r, "from-b", &b, &a), PairTaken::Exists);
+    }
+
+    #[test]
+    fn busy_and_waiting_follow_the_callees_other_calls() {
+        assert_eq!(availability(0), Availability::Free);
+        assert_eq!(availability(1), Availability::Waiting, "one call: this one rings as call waiting");
+        assert_eq!(availability(2), Availability::Busy, "a call and one waiting: busy");
+        assert_eq!(availability(7), Availability::Busy);
+    }
+
+    #[test]
+    fn a_decline_on_any_device_ends_the_ring_on_all_of_them() {
+        let mut r = direct();
+        r.parties[1].devices = vec!["b1".into(), "b2".into()];
+        decline(&mut r, &dev("b", "b2"), 4).unwrap();
+        assert_eq!((r.state, r.end), (State::Ended, Some(End::Declined)));
+        // The other device can neither answer nor decline any more.
+        assert!(matches!(answer(&mut r, &dev("b", "b1"), 5), Err(CallError::Precondition { .. })));
+        assert!(matches!(decline(&mut r, &dev("b", "b1"), 5), Err(CallError::Precondition { .. })));
+        // In a group call a decline stops the ringing for that account only.
+        let mut g = group(2);
+        g.parties[1].ring = Ring::Ringing;
+        g.parties[1].devices = vec!["b1".into(), "b2".into()];
+        decline(&mut g, &dev("b", "b2"), 4).unwrap();
+        assert_eq!((g.state, g.parties[1].ring.clone()), (State::Active, Ring::Declined("b2".into())));
+        assert!(matches!(decline(&mut g, &dev("b", "b1"), 5), Err(CallError::Precondition { .. })));
+    }
+
+    #[test]
+    fn an_answer_elsewhere_stops_the_other_devices() {
+        let mut r = direct();
+        r.parties[1].devices = vec!["b1".into(), "b2".into()];
+        answer(&mut r, &dev("b", "b1"), 7).unwrap();
+        assert_eq!((r.answered_ms, r.ring_deadline_ms), (Some(7), 0));
+        assert!(matches!(answer(&mut r, &dev("b", "b2"), 8), Err(CallError::Precondition { .. })));
+        assert!(matches!(decline(&mut r, &dev("b", "b2"), 8), Err(CallError::Precondition { .. })));
+        assert!(!tick(&mut r, 1_000_000), "an answered call does not time out");
+        hang_up(&mut r, &dev("b", "b1"), 9, 0).unwrap();
+        assert_eq!(r.end, Some(End::HungUp));
+    }
+
+    #[test]
+    fn a_group_call_alone_for_the_idle_time_ends() {
+        let mut g = group(2);
+        hang_up(&mut g, &dev("b", "b1"), 100, 1000).unwrap();
+        assert_eq!((g.state, g.idle_deadline_ms), (State::Active, 1100));
+        assert!(!tick(&mut g, 1099));
+        // Someone joins in time: the deadline is gone.
+        join(&mut g, &dev("c", "c1"), Some(2), 1050, 1000).unwrap();
+        assert_eq!(g.idle_deadline_ms, 0);
+        assert!(!tick(&mut g, 5000));
+        hang_up(&mut g, &dev("c", "c1"), 6000, 1000).unwrap();
+        assert!(tick(&mut g, 7000));
+        assert_eq!((g.state, g.end), (State::Ended, Some(End::Idle)));
+        // The last one leaving ends it at once.
+        let mut g = group(1);
+        hang_up(&mut g, &dev("a", "a1"), 5, 1000).unwrap();
+        assert_eq!(g.end, Some(End::EveryoneLeft));
+        // Joining needs a roster leaf; a one-to-one call cannot be joined.
+        let mut g = group(1);
+        assert!(matches!(join(&mut g, &dev("z", "z1"), None, 5, 1000), Err(CallError::NotFound)));
+        assert!(matches!(join(&mut direct(), &dev("b", "b1"), Some(1), 5, 1000), Err(CallError::Precondition { .. })));
     }
 }

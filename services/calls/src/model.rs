@@ -289,7 +289,3 @@ pub fn json<T: Serialize>(v: &T) -> Vec<u8> {
 pub use spine_runtime::ids::new_prefixed as new_id;
 /// Checks an id made by [`new_id`].
 pub use spine_runtime::ids::parse_prefixed as parse_id;
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}

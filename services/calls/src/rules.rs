@@ -3,7 +3,7 @@
 
 use prost_types::Timestamp;
 use spine_proto::identity::v1::PrivacySettings;
-use spine_runtime::directory;
+use spine_read_models::directory;
 use spine_runtime::secrets::Secrets;
 use spine_runtime::store::{StoreError, TenantStore};
 

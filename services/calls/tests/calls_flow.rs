@@ -121,7 +121,8 @@ fn clone_dev(d: &spine_testing::Device) -> spine_testing::Device {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn decline_cancel_timeout_busy_glare() {
-    let n = nodes(Backend::Etcd, 2, |_, c| c.calls.ring_timeout_secs = 2).await;
+    let n = nodes(Backend::Etcd, 2, |_, c| c.edit_section(|s: &mut spine_calls::CallsConfig| s.ring_timeout_secs = 2))
+        .await;
     let t = n[0].tenant("messenger").await;
     let accts: Vec<String> = futures::future::join_all((0..4).map(|_| n[0].account(&t))).await;
     for a in &accts {
@@ -340,7 +341,8 @@ async fn a_draining_node_hands_its_calls_over() {
 /// window keeps its call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn calls_end_when_their_devices_vanish() {
-    let n = nodes(Backend::Etcd, 2, |_, c| c.calls.unattended_secs = 2).await;
+    let n =
+        nodes(Backend::Etcd, 2, |_, c| c.edit_section(|s: &mut spine_calls::CallsConfig| s.unattended_secs = 2)).await;
     let t = n[0].tenant("messenger").await;
     let (a, b, c) = (n[0].account(&t).await, n[0].account(&t).await, n[0].account(&t).await);
     for x in [&a, &b, &c] {

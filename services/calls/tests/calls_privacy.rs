@@ -17,8 +17,8 @@ async fn logs_carry_no_identifiers_payloads_or_secrets() {
     );
     const TURN_SECRET: &str = "turn-secret-never-logged";
     let n = nodes(Backend::Embedded, 2, |_, c| {
-        c.calls.turn.secrets = vec![TURN_SECRET.into()];
-        c.calls.turn.uris = vec!["turn:turn.example:3478".into()];
+        c.edit_section(|s: &mut spine_calls::CallsConfig| s.turn.secrets = vec![TURN_SECRET.into()]);
+        c.edit_section(|s: &mut spine_calls::CallsConfig| s.turn.uris = vec!["turn:turn.example:3478".into()]);
     })
     .await;
     let t = n[0].tenant("messenger").await;
@@ -73,5 +73,5 @@ async fn logs_carry_no_identifiers_payloads_or_secrets() {
         assert!(!logs.contains(&needle), "{what} appears in the logs");
     }
     // Hashed call ids are there, so operators can still correlate.
-    assert!(logs.contains(&spine_runtime::telemetry::redact(&call.call_id)));
+    assert!(logs.contains(&n[0].rt.redact(&call.call_id)));
 }

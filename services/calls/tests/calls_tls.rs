@@ -99,6 +99,9 @@ async fn tls_without_a_peer_ca_fails_at_start() {
     )
     .unwrap();
     let mut routes = tonic::service::RoutesBuilder::default();
-    let err = spine_calls::install(&rt, &mut routes, "127.0.0.1:1".into()).await.err().expect("must not start");
+    let err = spine_runtime::service::install::<spine_calls::Calls>(&rt, &mut routes, "127.0.0.1:1".into())
+        .await
+        .err()
+        .expect("must not start");
     assert!(err.to_string().contains("tls.peer_ca"), "{err}");
 }

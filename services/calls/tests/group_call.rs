@@ -64,8 +64,8 @@ async fn register_sfu(env: &spine_testing::Env, id: &str, region: &str, capacity
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn group_call_keyed_by_mls() {
     let n = nodes(Backend::Etcd, 2, |i, c| {
-        c.calls.region = if i == 0 { "eu".into() } else { "us".into() };
-        c.calls.group_idle_secs = 3;
+        c.edit_section(|s: &mut spine_calls::CallsConfig| s.region = if i == 0 { "eu".into() } else { "us".into() });
+        c.edit_section(|s: &mut spine_calls::CallsConfig| s.group_idle_secs = 3);
     })
     .await;
     let env = &n[0];

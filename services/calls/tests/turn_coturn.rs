@@ -162,9 +162,9 @@ async fn coturn_accepts_minted_credentials_only() {
     let turn = coturn();
     let uri = format!("turn:127.0.0.1:{}?transport=udp", turn.port);
     let n = nodes(Backend::Embedded, 1, |_, c| {
-        c.calls.turn.secrets = vec![NEW.into(), OLD.into()];
-        c.calls.turn.uris = vec![uri.clone()];
-        c.calls.turn.ttl_secs = 3600; // clamped to the 10-minute maximum
+        c.edit_section(|s: &mut spine_calls::CallsConfig| s.turn.secrets = vec![NEW.into(), OLD.into()]);
+        c.edit_section(|s: &mut spine_calls::CallsConfig| s.turn.uris = vec![uri.clone()]);
+        c.edit_section(|s: &mut spine_calls::CallsConfig| s.turn.ttl_secs = 3600); // clamped to the 10-minute maximum
     })
     .await;
     let env = &n[0];

@@ -4,11 +4,10 @@
 
 use spine_mls::verifier::{Sender, Verified, Verifier};
 use spine_proto::groups::v1::{self as pb, EntryKind};
-use spine_runtime::directory;
+use spine_read_models::directory;
 use spine_runtime::ids::TenantId;
 use spine_runtime::now_secs;
 use spine_runtime::store::{Compare, KeyValue, Op, TenantStore, Txn};
-use spine_runtime::telemetry::redact;
 
 use crate::error::{GroupsError, Result, invalid, mls, mls_refusal};
 use crate::model::{self, Device, GroupMeta, LogEntry, RosterEntry, gid_hex, json, parse};
@@ -244,7 +243,7 @@ pub(crate) async fn create(
     if !node.groups.txn(txn).await?.succeeded {
         return Err(GroupsError::AlreadyExists);
     }
-    tracing::info!(group = %redact(&g), members = meta.roster.len(), "group created");
+    tracing::info!(group = %node.rt.redact(&g), members = meta.roster.len(), "group created");
     Ok(to_proto(&g_raw, &meta, vec![], vec![]))
 }
 
@@ -476,7 +475,7 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
             })
             .await?;
         if out.succeeded {
-            tracing::info!(group = %redact(&g), epoch = meta.epoch, added = added.len(), removed = removed.len(), "commit accepted");
+            tracing::info!(group = %node.rt.redact(&g), epoch = meta.epoch, added = added.len(), removed = removed.len(), "commit accepted");
             if !nothing_to_deliver {
                 spawn_fanout(node, g.clone());
             }
@@ -550,7 +549,7 @@ pub(crate) async fn dispute(node: &Node, me: &Device, req: pb::ReportDisputeRequ
         })
         .await?;
     crate::metrics::dispute();
-    tracing::debug!(group = %redact(&g), epoch = req.epoch, "commit disputed by a member");
+    tracing::debug!(group = %node.rt.redact(&g), epoch = req.epoch, "commit disputed by a member");
     if req.epoch == meta.epoch {
         settle(node, &g).await?;
     }
@@ -652,7 +651,7 @@ async fn void(node: &Node, g: &str, l: &Loaded, prev: &model::PrevEpoch, prev_re
         return Ok(false);
     }
     crate::metrics::voided();
-    tracing::info!(group = %redact(g), epoch = voided_epoch, "disputed commit voided");
+    tracing::info!(group = %node.rt.redact(g), epoch = voided_epoch, "disputed commit voided");
     spawn_fanout(node, g.to_string());
     Ok(true)
 }
@@ -689,7 +688,7 @@ pub(crate) async fn propose_removal(node: &Node, g: &str, d: &Device) -> Result<
         log.removed = vec![d.clone()];
         let state = l.verifier.to_bytes();
         if append(node, g, &l, log, Some(state)).await? {
-            tracing::info!(group = %redact(g), device = %redact(&d.device), "removal proposed for a deleted device");
+            tracing::info!(group = %node.rt.redact(g), device = %node.rt.redact(&d.device), "removal proposed for a deleted device");
             return Ok(true);
         }
     }
@@ -726,9 +725,10 @@ pub(crate) fn spawn_fanout(node: &Node, g: String) {
     let rt = node.rt.clone();
     let groups = node.groups.clone();
     let lease = node.mailbox_lease.clone();
+    let quota = node.quota;
     tokio::spawn(async move {
-        if let Err(e) = crate::mailbox::fanout(&rt, &groups, &lease, &g).await {
-            tracing::warn!(group = %redact(&g), error = %e, "fan-out incomplete; upkeep will finish it");
+        if let Err(e) = crate::mailbox::fanout(&rt, &groups, &lease, quota, &g).await {
+            tracing::warn!(group = %rt.redact(&g), error = %e, "fan-out incomplete; upkeep will finish it");
         }
     });
 }
@@ -753,7 +753,7 @@ pub(crate) async fn sweep(node: &Node) -> Result<()> {
         if let Err(e) = sweep_group(node, &g, kv).await {
             failed += 1;
             crate::metrics::upkeep_failure();
-            tracing::warn!(group = %redact(&g), error = %e, "group upkeep failed; going on with the others");
+            tracing::warn!(group = %node.rt.redact(&g), error = %e, "group upkeep failed; going on with the others");
         }
     }
     if failed > 0 {
@@ -764,7 +764,7 @@ pub(crate) async fn sweep(node: &Node) -> Result<()> {
 
 async fn sweep_group(node: &Node, g: &str, kv: &KeyValue) -> Result<()> {
     let sys = node.rt.system_store();
-    crate::mailbox::fanout(&node.rt, &node.groups, &node.mailbox_lease, g).await?;
+    crate::mailbox::fanout(&node.rt, &node.groups, &node.mailbox_lease, node.quota, g).await?;
     let meta: GroupMeta = parse(kv)?;
     let mut gone = Vec::new();
     for r in &meta.roster {
@@ -830,7 +830,7 @@ async fn delete_group(node: &Node, g: &str, kv: &KeyValue, meta: &GroupMeta, why
         txn = txn.then(Op::delete(t.key(&model::gm_key(&r.device.account, &r.device.device, g))));
     }
     if node.groups.txn(txn).await?.succeeded {
-        tracing::info!(group = %redact(g), reason = why, "group deleted");
+        tracing::info!(group = %node.rt.redact(g), reason = why, "group deleted");
         crate::metrics::group_deleted(why);
     }
     Ok(())

@@ -3,7 +3,7 @@
 use spine_mls::Refusal;
 use spine_mls::verifier::validate_key_package;
 use spine_proto::groups::v1 as pb;
-use spine_runtime::directory;
+use spine_read_models::directory;
 use spine_runtime::ids::{self, Kind, TenantId};
 use spine_runtime::now_secs;
 use spine_runtime::store::{Compare, Op, TenantStore, Txn};

@@ -10,6 +10,7 @@
 //! a device into a group its tenant's policy, or the member's reachability,
 //! does not allow.
 
+pub mod config;
 mod data;
 mod delivery;
 pub mod error;
@@ -22,12 +23,12 @@ mod service;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use config::GroupsConfig;
 use spine_mls::verifier::DeliveryService;
 use spine_proto::groups::v1::groups_server::GroupsServer;
-use spine_runtime::Runtime;
-use spine_runtime::store::{Compare, GroupSpace, Op, SharedLease, StoreError, Txn};
-use tonic::server::NamedService;
-use tonic::service::RoutesBuilder;
+use spine_runtime::service::{Installer, SpineService};
+use spine_runtime::store::{Compare, Op, SharedLease, SharedSpace, StoreError, Txn};
+use spine_runtime::{Runtime, StartError};
 
 /// Most single-use key packages a device may hold.
 pub const MAX_KEY_PACKAGES: u32 = 100;
@@ -46,8 +47,10 @@ pub(crate) struct Node {
     /// For consent checks on other tenants' persons.
     secrets: spine_runtime::secrets::Secrets,
     ds: DeliveryService,
-    groups: GroupSpace,
+    groups: SharedSpace,
     mailbox_lease: Arc<SharedLease>,
+    /// Per-device mailbox quota (`[groups]`).
+    quota: mailbox::Quota,
     /// Registered signature keys of calling devices. A device's key never
     /// changes, and a revoked device cannot authenticate, so the caller's
     /// own key can be cached; other devices' keys are always read (a
@@ -111,34 +114,43 @@ async fn delivery_service(rt: &Runtime) -> Result<DeliveryService, StoreError> {
     Err(StoreError::Backend("delivery service key did not settle".into()))
 }
 
-/// Adds the groups service to `routes`, registers its account-data hook and
-/// starts its upkeep. Returns the service name for health reporting.
-pub async fn install(rt: &Arc<Runtime>, routes: &mut RoutesBuilder) -> Result<Vec<&'static str>, StoreError> {
-    let node = Arc::new(Node {
-        rt: rt.clone(),
-        secrets: rt.secrets().await?.clone(),
-        ds: delivery_service(rt).await?,
-        groups: GroupSpace::new(rt.store.clone()),
-        mailbox_lease: Arc::new(SharedLease::new(
-            rt.store.clone(),
-            Duration::from_secs(MAILBOX_RETENTION_SECS + 86_400),
-            Duration::from_secs(86_400),
-        )),
-        own_keys: Default::default(),
-    });
-    rt.register_account_data(Arc::new(data::GroupsData(Arc::downgrade(&node))));
-    let max = spine_proto::codec::TRANSPORT_MAX_MESSAGE_BYTES;
-    routes.add_service(
-        GroupsServer::new(service::GroupsApi(node.clone()))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max),
-    );
-    let every = Duration::from_secs(rt.config.groups.upkeep_secs.max(1));
-    Runtime::spawn_upkeep(Arc::downgrade(&node), every, "groups", |node: Arc<Node>| async move {
-        if node.rt.drain.is_cancelled() {
-            return Ok(());
-        }
-        delivery::sweep(&node).await
-    });
-    Ok(vec![<GroupsServer<service::GroupsApi> as NamedService>::NAME])
+/// The groups service: the MLS key-package directory and delivery service.
+#[derive(Debug)]
+pub struct Groups;
+
+#[async_trait::async_trait]
+impl SpineService for Groups {
+    const NAME: &'static str = "groups";
+    type Handle = ();
+    type Options = ();
+
+    /// Adds the groups service, registers its account-data hook and starts
+    /// its upkeep.
+    async fn install(at: &mut Installer<'_>, (): ()) -> Result<(), StartError> {
+        let rt = at.rt;
+        let config: GroupsConfig = rt.config.section().map_err(StartError::Config)?;
+        let node = Arc::new(Node {
+            rt: rt.clone(),
+            secrets: rt.secrets().await?.clone(),
+            ds: delivery_service(rt).await?,
+            groups: spine_read_models::roster::group_space(rt.store.clone()),
+            mailbox_lease: Arc::new(SharedLease::new(
+                rt.store.clone(),
+                Duration::from_secs(MAILBOX_RETENTION_SECS + 86_400),
+                Duration::from_secs(86_400),
+            )),
+            quota: mailbox::Quota { entries: config.mailbox_max_entries, bytes: config.mailbox_max_bytes },
+            own_keys: Default::default(),
+        });
+        rt.register_account_data(Arc::new(data::GroupsData(Arc::downgrade(&node))));
+        spine_runtime::add_service!(at, GroupsServer::new(service::GroupsApi(node.clone())));
+        let every = Duration::from_secs(config.upkeep_secs.max(1));
+        Runtime::spawn_upkeep(Arc::downgrade(&node), every, "groups", |node: Arc<Node>| async move {
+            if node.rt.drain.is_cancelled() {
+                return Ok(());
+            }
+            delivery::sweep(&node).await
+        });
+        Ok(())
+    }
 }

@@ -13,9 +13,10 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use spine_proto::groups::v1 as pb;
+use spine_read_models::directory;
+use spine_runtime::Runtime;
 use spine_runtime::ids::TenantId;
-use spine_runtime::store::{Compare, EventKind, GroupSpace, Op, SharedLease, TenantStore, Txn};
-use spine_runtime::{Runtime, directory};
+use spine_runtime::store::{Compare, EventKind, Op, SharedLease, SharedSpace, TenantStore, Txn};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -142,8 +143,13 @@ async fn deliver(
 }
 
 /// Delivers every log entry of a group past its fan-out cursor.
-pub(crate) async fn fanout(rt: &Arc<Runtime>, groups: &GroupSpace, lease: &SharedLease, g: &str) -> Result<()> {
-    let quota = Quota { entries: rt.config.groups.mailbox_max_entries, bytes: rt.config.groups.mailbox_max_bytes };
+pub(crate) async fn fanout(
+    rt: &Arc<Runtime>,
+    groups: &SharedSpace,
+    lease: &SharedLease,
+    quota: Quota,
+    g: &str,
+) -> Result<()> {
     let sys = rt.system_store();
     let cursor_kv = groups.get(&model::fanout_key(g)).await?;
     let (done, mut cursor_rev) = counter(cursor_kv.as_ref());

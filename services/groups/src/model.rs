@@ -31,9 +31,9 @@ pub fn gid_hex(group_id: &[u8]) -> String {
 pub fn core_prefix(g: &str) -> String {
     format!("{g}/s/")
 }
-/// Shared with calls (which reads the roster): see `spine_runtime::directory`.
+/// Shared with calls (which reads the roster): see `spine_read_models::directory`.
 pub fn meta_key(g: &str) -> String {
-    spine_runtime::directory::group_meta_key(g)
+    spine_read_models::roster::group_meta_key(g)
 }
 pub fn state_key(g: &str) -> String {
     format!("{g}/s/state")
@@ -290,7 +290,7 @@ pub fn unb64(s: &str) -> crate::error::Result<Vec<u8>> {
 mod tests {
     use super::*;
 
-    /// Calls reads the roster through `spine_runtime::directory`: the
+    /// Calls reads the roster through `spine_read_models::directory`: the
     /// record this service writes must parse there.
     #[test]
     fn meta_parses_as_the_shared_roster() {
@@ -306,7 +306,7 @@ mod tests {
             confirmed: false,
             disputed_at: None,
         };
-        let r: spine_runtime::directory::GroupRoster =
+        let r: spine_read_models::roster::GroupRoster =
             serde_json::from_slice(&serde_json::to_vec(&meta).unwrap()).unwrap();
         assert_eq!(r.epoch, 7);
         assert_eq!(r.member("tn_x", "ac_y", "dv_z").map(|m| m.leaf), Some(2));

@@ -236,7 +236,7 @@ async fn no_foreign_credentials_and_the_delivery_service_keeps_its_place() {
 #[tokio::test]
 async fn mailboxes_have_quotas_and_sends_are_rate_limited() {
     let mut config = spine_testing::test_config();
-    config.groups.mailbox_max_entries = 6;
+    config.edit_section(|s: &mut spine_groups::GroupsConfig| s.mailbox_max_entries = 6);
     config.limits.rates.group_messages.account = spine_runtime::rate::Rate::new(1.0, 30.0);
     let env = start_with(Backend::Embedded, config).await;
     let t = env.tenant("t").await;
@@ -404,7 +404,7 @@ async fn the_key_package_limit_holds_under_concurrent_uploads() {
 #[tokio::test]
 async fn upkeep_and_deletion_go_on_past_a_broken_group() {
     let mut config = spine_testing::test_config();
-    config.groups.upkeep_secs = 1;
+    config.edit_section(|s: &mut spine_groups::GroupsConfig| s.upkeep_secs = 1);
     let env = start_with(Backend::Embedded, config).await;
     let t = env.tenant("t").await;
     let (a, b) = (env.account(&t).await, env.account(&t).await);

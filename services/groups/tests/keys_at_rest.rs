@@ -23,7 +23,10 @@ async fn node(store: Arc<dyn Store>, current: &str, previous: &[&str]) -> spine_
     config.auth.key_encryption_key = Some(current.to_string());
     config.auth.previous_key_encryption_keys = previous.iter().map(|k| k.to_string()).collect();
     start_on_with(store, None, config, |rt, mut routes, _| async move {
-        let names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
+        let names = spine_runtime::service::install::<spine_groups::Groups>(&rt, &mut routes, String::new())
+            .await
+            .map(|(n, ())| n)
+            .expect("groups install");
         (routes, names)
     })
     .await
@@ -102,7 +105,10 @@ async fn private_keys_are_sealed_and_survive_a_key_encryption_key_rotation() {
     config.auth.key_encryption_key = Some(kek(0x77));
     let rt = Runtime::with_store(config, store.clone()).unwrap();
     let mut routes = tonic::service::RoutesBuilder::default();
-    let err = spine_groups::install(&rt, &mut routes).await.expect_err("must not start");
+    let err = spine_runtime::service::install::<spine_groups::Groups>(&rt, &mut routes, String::new())
+        .await
+        .map(|(n, ())| n)
+        .expect_err("must not start");
     assert!(err.to_string().contains("does not open with this key-encryption key"), "{err}");
 }
 

@@ -5,12 +5,11 @@
 use async_trait::async_trait;
 use spine_proto::common::v1::{DataItem, DataReportSection, Retention, retention};
 use spine_proto::identity::v1 as pb;
+use spine_read_models::directory;
 use spine_runtime::auth::records;
 use spine_runtime::data::{self, AccountData, TOMBSTONE_DAYS, Tombstone};
-use spine_runtime::directory;
 use spine_runtime::now_secs;
 use spine_runtime::store::{Compare, Op, SystemStore, TenantStore, Txn};
-use spine_runtime::telemetry::redact;
 use tonic::Status;
 
 use crate::Node;
@@ -449,7 +448,7 @@ pub(crate) async fn delete_account(node: &Node, t: &TenantStore, account: &str) 
             for r in &revoked {
                 node.rt.auth.observe(r, Some(b"{}"));
             }
-            tracing::info!(account = %redact(account), devices = devices.len(), "account deleted");
+            tracing::info!(account = %node.rt.redact(account), devices = devices.len(), "account deleted");
             finish_for(node, t, account).await;
             return Ok(());
         }
@@ -474,7 +473,7 @@ async fn finish_for(node: &Node, t: &TenantStore, account: &str) {
                 }
             }
             Err(e) => {
-                tracing::warn!(service = holder.service(), error = %e.message(), account = %redact(account), "deletion incomplete; will retry");
+                tracing::warn!(service = holder.service(), error = %e.message(), account = %node.rt.redact(account), "deletion incomplete; will retry");
             }
         }
     }

@@ -22,11 +22,10 @@ use std::time::Duration;
 
 use spine_proto::identity::v1::identity_server::IdentityServer;
 use spine_proto::identity::v1::tenant_admin_server::TenantAdminServer;
-use spine_runtime::Runtime;
 use spine_runtime::auth::token::CLOCK_SKEW_SECS;
+use spine_runtime::service::{Installer, Limits, SpineService};
 use spine_runtime::store::SharedLease;
-use tonic::server::NamedService;
-use tonic::service::RoutesBuilder;
+use spine_runtime::{Runtime, StartError};
 
 pub use credentials::recover as recover_tenant_credential;
 pub use data::IdentityData;
@@ -46,46 +45,52 @@ pub(crate) struct Node {
     revocation_lease: SharedLease,
 }
 
-/// Adds identity's services to `routes`, registers its account-data hook and
-/// starts its upkeep. Returns the service names for health reporting.
-pub fn install(rt: &Arc<Runtime>, routes: &mut RoutesBuilder) -> Vec<&'static str> {
-    let max_token = u64::from(rt.config.auth.max_token_ttl_secs) + CLOCK_SKEW_SECS as u64;
-    let revocation_secs = max_token + 300;
-    rt.register_account_data(Arc::new(IdentityData::new(rt.system_store(), revocation_secs as i64)));
-    let node = Arc::new(Node {
-        rt: rt.clone(),
-        signer: keys::Signer::new(rt.system_store(), rt.auth.clone(), rt.sealer.clone(), rt.config.auth.clone()),
-        idem_lease: spine_runtime::idempotency::lease(rt.store.clone()),
-        revocation_lease: SharedLease::new(
-            rt.store.clone(),
-            Duration::from_secs(revocation_secs),
-            Duration::from_secs(300),
-        ),
-    });
-    let max = spine_proto::codec::TRANSPORT_MAX_MESSAGE_BYTES;
-    routes.add_service(
-        TenantAdminServer::new(admin::Admin(node.clone()))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(4 * max),
-    );
-    routes.add_service(
-        IdentityServer::new(service::IdentityApi(node.clone()))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(4 * max),
-    );
-    Runtime::spawn_upkeep(Arc::downgrade(&node), MAINTENANCE_EVERY, "identity", |node: Arc<Node>| async move {
-        if node.rt.drain.is_cancelled() {
-            return Ok(());
-        }
-        // Both run each round; the first failure is reported.
-        let keys = node.signer.sweep().await.map(drop);
-        let deletions = data::finish_deletions(&node).await;
-        keys.and(deletions)
-    });
-    vec![
-        <TenantAdminServer<admin::Admin> as NamedService>::NAME,
-        <IdentityServer<service::IdentityApi> as NamedService>::NAME,
-    ]
+/// The identity service: `Identity` for devices and tenants, and
+/// `TenantAdmin` for operators.
+#[derive(Debug)]
+pub struct Identity;
+
+#[async_trait::async_trait]
+impl SpineService for Identity {
+    const NAME: &'static str = "identity";
+    /// Data reports can be large; responses get four times the request cap.
+    const LIMITS: Limits = Limits {
+        max_request_bytes: spine_proto::codec::TRANSPORT_MAX_MESSAGE_BYTES,
+        max_response_bytes: 4 * spine_proto::codec::TRANSPORT_MAX_MESSAGE_BYTES,
+    };
+    type Handle = ();
+    type Options = ();
+
+    /// Adds identity's services, registers its account-data hook and starts
+    /// its upkeep.
+    async fn install(at: &mut Installer<'_>, (): ()) -> Result<(), StartError> {
+        let rt = at.rt;
+        let max_token = u64::from(rt.config.auth.max_token_ttl_secs) + CLOCK_SKEW_SECS as u64;
+        let revocation_secs = max_token + 300;
+        rt.register_account_data(Arc::new(IdentityData::new(rt.system_store(), revocation_secs as i64)));
+        let node = Arc::new(Node {
+            rt: rt.clone(),
+            signer: keys::Signer::new(rt.system_store(), rt.auth.clone(), rt.sealer.clone(), rt.config.auth.clone()),
+            idem_lease: spine_runtime::idempotency::lease(rt.store.clone()),
+            revocation_lease: SharedLease::new(
+                rt.store.clone(),
+                Duration::from_secs(revocation_secs),
+                Duration::from_secs(300),
+            ),
+        });
+        spine_runtime::add_service!(at, TenantAdminServer::new(admin::Admin(node.clone())));
+        spine_runtime::add_service!(at, IdentityServer::new(service::IdentityApi(node.clone())));
+        Runtime::spawn_upkeep(Arc::downgrade(&node), MAINTENANCE_EVERY, "identity", |node: Arc<Node>| async move {
+            if node.rt.drain.is_cancelled() {
+                return Ok(());
+            }
+            // Both run each round; the first failure is reported.
+            let keys = node.signer.sweep().await.map(drop);
+            let deletions = data::finish_deletions(&node).await;
+            keys.and(deletions)
+        });
+        Ok(())
+    }
 }
 
 /// Creates an operator credential directly in the store (bootstrap: the

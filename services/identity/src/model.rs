@@ -4,7 +4,7 @@
 //! change both together.
 
 use serde::{Deserialize, Serialize};
-pub use spine_runtime::directory::{
+pub use spine_read_models::directory::{
     DeviceRec, HandleIndex, account_key, device_key, devices_prefix, handle_index_key, settings_key, tenant_key,
 };
 

@@ -18,7 +18,6 @@ use spine_runtime::auth::records;
 use spine_runtime::auth::token::{self, Claims};
 use spine_runtime::ids::{self, Kind};
 use spine_runtime::store::{Compare, KeyValue, Op, TenantStore, Txn};
-use spine_runtime::telemetry::redact;
 use spine_runtime::{Caller, Scope, now_secs};
 use tonic::{Request, Response, Status};
 
@@ -57,7 +56,7 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T> 
 }
 
 pub(crate) async fn load_settings(store: &TenantStore, account: &str) -> Result<(pb::PrivacySettings, i64)> {
-    Ok(spine_runtime::directory::settings(store, account).await?)
+    Ok(spine_read_models::directory::settings(store, account).await?)
 }
 
 fn device_of(account: &str, id: &str, rec: &DeviceRec) -> Result<pb::Device> {
@@ -114,7 +113,7 @@ impl IdentityApi {
         if !out.succeeded {
             return replay(store.get(&idem).await?, &fp)?.ok_or(IdentityError::Conflict);
         }
-        tracing::info!(account = %redact(&account), "account created");
+        tracing::info!(account = %self.node().rt.redact(&account), "account created");
         Ok(resp)
     }
 
@@ -166,7 +165,7 @@ impl IdentityApi {
                 })
                 .await?;
             if out.succeeded {
-                tracing::info!(account = %redact(&s.account), device = %redact(&device), "device registered");
+                tracing::info!(account = %self.node().rt.redact(&s.account), device = %self.node().rt.redact(&device), "device registered");
                 return Ok(resp);
             }
             if let Some(r) = replay(s.store.get(&idem).await?, &fp)? {
@@ -212,7 +211,7 @@ impl IdentityApi {
                 .await?;
             if out.succeeded {
                 self.node().rt.auth.observe(&revoked, Some(b"{}"));
-                tracing::info!(account = %redact(&s.account), device = %redact(&device), "device revoked");
+                tracing::info!(account = %self.node().rt.redact(&s.account), device = %self.node().rt.redact(&device), "device revoked");
                 // Other services drop what they hold for the device; what
                 // fails here, their own upkeep finishes (groups sweeps
                 // rosters for devices that no longer exist).
@@ -354,10 +353,10 @@ impl IdentityApi {
             }
             Peer::Interop { tenant, handle } => {
                 let sys = self.node().rt.system_store();
-                match spine_runtime::directory::resolve_handle(&sys, handle, s.store.tenant()).await? {
+                match spine_read_models::directory::resolve_handle(&sys, handle, s.store.tenant()).await? {
                     Some((t, account)) if &t == tenant => {
                         let secrets = self.node().rt.secrets().await?;
-                        Ok(Some(spine_runtime::directory::person(secrets, t.as_str(), &account)))
+                        Ok(Some(spine_read_models::directory::person(secrets, t.as_str(), &account)))
                     }
                     _ => Err(IdentityError::NotFound("peer")),
                 }
@@ -369,7 +368,7 @@ impl IdentityApi {
     /// not-for-you and unreachable all look the same: NOT_FOUND.
     async fn resolve(&self, handle: &str, caller_tenant: &ids::TenantId) -> Result<ids::TenantId> {
         let sys = self.node().rt.system_store();
-        match spine_runtime::directory::resolve_handle(&sys, handle, caller_tenant).await? {
+        match spine_read_models::directory::resolve_handle(&sys, handle, caller_tenant).await? {
             Some((tenant, _account)) => Ok(tenant),
             None => Err(IdentityError::NotFound("handle")),
         }
@@ -409,7 +408,7 @@ impl IdentityApi {
                         .then(Op::put(s.store.key(&model::peer_ref_key(&peer.key(), list, &s.account)), b"{}".to_vec()))
                         .then_all(person.as_ref().map(|p| {
                             Op::put(
-                                s.store.key(&spine_runtime::directory::person_key(list.as_str(), &s.account, p)),
+                                s.store.key(&spine_read_models::directory::person_key(list.as_str(), &s.account, p)),
                                 b"{}".to_vec(),
                             )
                         })),
@@ -739,7 +738,7 @@ impl Identity for IdentityApi {
         // handle now name nothing: remove them (blocks stay, to keep the
         // person blocked).
         if let Ok(rec) = parse::<HandleRec>(&kv) {
-            let peer = spine_runtime::directory::peer_interop(s.store.tenant().as_str(), handle);
+            let peer = spine_read_models::directory::peer_interop(s.store.tenant().as_str(), handle);
             for other in rec.allowed.iter().filter_map(|t| ids::TenantId::parse(t)) {
                 let ot = sys.tenant_for_maintenance(&other);
                 crate::data::delete_refs_to(&ot, &peer, Some(PeerList::Contacts)).await?;

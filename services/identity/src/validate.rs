@@ -116,8 +116,8 @@ impl Peer {
 
     pub fn key(&self) -> String {
         match self {
-            Peer::Account(a) => spine_runtime::directory::peer_account(a),
-            Peer::Interop { tenant, handle } => spine_runtime::directory::peer_interop(tenant.as_str(), handle),
+            Peer::Account(a) => spine_read_models::directory::peer_account(a),
+            Peer::Interop { tenant, handle } => spine_read_models::directory::peer_interop(tenant.as_str(), handle),
         }
     }
 

@@ -336,9 +336,9 @@ async fn bad_input_is_refused_and_writes_nothing() {
         let s = raw(&env, "/spine.identity.v1.Identity/CreateAccount", body, &a.cred).await;
         assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
     }
-    // Over the message limit: INVALID_ARGUMENT, before any handler runs;
-    // past tonic's transport cap, OUT_OF_RANGE.
-    let limit = spine_proto::codec::max_message_bytes();
+    // Over the message limit: INVALID_ARGUMENT, before any handler runs,
+    // and past tonic's transport cap the same.
+    let limit = env.rt.config.limits.max_message_bytes;
     let huge = pb::CreateAccountRequest { request_id: "x".repeat(limit + 1024) };
     let s = raw(&env, "/spine.identity.v1.Identity/CreateAccount", prost::Message::encode_to_vec(&huge), &a.cred).await;
     assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
@@ -347,7 +347,21 @@ async fn bad_input_is_refused_and_writes_nothing() {
         pb::CreateAccountRequest { request_id: "x".repeat(spine_proto::codec::TRANSPORT_MAX_MESSAGE_BYTES + 1) };
     let s =
         raw(&env, "/spine.identity.v1.Identity/CreateAccount", prost::Message::encode_to_vec(&absurd), &a.cred).await;
-    assert_eq!(s.code(), Code::OutOfRange, "{}", s.message());
+    assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
+
+    // The limit is the node's own: a node in the same process with a
+    // smaller one refuses what this one takes.
+    let mut small = spine_testing::test_config();
+    small.limits.max_message_bytes = 4096;
+    let other = spine_testing::start_with(Backend::Embedded, small).await;
+    let o = other.tenant("o").await;
+    let mid = pb::CreateAccountRequest { request_id: "x".repeat(8000) };
+    let s =
+        raw(&other, "/spine.identity.v1.Identity/CreateAccount", prost::Message::encode_to_vec(&mid), &o.cred).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
+    assert!(s.message().contains("exceeds the limit of 4096 bytes"), "{}", s.message());
+    let s = raw(&env, "/spine.identity.v1.Identity/CreateAccount", prost::Message::encode_to_vec(&mid), &a.cred).await;
+    assert!(!s.message().contains("exceeds the limit"), "8000 bytes are within this node's limit: {}", s.message());
 
     let mut id = env.identity();
     let mut admin = env.admin();

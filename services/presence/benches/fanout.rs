@@ -180,7 +180,10 @@ fn main() {
             spine_runtime::config::Backend::Embedded,
             spine_testing::test_config(),
             |rt, mut routes, addr| async move {
-                let (names, _) = spine_presence::install(&rt, &mut routes, addr.to_string()).await.unwrap();
+                let (names, _) =
+                    spine_runtime::service::install::<spine_presence::Presence>(&rt, &mut routes, addr.to_string())
+                        .await
+                        .unwrap();
                 (routes, names)
             },
         )

@@ -1,5 +1,5 @@
 //! IN_CALL from the calls service: it keeps a marker in the store
-//! (`spine_runtime::directory::in_call_key`) for each account in an
+//! (`spine_read_models::in_call::in_call_key`) for each account in an
 //! answered call, under the call's lease. Every presence node follows them
 //! and tells its owner state; the owner shows IN_CALL to the watchers the
 //! account's settings allow, like any status.
@@ -8,8 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
+use spine_read_models::in_call::{IN_CALL_PREFIX, parse_in_call_key};
 use spine_runtime::Runtime;
-use spine_runtime::directory::{IN_CALL_PREFIX, parse_in_call_key};
 use spine_runtime::store::{EventKind, StoreError};
 
 use crate::state::Owner;

@@ -10,6 +10,7 @@
 //! It must never write presence to disk or to the store, and never let a
 //! watcher tell an account it may not see from one that does not exist.
 
+pub mod config;
 mod data;
 mod in_call;
 mod ring;
@@ -20,12 +21,11 @@ mod visibility;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use config::PresenceConfig;
 use spine_proto::presence::v1::presence_server::PresenceServer;
-use spine_runtime::Runtime;
 use spine_runtime::server::PeerChannels;
-use spine_runtime::store::StoreError;
-use tonic::server::NamedService;
-use tonic::service::RoutesBuilder;
+use spine_runtime::service::{Installer, SpineService};
+use spine_runtime::{Runtime, StartError};
 use tonic::transport::Channel;
 
 pub use ring::owner_of;
@@ -46,6 +46,8 @@ pub(crate) struct Node {
     secrets: spine_runtime::secrets::Secrets,
     /// Watch streams open on this node, per device.
     watches: std::sync::Mutex<std::collections::HashMap<(String, String), usize>>,
+    /// Most watch streams one device may hold open on this node.
+    max_watches_per_device: usize,
 }
 
 impl Node {
@@ -75,48 +77,59 @@ impl RingView {
     }
 }
 
-/// Adds the presence service (this node reachable by peers at `advertise`),
-/// registers its account-data hook and starts its upkeep.
-pub async fn install(
-    rt: &Arc<Runtime>,
-    routes: &mut RoutesBuilder,
-    advertise: String,
-) -> Result<(Vec<&'static str>, RingView), StoreError> {
-    // Misconfigured peer TLS fails the start, not the first forward.
-    spine_runtime::server::peer_endpoint(&rt.config, &advertise).map_err(StoreError::Backend)?;
-    let ring = ring::Ring::start(rt, advertise).await?;
-    let node = Arc::new(Node {
-        rt: rt.clone(),
-        ring: ring.clone(),
-        owner: state::Owner::new(),
-        peers: PeerChannels::default(),
-        secrets: rt.secrets().await?.clone(),
-        watches: Default::default(),
-    });
-    rt.register_account_data(Arc::new(data::PresenceData(node.owner.clone())));
-    rt.spawn_follower(Arc::downgrade(&node.owner), "presence-in-call", {
-        let rt = rt.clone();
-        move |owner| in_call::follow(rt.clone(), owner)
-    });
-    routes.add_service(PresenceServer::new(service::PresenceApi(node.clone())));
-    Runtime::spawn_upkeep(
-        Arc::downgrade(&node.owner),
-        Duration::from_millis(250),
-        "presence-expiry",
-        |o: Arc<state::Owner>| async move {
-            o.expire();
-            Ok::<(), String>(())
-        },
-    );
-    Runtime::spawn_upkeep(Arc::downgrade(&node), REVIEW_EVERY, "presence-review", |n: Arc<Node>| async move {
-        // One view per (watcher, target) pair, however many streams share it.
-        for ((watcher, account), ids) in n.owner.watchers() {
-            let view = visibility::view(&n.rt, &n.secrets, &watcher, &account).await.map_err(|e| e.to_string())?;
-            for id in ids {
-                n.owner.set_view(&account, id, view);
+/// The presence service: soft state owned by one node per account.
+#[derive(Debug)]
+pub struct Presence;
+
+#[async_trait::async_trait]
+impl SpineService for Presence {
+    const NAME: &'static str = "presence";
+    type Handle = RingView;
+    type Options = ();
+
+    /// Adds the presence service (this node reachable by peers at
+    /// `at.advertise`), registers its account-data hook and starts its
+    /// upkeep.
+    async fn install(at: &mut Installer<'_>, (): ()) -> Result<RingView, StartError> {
+        let rt = at.rt;
+        let config: PresenceConfig = rt.config.section().map_err(StartError::Config)?;
+        // Misconfigured peer TLS fails the start, not the first forward.
+        spine_runtime::server::peer_endpoint(&rt.config, &at.advertise).map_err(StartError::Config)?;
+        let ring = ring::Ring::start(rt, at.advertise.clone()).await?;
+        let node = Arc::new(Node {
+            rt: rt.clone(),
+            ring: ring.clone(),
+            owner: state::Owner::new(),
+            peers: PeerChannels::default(),
+            secrets: rt.secrets().await?.clone(),
+            watches: Default::default(),
+            max_watches_per_device: config.max_watches_per_device,
+        });
+        rt.register_account_data(Arc::new(data::PresenceData(node.owner.clone())));
+        rt.spawn_follower(Arc::downgrade(&node.owner), "presence-in-call", {
+            let rt = rt.clone();
+            move |owner| in_call::follow(rt.clone(), owner)
+        });
+        spine_runtime::add_service!(at, PresenceServer::new(service::PresenceApi(node.clone())));
+        Runtime::spawn_upkeep(
+            Arc::downgrade(&node.owner),
+            Duration::from_millis(250),
+            "presence-expiry",
+            |o: Arc<state::Owner>| async move {
+                o.expire();
+                Ok::<(), String>(())
+            },
+        );
+        Runtime::spawn_upkeep(Arc::downgrade(&node), REVIEW_EVERY, "presence-review", |n: Arc<Node>| async move {
+            // One view per (watcher, target) pair, however many streams share it.
+            for ((watcher, account), ids) in n.owner.watchers() {
+                let view = visibility::view(&n.rt, &n.secrets, &watcher, &account).await.map_err(|e| e.to_string())?;
+                for id in ids {
+                    n.owner.set_view(&account, id, view);
+                }
             }
-        }
-        Ok::<(), String>(())
-    });
-    Ok((vec![<PresenceServer<service::PresenceApi> as NamedService>::NAME], RingView(ring, node.owner.clone())))
+            Ok::<(), String>(())
+        });
+        Ok(RingView(ring, node.owner.clone()))
+    }
 }

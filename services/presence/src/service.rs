@@ -11,8 +11,9 @@ use futures::{Stream, StreamExt};
 use spine_proto::presence::v1::presence_client::PresenceClient;
 use spine_proto::presence::v1::presence_server::Presence;
 use spine_proto::presence::v1::{self as pb, PresenceState, Status as PStatus};
+use spine_read_models::directory;
 use spine_runtime::ids::{self, Kind};
-use spine_runtime::{Caller, Principal, directory};
+use spine_runtime::{Caller, Principal};
 use tokio::sync::mpsc;
 use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
@@ -80,12 +81,12 @@ impl WatchSlot {
         let device = (me.account.0.clone(), me.device.clone());
         let mut watches = node.watches.lock().expect("watch slots lock");
         let n = watches.entry(device.clone()).or_default();
-        if *n >= node.rt.config.presence.max_watches_per_device {
+        if *n >= node.max_watches_per_device {
             return Err(spine_runtime::error::with_reason(
                 Code::ResourceExhausted,
                 format!(
                     "a device may hold {} watch streams at once: close one, or watch more targets on one stream",
-                    node.rt.config.presence.max_watches_per_device
+                    node.max_watches_per_device
                 ),
                 "TOO_MANY_WATCHES",
             ));

@@ -1,8 +1,8 @@
 //! Who may see whose presence, and how precisely.
 
 use spine_proto::identity::v1::{LastSeenGranularity, PresenceVisibility};
+use spine_read_models::directory;
 use spine_runtime::Runtime;
-use spine_runtime::directory;
 use spine_runtime::ids::TenantId;
 use spine_runtime::store::StoreError;
 

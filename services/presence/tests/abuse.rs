@@ -22,7 +22,10 @@ async fn start() -> (Env, spine_presence::RingView) {
         Backend::Embedded,
         spine_testing::test_config(),
         |rt, mut routes, addr| async move {
-            let (names, ring) = spine_presence::install(&rt, &mut routes, addr.to_string()).await.expect("presence");
+            let (names, ring) =
+                spine_runtime::service::install::<spine_presence::Presence>(&rt, &mut routes, addr.to_string())
+                    .await
+                    .expect("presence");
             *v.lock().unwrap() = Some(ring);
             (routes, names)
         },

@@ -25,7 +25,10 @@ fn installer(
 ) -> impl FnOnce(Arc<spine_runtime::Runtime>, tonic::service::RoutesBuilder, std::net::SocketAddr) -> InstallFuture {
     move |rt, mut routes, addr| {
         Box::pin(async move {
-            let (names, ring) = spine_presence::install(&rt, &mut routes, addr.to_string()).await.expect("presence");
+            let (names, ring) =
+                spine_runtime::service::install::<spine_presence::Presence>(&rt, &mut routes, addr.to_string())
+                    .await
+                    .expect("presence");
             *slot.lock().unwrap() = Some(ring);
             (routes, names)
         })

@@ -20,7 +20,10 @@ async fn start() -> Env {
         Backend::Embedded,
         spine_testing::test_config(),
         |rt, mut routes, addr| async move {
-            let (names, _) = spine_presence::install(&rt, &mut routes, addr.to_string()).await.expect("presence");
+            let (names, _) =
+                spine_runtime::service::install::<spine_presence::Presence>(&rt, &mut routes, addr.to_string())
+                    .await
+                    .expect("presence");
             (routes, names)
         },
     )

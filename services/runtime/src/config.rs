@@ -179,107 +179,21 @@ impl Default for LimitsConfig {
     }
 }
 
+/// A service's own configuration section (`[groups]`, `[presence]`,
+/// `[calls]`): defined by the service's crate, not here, and parsed by it
+/// when it is installed, with unknown keys refused there.
+pub trait Section: Serialize + serde::de::DeserializeOwned + Default {
+    /// The section's name in the file and in `SPINE_<NAME>__*` variables.
+    const NAME: &'static str;
+}
+
+/// A node's configuration: what the runtime itself needs, plus each
+/// service's section, kept raw until the service parses it
+/// ([`Config::section`]). Unknown keys are refused: in the runtime's
+/// sections by serde, in services' sections when they are parsed, and
+/// unknown section names by [`Config::check_sections`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GroupsConfig {
-    /// Most entries a device's mailbox holds unacknowledged. Past it (or
-    /// past `mailbox_max_bytes`), application messages for the device are
-    /// dropped, and it is told how many; commits, proposals and Welcomes
-    /// are always delivered.
-    pub mailbox_max_entries: u64,
-    /// Most bytes a device's mailbox holds unacknowledged.
-    pub mailbox_max_bytes: u64,
-    /// How often each node sweeps the groups (unfinished fan-outs, removals
-    /// of devices that no longer exist), in seconds.
-    pub upkeep_secs: u64,
-}
-
-impl Default for GroupsConfig {
-    fn default() -> Self {
-        Self { mailbox_max_entries: 5000, mailbox_max_bytes: 16 * 1024 * 1024, upkeep_secs: 15 }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PresenceConfig {
-    /// The address other presence nodes reach this one at (`host:port`);
-    /// default: the listen address (use the pod IP in Kubernetes).
-    pub advertise: Option<String>,
-    /// Most watch streams one device may hold open on a node at once (each
-    /// up to 256 targets).
-    pub max_watches_per_device: usize,
-}
-
-impl Default for PresenceConfig {
-    fn default() -> Self {
-        Self { advertise: None, max_watches_per_device: 8 }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CallsConfig {
-    /// How long a call rings before it ends unanswered (seconds).
-    pub ring_timeout_secs: u64,
-    /// A group call with fewer than two participants for this long ends
-    /// (seconds).
-    pub group_idle_secs: u64,
-    /// Lease of this node's registration and of its devices' signalling
-    /// sessions (seconds): a node that dies silently is noticed within it,
-    /// and its calls move to a live node.
-    pub node_ttl_secs: u64,
-    /// A device in a call whose signalling session (`Calls.Session`) is
-    /// gone this long is lost (seconds): a one-to-one call ends, a group
-    /// call drops it (and ends with its last device), reason
-    /// CONNECTION_LOST.
-    pub unattended_secs: u64,
-    /// This node's region, for assigning group calls to media nodes near
-    /// their participants (devices connect to a node of their region).
-    pub region: String,
-    /// The address other calls nodes reach this one at (`host:port`);
-    /// default: `presence.advertise`, else the listen address.
-    pub advertise: Option<String>,
-    pub turn: TurnConfig,
-}
-
-impl Default for CallsConfig {
-    fn default() -> Self {
-        Self {
-            ring_timeout_secs: 45,
-            group_idle_secs: 300,
-            node_ttl_secs: 5,
-            unattended_secs: 30,
-            region: "default".into(),
-            advertise: None,
-            turn: TurnConfig::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TurnConfig {
-    /// TURN server URIs handed to devices, for example
-    /// `turn:turn.example.com:3478?transport=udp`.
-    pub uris: Vec<String>,
-    /// Shared secrets of coturn's `use-auth-secret`: the first mints
-    /// credentials; list the old one second while rotating (coturn accepts
-    /// every `static-auth-secret` it is given). Empty: no TURN.
-    pub secrets: Vec<String>,
-    /// Lifetime of minted credentials (seconds, 60 to 600).
-    pub ttl_secs: u32,
-}
-
-impl Default for TurnConfig {
-    fn default() -> Self {
-        Self { uris: vec![], secrets: vec![], ttl_secs: 300 }
-    }
-}
-
-/// A node's configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
@@ -295,9 +209,9 @@ pub struct Config {
     pub drain: DrainConfig,
     pub telemetry: TelemetryConfig,
     pub limits: LimitsConfig,
-    pub groups: GroupsConfig,
-    pub presence: PresenceConfig,
-    pub calls: CallsConfig,
+    /// Services' sections by name, as read.
+    #[serde(flatten)]
+    pub sections: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for Config {
@@ -312,14 +226,46 @@ impl Default for Config {
             drain: DrainConfig::default(),
             telemetry: TelemetryConfig::default(),
             limits: LimitsConfig::default(),
-            groups: GroupsConfig::default(),
-            presence: PresenceConfig::default(),
-            calls: CallsConfig::default(),
+            sections: Default::default(),
         }
     }
 }
 
 impl Config {
+    /// A service's section: its defaults where absent, an error naming the
+    /// key where it does not parse (unknown keys included).
+    pub fn section<S: Section>(&self) -> Result<S, String> {
+        match self.sections.get(S::NAME) {
+            None | Some(serde_json::Value::Null) => Ok(S::default()),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| format!("[{}]: {e}", S::NAME)),
+        }
+    }
+
+    /// Replaces a service's section (tools and tests that build configs).
+    pub fn set_section<S: Section>(&mut self, section: &S) {
+        let v = serde_json::to_value(section).expect("sections serialize");
+        self.sections.insert(S::NAME.to_string(), v);
+    }
+
+    /// Changes a service's section in place (from its defaults if absent).
+    ///
+    /// # Panics
+    /// If the present section does not parse.
+    pub fn edit_section<S: Section>(&mut self, f: impl FnOnce(&mut S)) {
+        let mut s: S = self.section().unwrap_or_else(|e| panic!("{e}"));
+        f(&mut s);
+        self.set_section(&s);
+    }
+
+    /// Refuses sections no service of this build owns (a misspelt
+    /// `[cals]` would otherwise be ignored silently).
+    pub fn check_sections(&self, known: &[&str]) -> Result<(), String> {
+        match self.sections.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(k) => Err(format!("unknown key `{k}`; sections of this build: {}", known.join(", "))),
+            None => Ok(()),
+        }
+    }
+
     /// Layers defaults, `file` (if given), `SPINE_*` variables and `flags`
     /// (a serializable struct whose `None` fields are skipped).
     pub fn load(defaults: Config, file: Option<&Path>, flags: impl Serialize) -> Result<Config, Box<figment::Error>> {
@@ -369,6 +315,45 @@ mod tests {
             jail.create_file("bad.toml", "[store]\nbakend = \"etcd\"\n")?;
             let path = jail.directory().join("bad.toml");
             assert!(Config::load(Config::default(), Some(&path), Flags::default()).is_err());
+            Ok(())
+        });
+    }
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Demo {
+        ttl_secs: u64,
+        region: String,
+    }
+
+    impl Default for Demo {
+        fn default() -> Self {
+            Self { ttl_secs: 5, region: "default".into() }
+        }
+    }
+
+    impl Section for Demo {
+        const NAME: &'static str = "demo";
+    }
+
+    #[test]
+    fn services_parse_their_own_sections() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("spine.toml", "[demo]\nregion = \"eu\"\n")?;
+            jail.set_env("SPINE_DEMO__TTL_SECS", "9");
+            let path = jail.directory().join("spine.toml");
+            let mut c = Config::load(Config::default(), Some(&path), Flags::default()).unwrap();
+            assert_eq!(c.section::<Demo>().unwrap(), Demo { ttl_secs: 9, region: "eu".into() });
+            assert!(c.check_sections(&["demo"]).is_ok());
+            assert!(c.check_sections(&["other"]).unwrap_err().contains("`demo`"));
+            c.edit_section(|d: &mut Demo| d.ttl_secs = 1);
+            assert_eq!(c.section::<Demo>().unwrap().ttl_secs, 1);
+            assert_eq!(Config::default().section::<Demo>().unwrap(), Demo::default());
+
+            jail.create_file("bad.toml", "[demo]\nregoin = \"eu\"\n")?;
+            let path = jail.directory().join("bad.toml");
+            let c = Config::load(Config::default(), Some(&path), Flags::default()).unwrap();
+            assert!(c.section::<Demo>().unwrap_err().contains("regoin"));
             Ok(())
         });
     }

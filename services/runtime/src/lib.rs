@@ -16,14 +16,15 @@ pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod data;
-pub mod directory;
 pub mod error;
+pub mod frames;
 pub mod idempotency;
 pub mod ids;
 pub mod rate;
 pub mod sealing;
 pub mod secrets;
 pub mod server;
+pub mod service;
 pub mod store;
 pub mod telemetry;
 
@@ -56,6 +57,7 @@ pub struct Runtime {
     pub sealer: sealing::Sealer,
     /// Per-account and per-tenant rate limits.
     pub limits: rate::RateLimits,
+    redactor: telemetry::Redactor,
     secrets: secrets::SecretsCell,
     data: RwLock<Vec<Arc<dyn AccountData>>>,
 }
@@ -77,6 +79,12 @@ pub enum StartError {
 }
 
 impl Runtime {
+    /// The keyed hash standing for an identifier in logs, traces and
+    /// metrics (`telemetry.id_hash_key`).
+    pub fn redact(&self, id: &str) -> String {
+        self.redactor.redact(id)
+    }
+
     /// Opens the configured store and starts the auth mirror.
     pub async fn start(config: Config) -> Result<Arc<Self>, StartError> {
         let store = Self::open_store(&config).await?;
@@ -144,10 +152,7 @@ impl Runtime {
     /// A runtime over an existing store (tests, several nodes on one store).
     pub fn with_store(config: Config, store: Arc<dyn Store>) -> Result<Arc<Self>, StartError> {
         let sealer = Self::sealer_of(&config)?;
-        spine_proto::codec::set_max_message_bytes(config.limits.max_message_bytes);
-        if let Some(k) = &config.telemetry.id_hash_key {
-            telemetry::set_hash_key(k.as_bytes());
-        }
+        let redactor = telemetry::Redactor::new(config.telemetry.id_hash_key.as_deref().map(str::as_bytes));
         let auth = AuthRing::new(store.clone(), i64::from(config.auth.max_token_ttl_secs));
         auth.start();
         let limits = rate::RateLimits::new(config.limits.rates.clone());
@@ -158,6 +163,7 @@ impl Runtime {
             drain: Default::default(),
             sealer,
             limits,
+            redactor,
             secrets: Default::default(),
             data: RwLock::new(Vec::new()),
         }))

@@ -167,6 +167,10 @@ pub async fn serve(
         // Outermost: every request (and stream, until it ends) keeps its
         // connection from being closed as idle.
         .layer(crate::conn::ActivityLayer)
+        // Requests over the node's message limit end before they are read.
+        .layer(crate::frames::MessageLimitLayer::new(
+            rt.config.limits.max_message_bytes.min(spine_proto::codec::TRANSPORT_MAX_MESSAGE_BYTES),
+        ))
         // Every request is traced and measured, refused ones too.
         .layer(TelemetryLayer)
         // Then authentication, before any routing to a service: no handler

@@ -5,7 +5,7 @@
 //! over OTLP/gRPC, configured by the standard `OTEL_*` variables.
 //!
 //! Privacy rules, enforced here and by tests: account, device and call ids
-//! appear only as keyed hashes ([`redact`]); tokens, secrets, IP addresses,
+//! appear only as keyed hashes ([`Redactor`], `Runtime::redact`); tokens, secrets, IP addresses,
 //! phone numbers and payloads never appear at all. The hash key comes from
 //! config (`telemetry.id_hash_key`, shared by all nodes so hashes correlate
 //! across them) or is random per process.
@@ -25,30 +25,36 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-static HASH_KEY: OnceLock<[u8; 32]> = OnceLock::new();
+/// Keyed hashing of identifiers for logs, traces and metrics, with the
+/// node's `telemetry.id_hash_key` (shared by all nodes so hashes correlate
+/// across them; a random key per node when unset).
+#[derive(Clone)]
+pub struct Redactor([u8; 32]);
 
-fn hash_key() -> &'static [u8; 32] {
-    HASH_KEY.get_or_init(|| {
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Redactor")
+    }
+}
+
+impl Redactor {
+    /// A redactor keyed by `key` (any length), or by a random key.
+    pub fn new(key: Option<&[u8]>) -> Self {
         let mut k = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
-        k
-    })
-}
+        match key {
+            Some(key) => k.copy_from_slice(&<Sha256 as sha2::Digest>::digest(key)),
+            None => rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k),
+        }
+        Self(k)
+    }
 
-/// Sets the key for [`redact`]. Only the first call has effect.
-pub fn set_hash_key(key: &[u8]) {
-    let mut k = [0u8; 32];
-    let digest = <Sha256 as sha2::Digest>::digest(key);
-    k.copy_from_slice(&digest);
-    let _ = HASH_KEY.set(k);
-}
-
-/// The keyed hash of an identifier, for logs, traces and metrics: 16 hex
-/// characters of HMAC-SHA256. Stable for a given key, useless without it.
-pub fn redact(id: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(hash_key()).expect("hmac takes any key length");
-    mac.update(id.as_bytes());
-    hex::encode(&mac.finalize().into_bytes()[..8])
+    /// The keyed hash of an identifier: 16 hex characters of HMAC-SHA256.
+    /// Stable for a given key, useless without it.
+    pub fn redact(&self, id: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("hmac takes any key length");
+        mac.update(id.as_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..8])
+    }
 }
 
 /// Spine's metric instruments.
@@ -281,9 +287,12 @@ mod tests {
 
     #[test]
     fn redaction_is_stable_and_hides_the_id() {
-        let a = redact("ac_abcdefghijklmnopqrstuvwxyz");
-        assert_eq!(a, redact("ac_abcdefghijklmnopqrstuvwxyz"));
-        assert_ne!(a, redact("ac_abcdefghijklmnopqrstuvwxy2"));
+        let r = Redactor::new(Some(b"deployment key"));
+        let a = r.redact("ac_abcdefghijklmnopqrstuvwxyz");
+        assert_eq!(a, r.redact("ac_abcdefghijklmnopqrstuvwxyz"));
+        assert_eq!(a, Redactor::new(Some(b"deployment key")).redact("ac_abcdefghijklmnopqrstuvwxyz"));
+        assert_ne!(a, Redactor::new(Some(b"another key")).redact("ac_abcdefghijklmnopqrstuvwxyz"));
+        assert_ne!(a, r.redact("ac_abcdefghijklmnopqrstuvwxy2"));
         assert_eq!(a.len(), 16);
         assert!(!a.contains("ac_"));
     }

@@ -4,10 +4,24 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use spine_runtime::config::Section;
+use spine_runtime::service::{SpineService, install};
 use spine_runtime::{Config, Runtime};
 
 /// Every service this build can run, in start order.
-pub const SERVICES: &[&str] = &["identity", "groups", "presence", "calls"];
+pub const SERVICES: &[&str] = &[
+    <spine_identity::Identity as SpineService>::NAME,
+    <spine_groups::Groups as SpineService>::NAME,
+    <spine_presence::Presence as SpineService>::NAME,
+    <spine_calls::Calls as SpineService>::NAME,
+];
+
+/// The configuration sections services of this build own.
+const SECTIONS: &[&str] = &[
+    <spine_groups::GroupsConfig as Section>::NAME,
+    <spine_presence::PresenceConfig as Section>::NAME,
+    <spine_calls::CallsConfig as Section>::NAME,
+];
 
 /// Routes and health names of the services `config.services` names (all if
 /// empty).
@@ -22,30 +36,28 @@ pub async fn assemble(
     } else {
         rt.config.services.iter().map(String::as_str).collect()
     };
+    rt.config.check_sections(SECTIONS).map_err(anyhow::Error::msg).context("config")?;
+    let presence: spine_presence::PresenceConfig = rt.config.section().map_err(anyhow::Error::msg)?;
+    let calls: spine_calls::CallsConfig = rt.config.section().map_err(anyhow::Error::msg)?;
     let mut routes = tonic::service::RoutesBuilder::default();
     let mut names = Vec::new();
     for s in &wanted {
-        match *s {
-            "identity" => names.extend(spine_identity::install(rt, &mut routes)),
-            "groups" => names.extend(spine_groups::install(rt, &mut routes).await.context("starting groups")?),
-            "presence" => {
-                let advertise = rt.config.presence.advertise.clone().unwrap_or_else(|| addr.to_string());
-                let (n, _) = spine_presence::install(rt, &mut routes, advertise).await.context("starting presence")?;
-                names.extend(n);
-            }
-            "calls" => {
-                let c = &rt.config;
-                let advertise = c
-                    .calls
-                    .advertise
-                    .clone()
-                    .or_else(|| c.presence.advertise.clone())
-                    .unwrap_or_else(|| addr.to_string());
-                let (n, _) = spine_calls::install(rt, &mut routes, advertise).await.context("starting calls")?;
-                names.extend(n);
-            }
-            other => bail!("unknown service {other:?}; this build runs: {}", SERVICES.join(", ")),
+        // Presence and calls nodes talk to each other: at their advertised
+        // address (calls falls back to presence's), else where this node
+        // listens.
+        let advertise = match *s {
+            "calls" => calls.advertise.clone().or_else(|| presence.advertise.clone()),
+            _ => presence.advertise.clone(),
         }
+        .unwrap_or_else(|| addr.to_string());
+        let installed = match *s {
+            "identity" => install::<spine_identity::Identity>(rt, &mut routes, advertise).await.map(|(n, ())| n),
+            "groups" => install::<spine_groups::Groups>(rt, &mut routes, advertise).await.map(|(n, ())| n),
+            "presence" => install::<spine_presence::Presence>(rt, &mut routes, advertise).await.map(|(n, _)| n),
+            "calls" => install::<spine_calls::Calls>(rt, &mut routes, advertise).await.map(|(n, _)| n),
+            other => bail!("unknown service {other:?}; this build runs: {}", SERVICES.join(", ")),
+        };
+        names.extend(installed.with_context(|| format!("starting {s}"))?);
     }
     Ok((routes.routes(), names))
 }

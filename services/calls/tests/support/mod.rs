@@ -21,8 +21,8 @@ use tonic::{Code, Status};
 
 pub fn config() -> Config {
     let mut c = spine_testing::test_config();
-    c.calls.ring_timeout_secs = 30;
-    c.calls.node_ttl_secs = 2;
+    c.edit_section(|s: &mut spine_calls::CallsConfig| s.ring_timeout_secs = 30);
+    c.edit_section(|s: &mut spine_calls::CallsConfig| s.node_ttl_secs = 2);
     c
 }
 
@@ -53,12 +53,20 @@ pub async fn nodes_with_views(
         tweak(i, &mut c);
         let (v, r) = (views.clone(), rings.clone());
         let env = spine_testing::start_on_with(store.clone(), etcd.take(), c, |rt, mut routes, addr| async move {
-            let mut names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
-            let (more, view) = spine_calls::install(&rt, &mut routes, addr.to_string()).await.expect("calls install");
+            let mut names = spine_runtime::service::install::<spine_groups::Groups>(&rt, &mut routes, String::new())
+                .await
+                .map(|(n, ())| n)
+                .expect("groups install");
+            let (more, view) =
+                spine_runtime::service::install::<spine_calls::Calls>(&rt, &mut routes, addr.to_string())
+                    .await
+                    .expect("calls install");
             v.lock().unwrap().push(view);
             names.extend(more);
             let (more, ring) =
-                spine_presence::install(&rt, &mut routes, addr.to_string()).await.expect("presence install");
+                spine_runtime::service::install::<spine_presence::Presence>(&rt, &mut routes, addr.to_string())
+                    .await
+                    .expect("presence install");
             r.lock().unwrap().push(ring);
             names.extend(more);
             (routes, names)

@@ -20,7 +20,10 @@ pub async fn start(backend: Backend) -> Env {
 /// [`start`] with a config of the test's own.
 pub async fn start_with(backend: Backend, config: spine_runtime::Config) -> Env {
     spine_testing::start_with_services(backend, config, |rt, mut routes, _| async move {
-        let names = spine_groups::install(&rt, &mut routes).await.expect("groups install");
+        let names = spine_runtime::service::install::<spine_groups::Groups>(&rt, &mut routes, String::new())
+            .await
+            .map(|(n, ())| n)
+            .expect("groups install");
         (routes, names)
     })
     .await

@@ -19,7 +19,7 @@ use futures::Stream;
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
-pub use scoped::{GroupSpace, SystemStore, TenantStore};
+pub use scoped::{SharedSpace, SystemStore, TenantStore};
 
 /// Largest value a put may carry (etcd's default request limit is 1.5 MiB).
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024;

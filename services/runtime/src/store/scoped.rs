@@ -117,27 +117,32 @@ impl TenantStore {
     }
 }
 
-/// Prefix of the cross-tenant group space (MLS groups span tenants by
-/// policy; their members' mailboxes stay in each member's tenant).
-pub const GROUPS_PREFIX: &str = "/spine/g/";
-
-/// A store handle on the group space (`/spine/g/`), for the groups service,
-/// which checks membership before touching a group, and for calls, which
-/// only reads a group's roster (`directory::group_roster`).
+/// A store handle on a shared space, `/spine/<name>/`: data that spans
+/// tenants by a service's own policy (MLS groups, whose members come from
+/// several tenants). The service that owns the space checks its policy
+/// before touching it; the runtime only keeps it apart from every tenant's
+/// silo and from the control plane (`t` and `sys` are refused as names).
 #[derive(Clone)]
-pub struct GroupSpace(Rooted);
+pub struct SharedSpace(Rooted);
 
-impl std::fmt::Debug for GroupSpace {
+impl std::fmt::Debug for SharedSpace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("GroupSpace")
+        write!(f, "SharedSpace({})", self.0.prefix)
     }
 }
 
-rooted_ops!(GroupSpace);
+rooted_ops!(SharedSpace);
 
-impl GroupSpace {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self(Rooted { store, prefix: GROUPS_PREFIX.to_string() })
+impl SharedSpace {
+    /// # Panics
+    /// If `name` is `t` or `sys`, or not a single lowercase word: those are
+    /// the tenants' silos and the control plane, never a shared space.
+    pub fn new(store: Arc<dyn Store>, name: &'static str) -> Self {
+        assert!(
+            !matches!(name, "t" | "sys") && !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase()),
+            "{name:?} cannot name a shared space"
+        );
+        Self(Rooted { store, prefix: format!("{ROOT}{name}/") })
     }
 }
 

@@ -6,8 +6,9 @@
 use serde::{Deserialize, Serialize};
 use spine_proto::identity::v1::{CrossAppReachability, PrivacySettings};
 
-use crate::ids::TenantId;
-use crate::store::{GroupSpace, StoreError, SystemStore, TenantStore};
+use spine_runtime::ids::TenantId;
+use spine_runtime::secrets::Secrets;
+use spine_runtime::store::{StoreError, SystemStore, TenantStore};
 
 /// Tenant: `accounts/<account>`.
 pub fn account_key(account: &str) -> String {
@@ -54,59 +55,9 @@ pub fn handle_index_key(handle: &str) -> String {
     format!("handles/{handle}")
 }
 
-/// Control plane: `calls/incall/<tenant>/<account>/<call>`, present while
-/// the account takes part in an answered call (under the call's lease).
-/// Calls writes these; presence reads them to show IN_CALL.
-pub const IN_CALL_PREFIX: &str = "calls/incall/";
-
-pub fn in_call_key(tenant: &str, account: &str, call: &str) -> String {
-    format!("{IN_CALL_PREFIX}{tenant}/{account}/{call}")
-}
-
-/// The (tenant, account, call) of an in-call marker key relative to the
-/// control plane.
-pub fn parse_in_call_key(rel: &str) -> Option<(String, String, String)> {
-    let mut it = rel.strip_prefix(IN_CALL_PREFIX)?.splitn(3, '/');
-    Some((it.next()?.to_string(), it.next()?.to_string(), it.next()?.to_string()))
-}
-
 /// Control plane: `tenants/<tenant>`.
 pub fn tenant_key(tenant: &str) -> String {
     format!("tenants/{tenant}")
-}
-
-/// Group space: `<group id hex>/s/meta`, a group's epoch and roster. The
-/// groups service writes it; calls reads it (who may join a group call).
-pub fn group_meta_key(gid_hex: &str) -> String {
-    format!("{gid_hex}/s/meta")
-}
-
-/// A member device in a group's roster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RosterDevice {
-    pub leaf: u32,
-    pub tenant: String,
-    pub account: String,
-    pub device: String,
-}
-
-/// What other services may read of a group's meta record: its epoch and
-/// roster (the record holds more, for the groups service alone).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GroupRoster {
-    pub epoch: u64,
-    pub roster: Vec<RosterDevice>,
-}
-
-impl GroupRoster {
-    pub fn member(&self, tenant: &str, account: &str, device: &str) -> Option<&RosterDevice> {
-        self.roster.iter().find(|r| r.tenant == tenant && r.account == account && r.device == device)
-    }
-}
-
-/// A group's epoch and roster, if the group exists.
-pub async fn group_roster(g: &GroupSpace, gid_hex: &str) -> Result<Option<GroupRoster>, StoreError> {
-    Ok(g.get(&group_meta_key(gid_hex)).await?.and_then(|kv| serde_json::from_slice(&kv.value).ok()))
 }
 
 /// A registered device.
@@ -197,7 +148,7 @@ pub async fn settings(t: &TenantStore, account: &str) -> Result<(PrivacySettings
 /// another account's lists: stable whatever handle named the person, so a
 /// block follows the person when a handle is revoked or another is used,
 /// and naming no one to anyone without the deployment's pseudonym secret.
-pub fn person(secrets: &crate::secrets::Secrets, tenant: &str, account: &str) -> String {
+pub fn person(secrets: &Secrets, tenant: &str, account: &str) -> String {
     secrets.pseudonym("person", &[tenant, account])
 }
 
@@ -212,7 +163,7 @@ pub fn person_key(list: &str, owner: &str, person: &str) -> String {
 /// (tenant, account) under `list`: by account id within the tenant, by the
 /// person hash across tenants.
 pub async fn lists(
-    secrets: &crate::secrets::Secrets,
+    secrets: &Secrets,
     t: &TenantStore,
     list: &str,
     owner: &str,
@@ -242,7 +193,7 @@ pub enum Who {
 /// rules of their own (video, do-not-disturb). Refusals are not told
 /// apart: every caller answers them as if `to` did not exist.
 pub async fn consent(
-    secrets: &crate::secrets::Secrets,
+    secrets: &Secrets,
     t: &TenantStore,
     from: (&str, &str),
     to: &str,

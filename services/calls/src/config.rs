@@ -1,0 +1,68 @@
+//! The `[calls]` configuration section (with TURN under `[calls.turn]`).
+
+use serde::{Deserialize, Serialize};
+use spine_runtime::config::Section;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallsConfig {
+    /// How long a call rings before it ends unanswered (seconds).
+    pub ring_timeout_secs: u64,
+    /// A group call with fewer than two participants for this long ends
+    /// (seconds).
+    pub group_idle_secs: u64,
+    /// Lease of this node's registration and of its devices' signalling
+    /// sessions (seconds): a node that dies silently is noticed within it,
+    /// and its calls move to a live node.
+    pub node_ttl_secs: u64,
+    /// A device in a call whose signalling session (`Calls.Session`) is
+    /// gone this long is lost (seconds): a one-to-one call ends, a group
+    /// call drops it (and ends with its last device), reason
+    /// CONNECTION_LOST.
+    pub unattended_secs: u64,
+    /// This node's region, for assigning group calls to media nodes near
+    /// their participants (devices connect to a node of their region).
+    pub region: String,
+    /// The address other calls nodes reach this one at (`host:port`);
+    /// default: `presence.advertise`, else the listen address.
+    pub advertise: Option<String>,
+    pub turn: TurnConfig,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self {
+            ring_timeout_secs: 45,
+            group_idle_secs: 300,
+            node_ttl_secs: 5,
+            unattended_secs: 30,
+            region: "default".into(),
+            advertise: None,
+            turn: TurnConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TurnConfig {
+    /// TURN server URIs handed to devices, for example
+    /// `turn:turn.example.com:3478?transport=udp`.
+    pub uris: Vec<String>,
+    /// Shared secrets of coturn's `use-auth-secret`: the first mints
+    /// credentials; list the old one second while rotating (coturn accepts
+    /// every `static-auth-secret` it is given). Empty: no TURN.
+    pub secrets: Vec<String>,
+    /// Lifetime of minted credentials (seconds, 60 to 600).
+    pub ttl_secs: u32,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self { uris: vec![], secrets: vec![], ttl_secs: 300 }
+    }
+}
+
+impl Section for CallsConfig {
+    const NAME: &'static str = "calls";
+}
