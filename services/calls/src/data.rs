@@ -82,7 +82,7 @@ pub(crate) async fn delete_account(node: &Node, t: &TenantStore, account: &str) 
             Err(e) => return Err(e.into()),
         }
     }
-    records::delete_account(t, account).await.map_err(spine_runtime::error::store)
+    Ok(records::delete_account(t, account).await?)
 }
 
 #[async_trait]
@@ -97,8 +97,8 @@ impl AccountData for CallsData {
         let calls: Vec<_> =
             self.0.cluster.calls_of(&who).into_iter().filter(|(r, _)| r.state != State::Ended).collect();
         let sessions = self.0.cluster.sessions_of(&who);
-        let kept = records::of_account(t, account).await.map_err(spine_runtime::error::store)?;
-        let policy = records::policy(t).await.map_err(spine_runtime::error::store)?;
+        let kept = records::of_account(t, account).await?;
+        let policy = records::policy(t).await?;
         let items = vec![
             DataItem {
                 kind: "live_call".into(),
@@ -140,9 +140,9 @@ impl AccountData for CallsData {
 
     async fn tenant_report(&self, t: &TenantStore) -> Result<Option<DataReportSection>, Status> {
         let root = format!("etcd:/spine/t/{}/", t.tenant().as_str());
-        let policy = records::policy(t).await.map_err(spine_runtime::error::store)?;
-        let salted = t.get(crate::model::SALT).await.map_err(spine_runtime::error::store)?.is_some();
-        let kept = t.count(crate::model::RECORDS).await.map_err(spine_runtime::error::store)?;
+        let policy = records::policy(t).await?;
+        let salted = t.get(crate::model::SALT).await?.is_some();
+        let kept = t.count(crate::model::RECORDS).await?;
         let fields: Vec<String> = policy
             .fields
             .iter()

@@ -36,6 +36,23 @@ pub enum CallError {
     /// This node drains and no other node is alive to take the call.
     #[error("node draining: retry on another node")]
     Draining,
+    /// Refused by the caller's credential (wrong kind, other account).
+    #[error(transparent)]
+    Authz(#[from] spine_runtime::auth::AuthzError),
+    #[error(transparent)]
+    Rate(#[from] spine_runtime::rate::RateLimited),
+    /// A broken invariant; the client learns only "internal error".
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+    /// The runtime's answer about the request's credential.
+    #[error("{}", .0.message())]
+    Caller(Status),
+    /// A peer node is unreachable or misconfigured (its answer as given).
+    #[error("{}", .0.message())]
+    Peer(Status),
+    /// Not a device token: calls methods are for devices.
+    #[error("calls methods are for devices (device tokens)")]
+    DevicesOnly,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -75,6 +92,11 @@ impl From<CallError> for Status {
             CallError::Forbidden(m) => Status::permission_denied(m),
             CallError::Contended => Status::aborted(e.to_string()),
             CallError::Draining => spine_runtime::error::draining(e.to_string()),
+            CallError::Authz(a) => a.into(),
+            CallError::Rate(r) => r.into(),
+            CallError::Internal(what) => spine_runtime::error::internal(&what),
+            CallError::Caller(s) | CallError::Peer(s) => s,
+            CallError::DevicesOnly => Status::permission_denied(e.to_string()),
             CallError::Store(s) => spine_runtime::error::store(s),
         }
     }

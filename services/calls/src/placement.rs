@@ -12,7 +12,6 @@ use spine_read_models::directory;
 use spine_runtime::Caller;
 use spine_runtime::ids::{self, Kind as IdKind, TenantId};
 use spine_runtime::store::TenantStore;
-use tonic::Status;
 
 use crate::Node;
 use crate::error::{CallError, invalid};
@@ -21,17 +20,17 @@ use crate::media;
 use crate::model::{
     AccountKey, CallRec, DevKey, End, GroupRef, Kind, Leg, Party, Ring, Role, State, group_call_key, new_id, pair_key,
 };
-use crate::service::{group_hex, group_not_found, request_id};
+use crate::service::{group_hex, request_id};
 use crate::view::render;
 
 impl Node {
     /// A tenant's store, for work on behalf of a call or group that spans
     /// tenants (settings of a rung member, records).
-    pub(crate) fn tenant_of(&self, caller: &Caller, tenant: &str) -> Result<TenantStore, Status> {
+    pub(crate) fn tenant_of(&self, caller: &Caller, tenant: &str) -> Result<TenantStore, CallError> {
         if caller.tenant().is_some_and(|t| t.as_str() == tenant) {
             return Ok(caller.tenant_store()?);
         }
-        let t = TenantId::parse(tenant).ok_or_else(|| Status::internal("internal error"))?;
+        let t = TenantId::parse(tenant).ok_or(CallError::Internal("a tenant id that does not parse"))?;
         Ok(self.rt.system_store().tenant_for_delivery(&t))
     }
 
@@ -62,11 +61,11 @@ impl Node {
         caller: &Caller,
         me: &DevKey,
         r: &pb::StartCallRequest,
-    ) -> Result<pb::Call, Status> {
+    ) -> Result<pb::Call, CallError> {
         let rid = request_id(&r.request_id)?;
         let sys = self.rt.system_store();
         let mine = me.account_key();
-        let my_tenant = caller.tenant().ok_or_else(|| Status::internal("internal error"))?.clone();
+        let my_tenant = caller.tenant().ok_or(CallError::Internal("a tenant id that does not parse"))?.clone();
         let (callee, callee_t, callee_handle) = match r.callee.as_ref().and_then(|c| c.peer.as_ref()) {
             Some(peer_ref::Peer::AccountId(a)) => {
                 ids::parse(IdKind::Account, a).ok_or_else(|| invalid("callee.account_id", "not an account id"))?;
@@ -76,42 +75,34 @@ impl Node {
             Some(peer_ref::Peer::Interop(i)) => {
                 ids::parse(IdKind::InteropHandle, &i.handle)
                     .ok_or_else(|| invalid("callee.interop.handle", "not an interop handle"))?;
-                match directory::resolve_handle(&sys, &i.handle, &my_tenant)
-                    .await
-                    .map_err(spine_runtime::error::store)?
-                {
+                match directory::resolve_handle(&sys, &i.handle, &my_tenant).await? {
                     Some((t, a)) if t.as_str() == i.tenant_id => (
                         AccountKey { tenant: t.to_string(), account: a },
                         sys.tenant_for_interop(&t),
                         Some(i.handle.clone()),
                     ),
-                    _ => return Err(CallError::NotPlaced.into()),
+                    _ => return Err(CallError::NotPlaced),
                 }
             }
-            None => return Err(invalid("callee", "required").into()),
+            None => return Err(invalid("callee", "required")),
         };
         if callee == mine {
-            return Err(invalid("callee", "cannot call your own account").into());
+            return Err(invalid("callee", "cannot call your own account"));
         }
         let mut caller_handle = None;
         if !r.caller_handle.is_empty() && callee.tenant != mine.tenant {
             ids::parse(IdKind::InteropHandle, &r.caller_handle)
                 .ok_or_else(|| invalid("caller_handle", "not an interop handle"))?;
-            let target = TenantId::parse(&callee.tenant).ok_or_else(|| Status::internal("internal error"))?;
-            match directory::resolve_handle(&sys, &r.caller_handle, &target)
-                .await
-                .map_err(spine_runtime::error::store)?
-            {
+            let target =
+                TenantId::parse(&callee.tenant).ok_or(CallError::Internal("a tenant id that does not parse"))?;
+            match directory::resolve_handle(&sys, &r.caller_handle, &target).await? {
                 Some((t, a)) if t == my_tenant && a == mine.account => caller_handle = Some(r.caller_handle.clone()),
-                _ => return Err(invalid("caller_handle", "not your live handle open to the callee's tenant").into()),
+                _ => return Err(invalid("caller_handle", "not your live handle open to the callee's tenant")),
             }
         }
-        if !crate::rules::may_ring(&self.cluster.secrets, &callee_t, &mine, &callee, r.video)
-            .await
-            .map_err(spine_runtime::error::store)?
-        {
+        if !crate::rules::may_ring(&self.cluster.secrets, &callee_t, &mine, &callee, r.video).await? {
             tracing::debug!("call not placed: the callee's settings refuse it");
-            return Err(CallError::NotPlaced.into());
+            return Err(CallError::NotPlaced);
         }
         let request = format!("{}/{rid}", me.device);
         let pair = pair_key(&self.cluster.secrets, &mine, &callee);
@@ -180,13 +171,13 @@ impl Node {
                             let (rec, v) = self.cluster.update(&existing, |c| machine::answer(c, me, now)).await?;
                             return Ok(render(&rec, v, me));
                         }
-                        machine::PairTaken::Exists => return Err(CallError::Exists { call_id: existing }.into()),
+                        machine::PairTaken::Exists => return Err(CallError::Exists { call_id: existing }),
                     }
                 }
                 _ => self.cluster.clear_aux(&pair, &existing).await?,
             }
         }
-        Err(CallError::Contended.into())
+        Err(CallError::Contended)
     }
 
     pub(crate) async fn start_group(
@@ -194,19 +185,17 @@ impl Node {
         caller: &Caller,
         me: &DevKey,
         r: &pb::StartGroupCallRequest,
-    ) -> Result<pb::Call, Status> {
+    ) -> Result<pb::Call, CallError> {
         let rid = request_id(&r.request_id)?;
         let gid = group_hex(&r.group_id)?;
         let sys = self.rt.system_store();
         for _ in 0..4 {
-            let roster = spine_read_models::roster::group_roster(&self.groups, &gid)
-                .await
-                .map_err(spine_runtime::error::store)?;
-            let Some(roster) = roster else { return Err(group_not_found()) };
+            let roster = spine_read_models::roster::group_roster(&self.groups, &gid).await?;
+            let Some(roster) = roster else { return Err(CallError::Missing("group")) };
             let Some(member) = roster.member(&me.tenant, &me.account, &me.device).cloned() else {
-                return Err(group_not_found());
+                return Err(CallError::Missing("group"));
             };
-            if let Some(kv) = sys.get(&group_call_key(&gid)).await.map_err(spine_runtime::error::store)? {
+            if let Some(kv) = sys.get(&group_call_key(&gid)).await? {
                 let existing = String::from_utf8_lossy(&kv.value).into_owned();
                 let idle = self.idle_ms();
                 match self
@@ -219,7 +208,7 @@ impl Node {
                         self.cluster.clear_aux(&group_call_key(&gid), &existing).await?;
                         continue;
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 }
             }
             let now = self.clock.now_ms();
@@ -235,9 +224,7 @@ impl Node {
             for (who, devices) in accounts {
                 let t = self.tenant_of(caller, &who.tenant)?;
                 let rings = who != me.account_key()
-                    && crate::rules::group_rings(&self.cluster.secrets, &t, &me.account_key(), &who, r.video)
-                        .await
-                        .map_err(spine_runtime::error::store)?;
+                    && crate::rules::group_rings(&self.cluster.secrets, &t, &me.account_key(), &who, r.video).await?;
                 ringing |= rings;
                 parties.push(Party {
                     who,
@@ -256,9 +243,9 @@ impl Node {
                 }
             }
             let region = media::majority_region(regions.iter().map(String::as_str));
-            let nodes = media::list(&sys).await.map_err(spine_runtime::error::store)?;
+            let nodes = media::list(&sys).await?;
             let Some(media) = media::choose(&nodes, region.as_deref()) else {
-                return Err(CallError::NoMediaNode.into());
+                return Err(CallError::NoMediaNode);
             };
             let rec = CallRec {
                 id: new_id("cl_"),
@@ -282,6 +269,6 @@ impl Node {
                 return Ok(render(&rec, v, me));
             }
         }
-        Err(CallError::Contended.into())
+        Err(CallError::Contended)
     }
 }

@@ -8,8 +8,10 @@ use std::time::Duration;
 use spine_proto::calls::v1 as pb;
 use spine_proto::calls::v1::calls_client::CallsClient;
 use spine_proto::calls::v1::server_event::Event;
+use tonic::Request;
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::{Request, Status};
+
+use crate::error::CallError;
 
 use crate::Node;
 use crate::error::{invalid, precondition};
@@ -30,13 +32,13 @@ impl Node {
         auth: Option<&MetadataValue<tonic::metadata::Ascii>>,
         forwarded: bool,
         r: &pb::SignalRequest,
-    ) -> Result<u32, Status> {
+    ) -> Result<u32, CallError> {
         let id = call_id(&r.call_id)?;
         if r.payload.is_empty() || r.payload.len() > MAX_PAYLOAD {
-            return Err(invalid("payload", format!("1 to {MAX_PAYLOAD} bytes")).into());
+            return Err(invalid("payload", format!("1 to {MAX_PAYLOAD} bytes")));
         }
         if !r.to_leg_id.is_empty() && parse_id("lg_", &r.to_leg_id).is_none() {
-            return Err(invalid("to_leg_id", "not a leg id").into());
+            return Err(invalid("to_leg_id", "not a leg id"));
         }
         if !forwarded {
             // Counted once, where the device sent it.
@@ -44,7 +46,7 @@ impl Node {
         }
         let (rec, _) = self.call_for(id, me, forwarded).await?;
         if rec.state == State::Ended {
-            return Err(precondition("CALL_ENDED", "the call has ended").into());
+            return Err(precondition("CALL_ENDED", "the call has ended"));
         }
         let mine = me.account_key();
         let my_leg = rec.leg_of(me).map(|l| l.id.clone());
@@ -52,7 +54,7 @@ impl Node {
             .party(&mine)
             .is_some_and(|p| p.ring == Ring::Ringing && (rec.kind == Kind::Direct || p.devices.contains(&me.device)));
         if my_leg.is_none() && !ringing_here {
-            return Err(precondition("NOT_IN_CALL", "this device is neither in the call nor ringing for it").into());
+            return Err(precondition("NOT_IN_CALL", "this device is neither in the call nor ringing for it"));
         }
         let mut targets: Vec<DevKey> = Vec::new();
         if r.to_leg_id.is_empty() {
@@ -71,8 +73,7 @@ impl Node {
                 }
             }
         } else {
-            let leg =
-                rec.legs.iter().find(|l| l.id == r.to_leg_id).ok_or_else(|| Status::not_found("leg not found"))?;
+            let leg = rec.legs.iter().find(|l| l.id == r.to_leg_id).ok_or(CallError::Missing("leg"))?;
             targets.push(leg.dev.clone());
         }
         let event = pb::ServerEvent {
@@ -110,7 +111,7 @@ impl Node {
                 fwd.metadata_mut().insert(spine_runtime::secrets::FORWARDED, mark.parse().expect("ascii"));
             }
             fwd.set_timeout(Duration::from_secs(5));
-            match CallsClient::new(self.cluster.peer(&addr)?).signal(fwd).await {
+            match CallsClient::new(self.cluster.peer(&addr).map_err(CallError::Peer)?).signal(fwd).await {
                 Ok(resp) => delivered += resp.into_inner().delivered,
                 Err(e) => tracing::debug!(code = ?e.code(), "signal not forwarded to a peer node"),
             }

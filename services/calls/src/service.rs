@@ -31,12 +31,12 @@ pub struct CallRecordsApi;
 pub struct MediaNodesApi(pub(crate) Arc<Node>);
 
 /// The calling device.
-pub(crate) fn device<T>(req: &Request<T>) -> Result<DevKey, Status> {
-    match Caller::of(req)?.principal() {
+pub(crate) fn device<T>(req: &Request<T>) -> Result<DevKey, CallError> {
+    match Caller::of(req).map_err(CallError::Caller)?.principal() {
         Principal::Device { tenant, account_id, device_id, .. } => {
             Ok(DevKey { tenant: tenant.to_string(), account: account_id.clone(), device: device_id.clone() })
         }
-        _ => Err(Status::permission_denied("calls methods are for devices (device tokens)")),
+        _ => Err(CallError::DevicesOnly),
     }
 }
 
@@ -53,10 +53,6 @@ pub(crate) fn group_hex(gid: &[u8]) -> Result<String, CallError> {
         return Err(invalid("group_id", "1 to 64 bytes"));
     }
     Ok(hex::encode(gid))
-}
-
-pub(crate) fn group_not_found() -> Status {
-    Status::not_found("group not found")
 }
 
 #[tonic::async_trait]
@@ -99,7 +95,7 @@ impl Calls for CallsApi {
                 };
                 let result = match m.message {
                     Some(pb::client_message::Message::Signal(s)) => {
-                        match node.signal(&me, auth.as_ref(), false, &s).await {
+                        match node.signal(&me, auth.as_ref(), false, &s).await.map_err(Status::from) {
                             Ok(n) => pb::SignalResult { r#ref: m.r#ref, code: 0, message: String::new(), delivered: n },
                             Err(e) => pb::SignalResult {
                                 r#ref: m.r#ref,
@@ -167,9 +163,7 @@ impl Calls for CallsApi {
             }
             .into());
         };
-        let roster = spine_read_models::roster::group_roster(&self.0.groups, &g.gid)
-            .await
-            .map_err(spine_runtime::error::store)?;
+        let roster = spine_read_models::roster::group_roster(&self.0.groups, &g.gid).await?;
         let leaf = roster.as_ref().and_then(|r| r.member(&me.tenant, &me.account, &me.device)).map(|m| m.leaf);
         if leaf.is_none() && !party {
             return Err(CallError::NotFound.into());

@@ -4,6 +4,10 @@
 //! change both together.
 
 use serde::{Deserialize, Serialize};
+use spine_proto::identity::v1 as pb;
+use spine_runtime::store::{KeyValue, TenantStore};
+
+use crate::error::{IdentityError, Result};
 pub use spine_read_models::directory::{
     DeviceRec, HandleIndex, account_key, device_key, devices_prefix, handle_index_key, settings_key, tenant_key,
 };
@@ -128,4 +132,14 @@ pub struct PeerEntry {
 pub struct HandleRec {
     pub allowed: Vec<String>,
     pub created_at: i64,
+}
+
+/// A stored record, or INTERNAL naming its key.
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T> {
+    serde_json::from_slice(&kv.value).map_err(|e| IdentityError::Internal(format!("{}: {e}", kv.key)))
+}
+
+/// An account's settings (defaults if never changed) and their revision.
+pub(crate) async fn load_settings(store: &TenantStore, account: &str) -> Result<(pb::PrivacySettings, i64)> {
+    Ok(spine_read_models::directory::settings(store, account).await?)
 }

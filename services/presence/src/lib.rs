@@ -12,6 +12,7 @@
 
 pub mod config;
 mod data;
+pub mod error;
 mod in_call;
 mod ring;
 mod service;

@@ -17,8 +17,8 @@ use spine_runtime::{Caller, Principal};
 use tokio::sync::mpsc;
 use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::error::{PresenceError, invalid};
 use crate::state::{Outbox, render};
 use crate::visibility::{self, AccountKey, key_str};
 use crate::{MAX_TTL, Node};
@@ -38,17 +38,13 @@ struct Me {
     device: String,
 }
 
-fn device<T>(req: &Request<T>) -> Result<Me, Status> {
-    match Caller::of(req)?.principal() {
+fn device<T>(req: &Request<T>) -> Result<Me, PresenceError> {
+    match Caller::of(req).map_err(PresenceError::Caller)?.principal() {
         Principal::Device { tenant, account_id, device_id, .. } => {
             Ok(Me { account: (tenant.to_string(), account_id.clone()), device: device_id.clone() })
         }
-        _ => Err(Status::permission_denied("presence methods are for devices (device tokens)")),
+        _ => Err(PresenceError::DevicesOnly),
     }
-}
-
-fn invalid(field: &str, reason: &str) -> Status {
-    spine_runtime::error::invalid(field, reason)
 }
 
 /// Whether a peer node forwarded this request to this node, as the owner
@@ -77,19 +73,12 @@ struct WatchSlot {
 }
 
 impl WatchSlot {
-    fn take(node: &Arc<Node>, me: &Me) -> Result<WatchSlot, Status> {
+    fn take(node: &Arc<Node>, me: &Me) -> Result<WatchSlot, PresenceError> {
         let device = (me.account.0.clone(), me.device.clone());
         let mut watches = node.watches.lock().expect("watch slots lock");
         let n = watches.entry(device.clone()).or_default();
         if *n >= node.max_watches_per_device {
-            return Err(spine_runtime::error::with_reason(
-                Code::ResourceExhausted,
-                format!(
-                    "a device may hold {} watch streams at once: close one, or watch more targets on one stream",
-                    node.max_watches_per_device
-                ),
-                "TOO_MANY_WATCHES",
-            ));
+            return Err(PresenceError::TooManyWatches(node.max_watches_per_device));
         }
         *n += 1;
         Ok(WatchSlot { node: node.clone(), device })
@@ -114,7 +103,7 @@ fn unavailable(target: u32) -> PresenceState {
 
 /// Resolves targets to accounts: `None` for what cannot be seen at all (an
 /// interop reference that does not resolve for the caller's tenant).
-async fn resolve(node: &Node, me: &Me, targets: &[pb::Target]) -> Result<Vec<Option<AccountKey>>, Status> {
+async fn resolve(node: &Node, me: &Me, targets: &[pb::Target]) -> Result<Vec<Option<AccountKey>>, PresenceError> {
     if targets.is_empty() || targets.len() > MAX_TARGETS {
         return Err(invalid("targets", "1 to 256 targets"));
     }
@@ -125,7 +114,8 @@ async fn resolve(node: &Node, me: &Me, targets: &[pb::Target]) -> Result<Vec<Opt
         return Err(invalid("targets", "a target is named twice"));
     }
     let sys = node.rt.system_store();
-    let caller_tenant = ids::TenantId::parse(&me.account.0).ok_or_else(|| Status::internal("internal error"))?;
+    let caller_tenant =
+        ids::TenantId::parse(&me.account.0).ok_or(PresenceError::Internal("a tenant id that does not parse"))?;
     let mut out = Vec::with_capacity(targets.len());
     for t in targets {
         out.push(match t.target.as_ref() {
@@ -136,10 +126,7 @@ async fn resolve(node: &Node, me: &Me, targets: &[pb::Target]) -> Result<Vec<Opt
             Some(pb::target::Target::Interop(r)) => {
                 ids::parse(Kind::InteropHandle, &r.handle)
                     .ok_or_else(|| invalid("targets.interop.handle", "not a handle"))?;
-                match directory::resolve_handle(&sys, &r.handle, &caller_tenant)
-                    .await
-                    .map_err(spine_runtime::error::store)?
-                {
+                match directory::resolve_handle(&sys, &r.handle, &caller_tenant).await? {
                     Some((tenant, account)) if tenant.as_str() == r.tenant_id => Some((tenant.to_string(), account)),
                     _ => None,
                 }
@@ -169,10 +156,9 @@ impl PresenceApi {
     }
 
     /// The local owner's answer for one target.
-    async fn local_state(&self, me: &Me, index: u32, key: &AccountKey) -> Result<PresenceState, Status> {
+    async fn local_state(&self, me: &Me, index: u32, key: &AccountKey) -> Result<PresenceState, PresenceError> {
         let node = self.node();
-        let view =
-            visibility::view(&node.rt, &node.secrets, &me.account, key).await.map_err(spine_runtime::error::store)?;
+        let view = visibility::view(&node.rt, &node.secrets, &me.account, key).await?;
         let warming = node.ring.recently_moved(&key_str(key), MAX_TTL);
         Ok(node.owner.current(key, index, view, warming).unwrap_or_else(|| unavailable(index)))
     }
@@ -184,12 +170,12 @@ impl Presence for PresenceApi {
         let me = device(&req)?;
         let status = PStatus::try_from(req.get_ref().status).unwrap_or(PStatus::Unspecified);
         if !matches!(status, PStatus::Online | PStatus::Away | PStatus::Offline) {
-            return Err(invalid("status", "ONLINE, AWAY or OFFLINE (IN_CALL comes from the calls service)"));
+            return Err(invalid("status", "ONLINE, AWAY or OFFLINE (IN_CALL comes from the calls service)").into());
         }
         let ttl = match req.get_ref().ttl_seconds {
             0 => 60,
             t @ 10..=300 => t,
-            _ => return Err(invalid("ttl_seconds", "10 to 300")),
+            _ => return Err(invalid("ttl_seconds", "10 to 300").into()),
         };
         let (owner, addr) = self.node().ring.owner(&key_str(&me.account));
         if owner == self.node().ring.me || forwarded(self.node(), req.metadata(), ANNOUNCE) {
@@ -333,14 +319,6 @@ fn owner_answered(e: &Status) -> bool {
     )
 }
 
-fn too_slow() -> Status {
-    Status::with_error_details(
-        Code::ResourceExhausted,
-        "watcher too slow: watch again to resume from the current state",
-        ErrorDetails::with_error_info("WATCH_TOO_SLOW", spine_runtime::error::DOMAIN, HashMap::<String, String>::new()),
-    )
-}
-
 /// What a watch stream watches, and for whom.
 struct Watch<'a> {
     me: &'a Me,
@@ -382,9 +360,7 @@ async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), 
         for (owner, (addr, group)) in plan {
             if owner == node.ring.me || local_only {
                 for (i, k) in group {
-                    let view = visibility::view(&node.rt, &node.secrets, &me.account, &k)
-                        .await
-                        .map_err(spine_runtime::error::store)?;
+                    let view = visibility::view(&node.rt, &node.secrets, &me.account, &k).await?;
                     let id = node.owner.subscribe(k.clone(), me.account.clone(), i, view, outbox.clone());
                     subs.push((k.clone(), id));
                     let warming = node.ring.recently_moved(&key_str(&k), MAX_TTL);
@@ -451,7 +427,7 @@ async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), 
                 }
                 _ = outbox.overflow.1.notified() => {
                     if outbox.overflow.0.load(Ordering::Relaxed) {
-                        break Err(too_slow());
+                        break Err(PresenceError::TooSlow.into());
                     }
                 }
                 Some(e) = async {

@@ -31,7 +31,7 @@ impl CallRecords for CallRecordsApi {
             return Err(invalid("retention_seconds", "60 seconds to 400 days").into());
         }
         let p = records::Policy { fields, retention_seconds };
-        records::set_policy(&t, &p).await.map_err(spine_runtime::error::store)?;
+        records::set_policy(&t, &p).await?;
         tracing::info!(fields = p.fields.len(), retention_seconds, "call record policy set");
         Ok(Response::new(policy_pb(&tenant, &p)))
     }
@@ -42,7 +42,7 @@ impl CallRecords for CallRecordsApi {
     ) -> Result<Response<pb::RecordPolicy>, Status> {
         let caller = Caller::of(&req)?;
         let tenant = caller.require_tenant_server()?.to_string();
-        let p = records::policy(&caller.tenant_store()?).await.map_err(spine_runtime::error::store)?;
+        let p = records::policy(&caller.tenant_store()?).await?;
         Ok(Response::new(policy_pb(&tenant, &p)))
     }
 
@@ -66,7 +66,7 @@ impl CallRecords for CallRecordsApi {
         } else {
             return Err(invalid("page_token", "not a token from this method").into());
         };
-        let page = t.range(crate::model::RECORDS, after, size).await.map_err(spine_runtime::error::store)?;
+        let page = t.range(crate::model::RECORDS, after, size).await?;
         let next = if page.more {
             page.kvs.last().map(|kv| t.relative(&kv.key).to_string()).unwrap_or_default()
         } else {

@@ -13,7 +13,7 @@ impl MediaNodes for MediaNodesApi {
         let r = req.get_ref();
         media::node_id(&r.node_id)?;
         if r.node_id != mine {
-            return Err(Status::permission_denied("this credential registers another media node"));
+            return Err(CallError::Forbidden("this credential registers another media node").into());
         }
         if r.address.is_empty()
             || r.address.len() > 256
@@ -42,9 +42,7 @@ impl MediaNodes for MediaNodesApi {
             load: r.load,
             updated_at: now_secs(),
         };
-        media::register(&self.0.rt.system_store(), &r.node_id, &rec, Duration::from_secs(u64::from(ttl)))
-            .await
-            .map_err(spine_runtime::error::store)?;
+        media::register(&self.0.rt.system_store(), &r.node_id, &rec, Duration::from_secs(u64::from(ttl))).await?;
         Ok(Response::new(pb::RegisterMediaNodeResponse { ttl_seconds: ttl }))
     }
 
@@ -55,9 +53,9 @@ impl MediaNodes for MediaNodesApi {
         let mine = Caller::of(&req)?.require_media_node()?.to_string();
         let id = media::node_id(&req.get_ref().node_id)?;
         if id != mine {
-            return Err(Status::permission_denied("this credential deregisters another media node"));
+            return Err(CallError::Forbidden("this credential deregisters another media node").into());
         }
-        media::deregister(&self.0.rt.system_store(), id).await.map_err(spine_runtime::error::store)?;
+        media::deregister(&self.0.rt.system_store(), id).await?;
         Ok(Response::new(pb::DeregisterMediaNodeResponse {}))
     }
 
@@ -67,8 +65,7 @@ impl MediaNodes for MediaNodesApi {
     ) -> Result<Response<pb::ListMediaNodesResponse>, Status> {
         Caller::of(&req)?.require_operator()?;
         let nodes = media::list(&self.0.rt.system_store())
-            .await
-            .map_err(spine_runtime::error::store)?
+            .await?
             .into_iter()
             .map(|(id, r)| pb::RegisteredMediaNode {
                 node_id: id,
@@ -103,7 +100,7 @@ impl MediaNodes for MediaNodesApi {
         req: Request<pb::ListMediaNodeCredentialsRequest>,
     ) -> Result<Response<pb::ListMediaNodeCredentialsResponse>, Status> {
         Caller::of(&req)?.require_operator()?;
-        let credentials = media::credentials(&self.0.rt.system_store()).await.map_err(spine_runtime::error::store)?;
+        let credentials = media::credentials(&self.0.rt.system_store()).await?;
         Ok(Response::new(pb::ListMediaNodeCredentialsResponse { credentials }))
     }
 
