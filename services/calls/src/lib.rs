@@ -78,7 +78,7 @@ async fn expire_all(rt: &Runtime, now: i64) -> Result<usize, StoreError> {
     let sys = rt.system_store();
     let mut n = 0;
     for tenant in sys.tenant_ids().await? {
-        n += records::expire(&sys.tenant_for_maintenance(&tenant), now).await?;
+        n += records::expire(&sys.tenant(&tenant), now).await?;
     }
     Ok(n)
 }
@@ -88,7 +88,7 @@ async fn expire_all(rt: &Runtime, now: i64) -> Result<usize, StoreError> {
 async fn finish_deletions(node: &Node) -> Result<(), String> {
     let sys = node.rt.system_store();
     for tenant in sys.tenant_ids().await.map_err(|e| e.to_string())? {
-        let t = sys.tenant_for_maintenance(&tenant);
+        let t = sys.tenant(&tenant);
         for account in spine_runtime::data::pending_deletions(&t, "calls").await.map_err(|e| e.to_string())? {
             data::delete_account(node, &t, &account).await.map_err(|e| e.message().to_string())?;
             spine_runtime::data::mark_done(&t, &account, "calls").await.map_err(|e| e.to_string())?;

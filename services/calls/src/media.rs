@@ -119,8 +119,8 @@ pub async fn revoke_credential(
         serde_json::from_slice(&kv.value).map_err(|e| CallError::Store(StoreError::Backend(e.to_string())))?;
     sys.txn(
         Txn::new()
-            .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-            .then(Op::delete(kv.key.clone()))
+            .when(Compare::ModRevision(kv.stored_key(), kv.mod_revision))
+            .then(Op::delete(kv.stored_key()))
             .then(Op::delete(sys.key(&media_key(&rec.node_id)))),
     )
     .await?;

@@ -31,7 +31,7 @@ impl Node {
             return Ok(caller.tenant_store()?);
         }
         let t = TenantId::parse(tenant).ok_or(CallError::Internal("a tenant id that does not parse"))?;
-        Ok(self.rt.system_store().tenant_for_delivery(&t))
+        Ok(self.rt.system_store().tenant(&t))
     }
 
     /// The call, from the mirror or else the store, if `me`'s account (or
@@ -76,11 +76,9 @@ impl Node {
                 ids::parse(IdKind::InteropHandle, &i.handle)
                     .ok_or_else(|| invalid("callee.interop.handle", "not an interop handle"))?;
                 match directory::resolve_handle(&sys, &i.handle, &my_tenant).await? {
-                    Some((t, a)) if t.as_str() == i.tenant_id => (
-                        AccountKey { tenant: t.to_string(), account: a },
-                        sys.tenant_for_interop(&t),
-                        Some(i.handle.clone()),
-                    ),
+                    Some((t, a)) if t.as_str() == i.tenant_id => {
+                        (AccountKey { tenant: t.to_string(), account: a }, sys.tenant(&t), Some(i.handle.clone()))
+                    }
                     _ => return Err(CallError::NotPlaced),
                 }
             }

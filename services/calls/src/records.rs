@@ -83,7 +83,7 @@ pub async fn keep(rt: &Runtime, rec: &CallRec) {
     tenants.dedup();
     for tenant in tenants {
         let Some(tid) = TenantId::parse(tenant) else { continue };
-        let t = sys.tenant_for_delivery(&tid);
+        let t = sys.tenant(&tid);
         if let Err(e) = keep_in(&t, rec).await {
             tracing::warn!(error = %e, "call record not kept");
         }
@@ -148,7 +148,7 @@ async fn keep_in(t: &TenantStore, rec: &CallRec) -> Result<(), StoreError> {
 }
 
 fn delete_ops(t: &TenantStore, key: &str, s: &Stored) -> Vec<Op> {
-    let mut ops = vec![Op::delete(key.to_string())];
+    let mut ops = vec![Op::delete(t.key(t.relative(key)))];
     ops.extend(s.participants.iter().map(|h| Op::delete(t.key(&record_index_key(h, &s.id)))));
     ops
 }

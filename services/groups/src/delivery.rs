@@ -95,7 +95,7 @@ fn tenant_store(node: &Node, caller: &TenantStore, tenant: &str) -> Result<Tenan
     }
     let t = TenantId::parse(tenant)
         .ok_or_else(|| GroupsError::Refused("a member's credential names no valid tenant".into()))?;
-    Ok(node.rt.system_store().tenant_for_delivery(&t))
+    Ok(node.rt.system_store().tenant(&t))
 }
 
 /// Spine's rules for a device entering a group by `adder`'s doing: its
@@ -327,8 +327,8 @@ async fn append(node: &Node, g: &str, l: &Loaded, entry: LogEntry, state: Option
         .mailbox_lease
         .txn(|lease| {
             let mut txn = Txn::new()
-                .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
-                .then(Op::put(l.meta_kv.key.clone(), json(&meta)))
+                .when(Compare::ModRevision(l.meta_kv.stored_key(), l.meta_kv.mod_revision))
+                .then(Op::put(l.meta_kv.stored_key(), json(&meta)))
                 .then(Op::put_leased(node.groups.key(&model::log_key(g, seq)), json(&entry), lease));
             if let Some(s) = &state {
                 txn = txn.then(Op::put(node.groups.key(&model::state_key(g)), s.clone()));

@@ -157,8 +157,8 @@ async fn take(t: &TenantStore, account: &str, device: &str) -> Result<Option<(Ve
             let out = t
                 .txn(
                     Txn::new()
-                        .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-                        .then(Op::delete(kv.key.clone())),
+                        .when(Compare::ModRevision(kv.stored_key(), kv.mod_revision))
+                        .then(Op::delete(kv.stored_key())),
                 )
                 .await?;
             if out.succeeded && stored.not_after > now {
@@ -209,9 +209,7 @@ pub(crate) async fn claim(
                 ids::parse(Kind::InteropHandle, &r.handle)
                     .ok_or_else(|| invalid("targets.interop.handle", "not a handle"))?;
                 match directory::resolve_handle(&sys, &r.handle, t.tenant()).await? {
-                    Some((tenant, account)) if tenant.as_str() == r.tenant_id => {
-                        (sys.tenant_for_delivery(&tenant), account, true)
-                    }
+                    Some((tenant, account)) if tenant.as_str() == r.tenant_id => (sys.tenant(&tenant), account, true),
                     _ => return Err(GroupsError::NotFound("target")),
                 }
             }

@@ -103,7 +103,7 @@ async fn deliver(
             match marker {
                 Some((kv, mut r)) => {
                     r.dropped += 1;
-                    txn = txn.when(Compare::ModRevision(kv.key.clone(), kv.mod_revision));
+                    txn = txn.when(Compare::ModRevision(kv.stored_key(), kv.mod_revision));
                     put = Some((next - 1, json(&r)));
                 }
                 None => {
@@ -161,7 +161,7 @@ pub(crate) async fn fanout(
         let started = Instant::now();
         for d in &e.recipients {
             let Some(tenant) = TenantId::parse(&d.tenant) else { continue };
-            let t = sys.tenant_for_delivery(&tenant);
+            let t = sys.tenant(&tenant);
             // A device deleted meanwhile gets nothing: delivering would
             // recreate data its account's deletion just removed.
             if directory::device(&t, &d.account, &d.device).await?.is_none() {
@@ -184,7 +184,7 @@ pub(crate) async fn fanout(
                 continue;
             }
             let Some(tenant) = TenantId::parse(&d.tenant) else { continue };
-            let t = sys.tenant_for_delivery(&tenant);
+            let t = sys.tenant(&tenant);
             t.txn(Txn::new().then(Op::delete(t.key(&model::gm_key(&d.account, &d.device, g))))).await?;
         }
         tracing::debug!(
@@ -201,7 +201,7 @@ pub(crate) async fn fanout(
                 Txn::new()
                     .when(Compare::ModRevision(groups.key(&model::fanout_key(g)), cursor_rev))
                     .then(Op::put(groups.key(&model::fanout_key(g)), json(&Counter { n: gseq })))
-                    .then(Op::delete(kv.key.clone())),
+                    .then(Op::delete(kv.stored_key())),
             )
             .await?;
         if !out.succeeded {
@@ -339,9 +339,9 @@ pub(crate) async fn ack(t: &TenantStore, me: &Device, up_to: u64) -> Result<()> 
         // twice at once leave the counts once.
         let txn = doomed
             .iter()
-            .fold(Txn::new(), |txn, kv| txn.when(Compare::ModRevision(kv.key.clone(), kv.mod_revision)))
+            .fold(Txn::new(), |txn, kv| txn.when(Compare::ModRevision(kv.stored_key(), kv.mod_revision)))
             .when(Compare::ModRevision(t.key(&head_key), rev))
-            .then_all(doomed.iter().map(|kv| Op::delete(kv.key.clone())))
+            .then_all(doomed.iter().map(|kv| Op::delete(kv.stored_key())))
             .then(Op::put(t.key(&head_key), json(&head)));
         let done = t.txn(txn).await?.succeeded && !(doomed.len() == page.kvs.len() && page.more);
         if done {

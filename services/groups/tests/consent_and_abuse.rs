@@ -421,10 +421,20 @@ async fn upkeep_and_deletion_go_on_past_a_broken_group() {
         let add = alice.act(|c, g| c.add(g, &kps)).unwrap();
         alice.send_commit(&env, &add).await.unwrap();
     }
-    env.rt.store.put(&format!("/spine/g/{}/s/state", hex::encode(b"aaa")), b"broken".to_vec()).await.unwrap();
+    // The test breaks a stored group on purpose, reaching past every handle.
+    #[allow(clippy::disallowed_methods)]
+    let broken = spine_runtime::store::Key::unchecked(format!("/spine/g/{}/s/state", hex::encode(b"aaa")));
+    env.rt.store.put(&broken, b"broken".to_vec()).await.unwrap();
     // Bob's device is revoked: the upkeep proposes its removal from "zzz"
     // although "aaa" fails on the way.
-    env.rt.store.delete(&format!("/spine/t/{}/gm/{b}/{}/{}", t.id, bob.device, hex::encode(b"zzz"))).await.unwrap();
+    #[allow(clippy::disallowed_methods)]
+    let index = spine_runtime::store::Key::unchecked(format!(
+        "/spine/t/{}/gm/{b}/{}/{}",
+        t.id,
+        bob.device,
+        hex::encode(b"zzz")
+    ));
+    env.rt.store.delete(&index).await.unwrap();
     env.identity()
         .revoke_device(req(ipb::RevokeDeviceRequest { account_id: b.clone(), device_id: bob.device.clone() }, &t.cred))
         .await

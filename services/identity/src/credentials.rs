@@ -130,7 +130,7 @@ pub(crate) async fn prune_audit(t: &TenantStore, now: i64) -> Result<()> {
             let rel = t.relative(&kv.key).trim_start_matches(model::AUDIT);
             rel.split('-').next().and_then(|ms| ms.parse::<u128>().ok()).is_some_and(|ms| ms < cutoff_ms)
         })
-        .map(|kv| Op::delete(kv.key.clone()))
+        .map(|kv| Op::delete(kv.stored_key()))
         .collect();
     if !old.is_empty() {
         t.txn(Txn::new().then_all(old)).await?;
@@ -196,7 +196,7 @@ pub(crate) async fn create_tenant(
         }),
         credential: Some(pb::TenantCredential { secret: String::new(), ..answer.clone() }),
     };
-    let t = sys.tenant_for_maintenance(&tenant);
+    let t = sys.tenant(&tenant);
     let rec = TenantRec { display_name: display_name.clone(), created_at: now, credentials: 1 };
     let out = node
         .idem_lease
@@ -239,7 +239,7 @@ pub(crate) async fn issue(
     validate::request_id(&req.request_id)?;
     let label = validate::name("label", &req.label, false)?;
     let sys = node.rt.system_store();
-    let t = sys.tenant_for_maintenance(tenant);
+    let t = sys.tenant(tenant);
     let fp = fingerprint(&req);
     let idem = model::creds_idem_key(&req.request_id);
     if let Some(r) = replay(t.get(&idem).await?, &fp)? {
@@ -260,9 +260,9 @@ pub(crate) async fn issue(
             .idem_lease
             .txn(|lease| {
                 Txn::new()
-                    .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+                    .when(Compare::ModRevision(kv.stored_key(), kv.mod_revision))
                     .when(Compare::Absent(t.key(&idem)))
-                    .then(Op::put(kv.key.clone(), json(&rec)))
+                    .then(Op::put(kv.stored_key(), json(&rec)))
                     .then(Op::put(sys.key(&cred_key(&cred_id)), json(&cred)))
                     .then(audit_op(&t, pb::AuditAction::CredentialIssued, actor, &cred_id))
                     .then(record(t.key(&idem), &fp, &remembered, lease))
@@ -309,7 +309,7 @@ pub(crate) async fn revoke(
 ) -> Result<()> {
     let id = validate::id("credential_id", Kind::TenantCredential, credential_id)?;
     let sys = node.rt.system_store();
-    let t = sys.tenant_for_maintenance(tenant);
+    let t = sys.tenant(tenant);
     let key = cred_key(id);
     for _ in 0..CAS_ATTEMPTS {
         let ckv = sys.get(&key).await?.ok_or(IdentityError::NotFound("credential"))?;
@@ -325,10 +325,10 @@ pub(crate) async fn revoke(
         let out = sys
             .txn(
                 Txn::new()
-                    .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-                    .when(Compare::ModRevision(ckv.key.clone(), ckv.mod_revision))
-                    .then(Op::put(kv.key.clone(), json(&rec)))
-                    .then(Op::delete(ckv.key.clone()))
+                    .when(Compare::ModRevision(kv.stored_key(), kv.mod_revision))
+                    .when(Compare::ModRevision(ckv.stored_key(), ckv.mod_revision))
+                    .then(Op::put(kv.stored_key(), json(&rec)))
+                    .then(Op::delete(ckv.stored_key()))
                     .then(audit_op(&t, pb::AuditAction::CredentialRevoked, actor, id)),
             )
             .await?;
@@ -348,7 +348,7 @@ pub(crate) async fn revoke(
 pub async fn recover(sys: &SystemStore, tenant_id: &str, label: &str) -> std::result::Result<String, String> {
     let tenant = TenantId::parse(tenant_id).ok_or("not a tenant id")?;
     let label = validate::name("label", label, false).map_err(|e| e.to_string())?;
-    let t = sys.tenant_for_maintenance(&tenant);
+    let t = sys.tenant(&tenant);
     let (cred_id, cred, answer) = new_credential(&tenant, label);
     for _ in 0..CAS_ATTEMPTS {
         let (mut rec, kv) = tenant_rec(sys, &tenant).await.map_err(|e| e.to_string())?;
@@ -356,8 +356,8 @@ pub async fn recover(sys: &SystemStore, tenant_id: &str, label: &str) -> std::re
         let out = sys
             .txn(
                 Txn::new()
-                    .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-                    .then(Op::put(kv.key.clone(), json(&rec)))
+                    .when(Compare::ModRevision(kv.stored_key(), kv.mod_revision))
+                    .then(Op::put(kv.stored_key(), json(&rec)))
                     .then(Op::put(sys.key(&cred_key(&cred_id)), json(&cred)))
                     .then(audit_op(&t, pb::AuditAction::CredentialRecovered, &Actor::Store, &cred_id)),
             )

@@ -96,8 +96,8 @@ impl Signer {
             self.sys
                 .txn(
                     Txn::new()
-                        .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-                        .then(Op::put(kv.key.clone(), json(&resealed))),
+                        .when(Compare::ModRevision(kv.stored_key(), kv.mod_revision))
+                        .then(Op::put(kv.stored_key(), json(&resealed))),
                 )
                 .await?;
             tracing::info!("a signing key was sealed again under the current key-encryption key");

@@ -273,13 +273,16 @@ impl Identity for IdentityApi {
             .ok_or(IdentityError::NotFound("account"))?;
         let mut acc: AccountRec = parse(&akv)?;
         acc.handles = acc.handles.saturating_sub(1);
-        let out = s
-            .store
+        // The tenant's handle record and the control plane's index go
+        // together: a transaction across silos, through the runtime.
+        let out = self
+            .node()
+            .rt
             .txn(
                 Txn::new()
                     .when(Compare::ModRevision(key.clone(), kv.mod_revision))
-                    .when(Compare::ModRevision(akv.key.clone(), akv.mod_revision))
-                    .then(Op::put(akv.key.clone(), json(&acc)))
+                    .when(Compare::ModRevision(akv.stored_key(), akv.mod_revision))
+                    .then(Op::put(akv.stored_key(), json(&acc)))
                     .then(Op::delete(key))
                     .then(Op::delete(sys.key(&model::handle_index_key(handle)))),
             )
@@ -294,7 +297,7 @@ impl Identity for IdentityApi {
         if let Ok(rec) = parse::<HandleRec>(&kv) {
             let peer = spine_read_models::directory::peer_interop(s.store.tenant().as_str(), handle);
             for other in rec.allowed.iter().filter_map(|t| ids::TenantId::parse(t)) {
-                let ot = sys.tenant_for_maintenance(&other);
+                let ot = sys.tenant(&other);
                 crate::data::delete_refs_to(&ot, &peer, Some(PeerList::Contacts)).await?;
             }
         }

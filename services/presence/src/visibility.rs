@@ -41,7 +41,7 @@ pub async fn view(
     }
     let sys = rt.system_store();
     let Some(target_tenant) = TenantId::parse(&target.0) else { return Ok(None) };
-    let t = sys.tenant_for_interop(&target_tenant);
+    let t = sys.tenant(&target_tenant);
     let rule =
         |s: &spine_proto::identity::v1::PrivacySettings| match PresenceVisibility::try_from(s.presence_visibility)
             .unwrap_or(PresenceVisibility::Contacts)
@@ -58,7 +58,7 @@ pub async fn view(
     if settings.last_seen_reciprocal {
         // Reciprocal: no more precise than the watcher shows its own.
         let Some(wt) = TenantId::parse(&watcher.0) else { return Ok(None) };
-        let (mine, _) = directory::settings(&sys.tenant_for_interop(&wt), &watcher.1).await?;
+        let (mine, _) = directory::settings(&sys.tenant(&wt), &watcher.1).await?;
         let mine = LastSeenGranularity::try_from(mine.last_seen).unwrap_or(LastSeenGranularity::Hidden);
         if rank(mine) < rank(last_seen) {
             last_seen = mine;

@@ -278,7 +278,7 @@ pub async fn resolve_handle(
         return Ok(None);
     }
     let Some(target) = TenantId::parse(&idx.tenant_id) else { return Ok(None) };
-    if cross_app(&sys.tenant_for_interop(&target), &idx.account_id).await? == CrossAppReachability::Off {
+    if cross_app(&sys.tenant(&target), &idx.account_id).await? == CrossAppReachability::Off {
         return Ok(None);
     }
     Ok(Some((target, idx.account_id)))

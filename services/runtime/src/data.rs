@@ -82,7 +82,8 @@ pub async fn mark_done(tenant: &TenantStore, account: &str, service: &str) -> Re
         }
         tomb.done.push(service.to_string());
         let value = serde_json::to_vec(&tomb).expect("tombstone serializes");
-        let txn = Txn::new().when(Compare::ModRevision(kv.key.clone(), kv.mod_revision)).then(Op::put(kv.key, value));
+        let k = tenant.key(&key);
+        let txn = Txn::new().when(Compare::ModRevision(k.clone(), kv.mod_revision)).then(Op::put(k, value));
         if tenant.txn(txn).await?.succeeded {
             return Ok(());
         }

@@ -59,7 +59,7 @@ pub fn replay<R: Message + Default>(kv: Option<KeyValue>, fp: &str) -> Result<Op
 
 /// The write that records `resp` (which must hold no secret) under an
 /// idempotency key (`abs_key`), attached to `lease`.
-pub fn record<R: Message>(abs_key: String, fp: &str, resp: &R, lease: LeaseId) -> Op {
+pub fn record<R: Message>(abs_key: crate::store::Key, fp: &str, resp: &R, lease: LeaseId) -> Op {
     let rec = IdemRec {
         fingerprint: fp.to_string(),
         response: B64.encode(resp.encode_to_vec()),

@@ -174,7 +174,15 @@ impl Runtime {
         self.secrets.get(&self.system_store(), &self.sealer).await
     }
 
-    /// The control-plane handle.
+    /// Runs a transaction across handles (a tenant's records with the
+    /// control plane's, say). Its keys are [`store::Key`]s, so each was made
+    /// by a handle the caller holds; a single handle's transaction goes
+    /// through that handle, which refuses keys outside its root.
+    pub async fn txn(&self, txn: store::Txn) -> Result<store::TxnOutcome, StoreError> {
+        self.store.txn(txn).await
+    }
+
+    /// The control-plane handle: the one way to the system keyspace.
     pub fn system_store(&self) -> SystemStore {
         SystemStore::new(self.store.clone())
     }

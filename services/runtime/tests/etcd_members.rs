@@ -3,6 +3,11 @@
 //! (SIGSTOP) or down before the node starts. And etcd behind TLS with
 //! client-certificate auth.
 
+#[allow(clippy::disallowed_methods)] // the store's own tests name raw keys
+fn raw_key(s: impl Into<String>) -> spine_runtime::store::Key {
+    spine_runtime::store::Key::unchecked(s)
+}
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +34,11 @@ async fn workload(s: &Arc<dyn Store>, tag: &str, rounds: usize) -> (Vec<Duration
             let cur = s.get(&key).await?;
             let rev = cur.map_or(0, |kv| kv.mod_revision);
             let out = s
-                .txn(Txn::new().when(Compare::ModRevision(key.clone(), rev)).then(Op::put(&key, format!("v{i}"))))
+                .txn(
+                    Txn::new()
+                        .when(Compare::ModRevision(raw_key(key.clone()), rev))
+                        .then(Op::put(raw_key(key.clone()), format!("v{i}"))),
+                )
                 .await?;
             assert!(out.succeeded, "no one else writes these keys");
             Ok(())
@@ -43,7 +52,8 @@ async fn workload(s: &Arc<dyn Store>, tag: &str, rounds: usize) -> (Vec<Duration
             let t = Instant::now();
             let r = async {
                 let lease = s.grant_lease(Duration::from_secs(5)).await?;
-                s.txn(Txn::new().then(Op::put_leased(format!("/spine/test/{tag}/lease/{i}"), "x", lease))).await?;
+                s.txn(Txn::new().then(Op::put_leased(raw_key(format!("/spine/test/{tag}/lease/{i}")), "x", lease)))
+                    .await?;
                 assert!(s.keep_alive(lease).await?);
                 s.revoke_lease(lease).await
             }
@@ -78,7 +88,7 @@ async fn one_member_killed_fails_no_request() {
         let (took, errors) = workload(&s, role, 60).await;
         assert!(errors.is_empty(), "{role} down: {errors:?}");
         let mut w = s.watch(&format!("/spine/test/{role}-w/"), 0).await.expect("watch with a member down");
-        s.put(&format!("/spine/test/{role}-w/k"), b"v".to_vec()).await.unwrap();
+        s.put(&raw_key(format!("/spine/test/{role}-w/k")), b"v".to_vec()).await.unwrap();
         let ev = tokio::time::timeout(Duration::from_secs(5), w.next()).await.expect("watch event").unwrap().unwrap();
         assert_eq!(ev.value, b"v");
         eprintln!(
@@ -101,7 +111,7 @@ async fn starts_with_a_member_down() {
     // dead one many times.
     for _ in 0..8 {
         let store = EtcdStore::open(cluster.options()).await.expect("a quorum is enough to start");
-        store.put("/spine/test/start", b"ok".to_vec()).await.unwrap();
+        store.put(&raw_key("/spine/test/start"), b"ok".to_vec()).await.unwrap();
         assert_eq!(store.get("/spine/test/start").await.unwrap().unwrap().value, b"ok");
     }
     // No member at all: start-up fails with UNAVAILABLE's kind of error
@@ -147,7 +157,7 @@ async fn etcd_over_tls_with_client_certificates() {
     let cluster = EtcdCluster::start_tls(1).await;
     let s = cluster.store().await;
     let mut w = s.watch("/spine/test/tls/", 0).await.unwrap();
-    s.put("/spine/test/tls/k", b"v".to_vec()).await.unwrap();
+    s.put(&raw_key("/spine/test/tls/k"), b"v".to_vec()).await.unwrap();
     assert_eq!(s.get("/spine/test/tls/k").await.unwrap().unwrap().value, b"v");
     assert_eq!(w.next().await.unwrap().unwrap().value, b"v");
 
@@ -176,7 +186,7 @@ async fn open(cluster: &EtcdCluster) -> EtcdStore {
 async fn a_lost_answer_is_judged_by_the_store() {
     let cluster = EtcdCluster::start(1).await;
     let s = open(&cluster).await;
-    let put = |v: &str| Txn::new().when(Compare::Absent("/t/a".into())).then(Op::put("/t/a", v.to_string()));
+    let put = |v: &str| Txn::new().when(Compare::Absent(raw_key("/t/a"))).then(Op::put(raw_key("/t/a"), v.to_string()));
 
     // Sent, applied, answer lost: judged applied.
     let seen = s.revision().await.unwrap();
@@ -194,15 +204,15 @@ async fn a_lost_answer_is_judged_by_the_store() {
     let now = s.revision().await.unwrap();
     assert_eq!(s.applied(&applied_txn, now).await.unwrap(), None);
     // Never sent: the key is absent.
-    let other = Txn::new().then(Op::put("/t/b", "x"));
+    let other = Txn::new().then(Op::put(raw_key("/t/b"), "x"));
     assert_eq!(s.applied(&other, now).await.unwrap(), None);
 
     // A delete-only transaction is judged by whether its keys are gone.
-    let del = Txn::new().then(Op::delete("/t/a")).then(Op::delete_prefix("/t/p/"));
+    let del = Txn::new().then(Op::delete(raw_key("/t/a"))).then(Op::delete_prefix(raw_key("/t/p/")));
     assert_eq!(s.applied(&del, now).await.unwrap(), None, "/t/a is still there");
-    s.delete("/t/a").await.unwrap();
+    s.delete(&raw_key("/t/a")).await.unwrap();
     assert!(s.applied(&del, now).await.unwrap().is_some_and(|o| o.succeeded));
-    s.put("/t/p/1", b"x".to_vec()).await.unwrap();
+    s.put(&raw_key("/t/p/1"), b"x".to_vec()).await.unwrap();
     assert_eq!(s.applied(&del, now).await.unwrap(), None, "a key under the prefix is left");
     // Nothing to judge by: not taken as applied.
     assert_eq!(s.applied(&Txn::new(), now).await.unwrap(), None);

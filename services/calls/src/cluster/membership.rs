@@ -84,8 +84,8 @@ impl Cluster {
                 return Ok(false);
             }
             rec.home = to.to_string();
-            let mut txn = Txn::new().when(Compare::ModRevision(kv.key.clone(), kv.mod_revision)).then(Op::put_leased(
-                kv.key.clone(),
+            let mut txn = Txn::new().when(Compare::ModRevision(kv.stored_key(), kv.mod_revision)).then(Op::put_leased(
+                kv.stored_key(),
                 json(&rec),
                 lease,
             ));

@@ -100,7 +100,7 @@ pub(crate) struct SessionGuard {
     cluster: Weak<Cluster>,
     dev: DevKey,
     sid: String,
-    key: String,
+    key: spine_runtime::store::Key,
 }
 
 impl Drop for SessionGuard {

@@ -138,7 +138,7 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
             Op::put(node.groups.key(&model::prev_key(&g)), json(&prev))
         };
         let mut txn = Txn::new()
-            .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
+            .when(Compare::ModRevision(l.meta_kv.stored_key(), l.meta_kv.mod_revision))
             .then(Op::put(node.groups.key(&model::state_key(&g)), l.verifier.to_bytes()))
             .then(Op::put(node.groups.key(&model::info_key(&g)), req.group_info.clone()))
             .then(prev_op)
@@ -159,7 +159,7 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
             txn = txn.then(Op::put(t.key(&model::gm_key(&me.account, &me.device, &g)), b"{}".to_vec()));
         }
         meta.next_seq = seq + log.len() as u64;
-        txn = txn.then(Op::put(l.meta_kv.key.clone(), json(&meta)));
+        txn = txn.then(Op::put(l.meta_kv.stored_key(), json(&meta)));
         // Nothing to deliver (a one-member group, or only the committer
         // left) and nothing pending: the commit advances the fan-out cursor
         // itself, sparing a fan-out pass.

@@ -24,11 +24,13 @@ pub(crate) async fn dispute(node: &Node, me: &Device, req: pb::ReportDisputeRequ
     let excess = (existing.len() + 1).saturating_sub(MAX_DISPUTES);
     node.mailbox_lease
         .txn(|lease| {
-            Txn::new().then_all(existing.iter().take(excess).map(|kv| Op::delete(kv.key.clone()))).then(Op::put_leased(
-                node.groups.key(&model::dispute_key(&g, req.epoch, &me.tenant, &me.device)),
-                b"{}".to_vec(),
-                lease,
-            ))
+            Txn::new().then_all(existing.iter().take(excess).map(|kv| Op::delete(kv.stored_key()))).then(
+                Op::put_leased(
+                    node.groups.key(&model::dispute_key(&g, req.epoch, &me.tenant, &me.device)),
+                    b"{}".to_vec(),
+                    lease,
+                ),
+            )
         })
         .await?;
     crate::metrics::dispute();
@@ -78,8 +80,8 @@ pub(crate) async fn settle(node: &Node, g: &str) -> Result<()> {
         let mut meta = l.meta.clone();
         meta.disputed_at = Some(now_secs());
         let txn = Txn::new()
-            .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
-            .then(Op::put(l.meta_kv.key.clone(), json(&meta)));
+            .when(Compare::ModRevision(l.meta_kv.stored_key(), l.meta_kv.mod_revision))
+            .then(Op::put(l.meta_kv.stored_key(), json(&meta)));
         if node.groups.txn(txn).await?.succeeded {
             return Ok(());
         }
@@ -113,9 +115,9 @@ pub(crate) async fn void(node: &Node, g: &str, l: &Loaded, prev: &model::PrevEpo
     entry.joins = true;
     entry.removed = after.iter().filter(|d| !before.contains(d)).cloned().collect();
     let base = Txn::new()
-        .when(Compare::ModRevision(l.meta_kv.key.clone(), l.meta_kv.mod_revision))
+        .when(Compare::ModRevision(l.meta_kv.stored_key(), l.meta_kv.mod_revision))
         .when(Compare::ModRevision(node.groups.key(&model::prev_key(g)), prev_rev))
-        .then(Op::put(l.meta_kv.key.clone(), json(&meta)))
+        .then(Op::put(l.meta_kv.stored_key(), json(&meta)))
         .then(Op::put(node.groups.key(&model::state_key(g)), model::unb64(&prev.state)?))
         .then(Op::put(node.groups.key(&model::info_key(g)), model::unb64(&prev.info)?))
         .then(Op::delete(node.groups.key(&model::prev_key(g))))
@@ -148,7 +150,7 @@ pub(crate) async fn forget_disputes(node: &Node, g: &str, d: &Device) -> Result<
         .await?
         .into_iter()
         .filter(|kv| kv.key.ends_with(&mine))
-        .map(|kv| Op::delete(kv.key))
+        .map(|kv| Op::delete(kv.stored_key()))
         .collect();
     for chunk in ops.chunks(spine_runtime::store::MAX_TXN_OPS) {
         node.groups.txn(Txn::new().then_all(chunk.to_vec())).await?;

@@ -73,7 +73,7 @@ pub(crate) async fn sweep_group(node: &Node, g: &str, kv: &KeyValue) -> Result<(
     let mut gone = Vec::new();
     for r in &meta.roster {
         let Some(tenant) = TenantId::parse(&r.device.tenant) else { continue };
-        let t = sys.tenant_for_delivery(&tenant);
+        let t = sys.tenant(&tenant);
         if directory::device(&t, &r.device.account, &r.device.device).await?.is_none() {
             gone.push(r.clone());
         }
@@ -94,7 +94,7 @@ pub(crate) async fn sweep_group(node: &Node, g: &str, kv: &KeyValue) -> Result<(
         if gone.iter().any(|r| model::gone_id(&r.device) == id) {
             oldest = oldest.min(String::from_utf8_lossy(&m.value).parse().unwrap_or(now));
         } else {
-            ops.push(Op::delete(m.key.clone()));
+            ops.push(Op::delete(m.stored_key()));
         }
     }
     for r in &gone {
@@ -126,11 +126,11 @@ pub(crate) async fn sweep_group(node: &Node, g: &str, kv: &KeyValue) -> Result<(
 pub(crate) async fn delete_group(node: &Node, g: &str, kv: &KeyValue, meta: &GroupMeta, why: &str) -> Result<()> {
     let sys = node.rt.system_store();
     let mut txn = Txn::new()
-        .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+        .when(Compare::ModRevision(kv.stored_key(), kv.mod_revision))
         .then(Op::delete_prefix(node.groups.key(&format!("{g}/"))));
     for r in meta.roster.iter().take(spine_runtime::store::MAX_TXN_OPS - 1) {
         let Some(tenant) = TenantId::parse(&r.device.tenant) else { continue };
-        let t = sys.tenant_for_delivery(&tenant);
+        let t = sys.tenant(&tenant);
         txn = txn.then(Op::delete(t.key(&model::gm_key(&r.device.account, &r.device.device, g))));
     }
     if node.groups.txn(txn).await?.succeeded {

@@ -15,7 +15,7 @@ pub(crate) fn entry_ops(
     peer: &str,
     kv: &spine_runtime::store::KeyValue,
 ) -> Vec<Op> {
-    let mut ops = vec![Op::delete(kv.key.clone()), Op::delete(t.key(&model::peer_ref_key(peer, list, owner)))];
+    let mut ops = vec![Op::delete(kv.stored_key()), Op::delete(t.key(&model::peer_ref_key(peer, list, owner)))];
     if let Some(p) = serde_json::from_slice::<model::PeerEntry>(&kv.value).ok().and_then(|e| e.person) {
         ops.push(Op::delete(t.key(&directory::person_key(list.as_str(), owner, &p))));
     }
@@ -52,7 +52,7 @@ pub(crate) async fn delete_refs_to(t: &TenantStore, peer: &str, only: Option<Pee
             Some(entry) => entries.push((list, owner.to_string(), peer.to_string(), entry)),
             // A dangling index entry: drop it alone.
             None => {
-                t.txn(Txn::new().then(Op::delete(kv.key.clone()))).await?;
+                t.txn(Txn::new().then(Op::delete(kv.stored_key()))).await?;
             }
         }
     }
@@ -78,7 +78,7 @@ pub(crate) async fn delete_lists(sys: &SystemStore, t: &TenantStore, account: &s
         None => return Ok(()),
     };
     for other in tomb.handle_tenants.iter().filter_map(|x| spine_runtime::ids::TenantId::parse(x)) {
-        let ot = sys.tenant_for_maintenance(&other);
+        let ot = sys.tenant(&other);
         for h in &tomb.handles {
             delete_refs_to(&ot, &directory::peer_interop(t.tenant().as_str(), h), None).await?;
         }
@@ -175,13 +175,13 @@ pub(crate) async fn finish_deletions(node: &Node) -> Result<()> {
     let sys = node.rt.system_store();
     let services: Vec<&'static str> = node.rt.account_data().iter().map(|h| h.service()).collect();
     for tenant in sys.tenant_ids().await? {
-        let t = sys.tenant_for_maintenance(&tenant);
+        let t = sys.tenant(&tenant);
         credentials::prune_audit(&t, now_secs()).await?;
         for tk in t.range_all(data::TOMBSTONES).await? {
             let Ok(tomb) = serde_json::from_slice::<Tombstone>(&tk.value) else { continue };
             let account = last(&tk.key).to_string();
             if tomb.deleted_at + TOMBSTONE_DAYS * 86_400 < now_secs() {
-                t.txn(Txn::new().then(Op::delete(tk.key.clone()))).await?;
+                t.txn(Txn::new().then(Op::delete(tk.stored_key()))).await?;
             } else if services.iter().any(|s| !tomb.done.iter().any(|d| d == s)) {
                 finish_for(node, &t, &account).await;
             }

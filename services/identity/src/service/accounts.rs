@@ -109,7 +109,7 @@ impl IdentityApi {
                 return Err(IdentityError::NotFound("device"));
             }
             acc.devices = acc.devices.saturating_sub(1);
-            let akey = acc_kv.key.clone();
+            let akey = acc_kv.stored_key();
             let out = self
                 .node()
                 .revocation_lease

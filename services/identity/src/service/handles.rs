@@ -52,8 +52,8 @@ impl IdentityApi {
                 .txn(|lease| {
                     Txn::new()
                         .when(Compare::Absent(s.store.key(&idem)))
-                        .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-                        .then(Op::put(kv.key.clone(), json(&acc)))
+                        .when(Compare::ModRevision(kv.stored_key(), kv.mod_revision))
+                        .then(Op::put(kv.stored_key(), json(&acc)))
                         .then(Op::put(
                             s.store.key(&format!("{}{handle}", model::handles_prefix(&s.account))),
                             json(&rec),

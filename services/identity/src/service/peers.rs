@@ -67,9 +67,9 @@ impl IdentityApi {
                 .store
                 .txn(
                     Txn::new()
-                        .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+                        .when(Compare::ModRevision(kv.stored_key(), kv.mod_revision))
                         .when(Compare::Absent(key.clone()))
-                        .then(Op::put(kv.key.clone(), json(&acc)))
+                        .then(Op::put(kv.stored_key(), json(&acc)))
                         .then(Op::put(key.clone(), json(&model::PeerEntry { at: now_secs(), person: person.clone() })))
                         .then(Op::put(s.store.key(&model::peer_ref_key(&peer.key(), list, &s.account)), b"{}".to_vec()))
                         .then_all(person.as_ref().map(|p| {
@@ -102,9 +102,9 @@ impl IdentityApi {
             *acc.list_count(list) = acc.list_count(list).saturating_sub(1);
             let ops = crate::data::entry_ops(&s.store, list, &s.account, &peer.key(), &kv);
             let txn = Txn::new()
-                .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-                .when(Compare::ModRevision(akv.key.clone(), akv.mod_revision))
-                .then(Op::put(akv.key.clone(), json(&acc)))
+                .when(Compare::ModRevision(kv.stored_key(), kv.mod_revision))
+                .when(Compare::ModRevision(akv.stored_key(), akv.mod_revision))
+                .then(Op::put(akv.stored_key(), json(&acc)))
                 .then_all(ops);
             if s.store.txn(txn).await?.succeeded {
                 return Ok(());

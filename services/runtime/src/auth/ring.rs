@@ -485,7 +485,10 @@ mod tests {
             retires_at: None,
         };
         store
-            .put(&format!("/spine/sys/{}{kid}", records::KEYS), serde_json::to_vec(&published).unwrap())
+            .put(
+                &crate::store::Key::new(format!("/spine/sys/{}{kid}", records::KEYS)),
+                serde_json::to_vec(&published).unwrap(),
+            )
             .await
             .unwrap();
         let claims = token::Claims {

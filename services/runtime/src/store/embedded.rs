@@ -200,7 +200,7 @@ async fn expire_leases(inner: Weak<Inner>) {
         let expired: Vec<LeaseId> = st.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
             let keys = st.leases.remove(&id).map(|l| l.keys).unwrap_or_default();
-            let ops: Vec<Op> = keys.into_iter().map(Op::Delete).collect();
+            let ops: Vec<Op> = keys.into_iter().map(|k| Op::Delete(super::Key::new(k))).collect();
             if !ops.is_empty() {
                 // Lease expiry cannot fail: it only deletes keys that exist.
                 let _ = apply(&inner, &mut st, &ops);
@@ -222,9 +222,9 @@ fn kv_of(key: &str, e: &Entry) -> KeyValue {
 
 fn holds(st: &State, c: &Compare) -> bool {
     match c {
-        Compare::Absent(k) => !st.kv.contains_key(k),
-        Compare::Present(k) => st.kv.contains_key(k),
-        Compare::ModRevision(k, rev) => st.kv.get(k).map_or(0, |e| e.mod_revision) == *rev,
+        Compare::Absent(k) => !st.kv.contains_key(k.as_str()),
+        Compare::Present(k) => st.kv.contains_key(k.as_str()),
+        Compare::ModRevision(k, rev) => st.kv.get(k.as_str()).map_or(0, |e| e.mod_revision) == *rev,
     }
 }
 
@@ -243,6 +243,7 @@ fn apply(inner: &Inner, st: &mut State, ops: &[Op]) -> Result<i64, StoreError> {
     for op in ops {
         match op {
             Op::Put { key, value, lease } => {
+                let key = &key.to_string();
                 let lease = lease.unwrap_or(0);
                 let prev = st.kv.get(key).cloned();
                 if let Some(p) = &prev
@@ -265,6 +266,7 @@ fn apply(inner: &Inner, st: &mut State, ops: &[Op]) -> Result<i64, StoreError> {
                 events.push(WatchEvent { kind: EventKind::Put, key: key.clone(), value: value.clone(), revision: rev });
             }
             Op::Delete(key) => {
+                let key = &key.to_string();
                 if let Some(e) = st.kv.remove(key) {
                     forget_lease(st, key, e.lease);
                     rec.del.push(key.clone());
@@ -274,7 +276,7 @@ fn apply(inner: &Inner, st: &mut State, ops: &[Op]) -> Result<i64, StoreError> {
             Op::DeletePrefix(prefix) => {
                 let keys: Vec<String> = st
                     .kv
-                    .range(prefix.clone()..)
+                    .range(prefix.to_string()..)
                     .take_while(|(k, _)| k.starts_with(prefix.as_str()))
                     .map(|(k, _)| k.clone())
                     .collect();
@@ -378,7 +380,7 @@ impl Store for EmbeddedStore {
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
         let mut st = self.inner.state.lock().expect("store lock");
         if let Some(l) = st.leases.remove(&lease) {
-            let ops: Vec<Op> = l.keys.into_iter().map(Op::Delete).collect();
+            let ops: Vec<Op> = l.keys.into_iter().map(|k| Op::Delete(super::Key::new(k))).collect();
             apply(&self.inner, &mut st, &ops)?;
         }
         Ok(())

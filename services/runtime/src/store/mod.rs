@@ -9,6 +9,7 @@
 
 mod embedded;
 mod etcd;
+mod key;
 pub mod scoped;
 
 use std::pin::Pin;
@@ -19,6 +20,7 @@ use futures::Stream;
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
+pub use key::Key;
 pub use scoped::{SharedSpace, SystemStore, TenantStore};
 
 /// Largest value a put may carry (etcd's default request limit is 1.5 MiB).
@@ -44,6 +46,16 @@ pub struct KeyValue {
     pub lease: LeaseId,
 }
 
+impl KeyValue {
+    /// The key of this stored record, to write it again (compare-and-swap
+    /// on it, update or delete it). Records come from reads through a
+    /// handle, so this names only what the reader could already reach; a
+    /// tenant handle's transaction still refuses it outside the tenant.
+    pub fn stored_key(&self) -> Key {
+        Key::new(self.key.clone())
+    }
+}
+
 /// One page of a prefix range.
 #[derive(Debug, Clone, Default)]
 pub struct RangePage {
@@ -56,33 +68,40 @@ pub struct RangePage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Compare {
     /// The key does not exist.
-    Absent(String),
+    Absent(Key),
     /// The key exists.
-    Present(String),
+    Present(Key),
     /// The key was last modified at exactly this revision (0: absent).
-    ModRevision(String, i64),
+    ModRevision(Key, i64),
 }
 
 /// A write inside a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Put { key: String, value: Vec<u8>, lease: Option<LeaseId> },
-    Delete(String),
-    DeletePrefix(String),
+    Put { key: Key, value: Vec<u8>, lease: Option<LeaseId> },
+    Delete(Key),
+    DeletePrefix(Key),
 }
 
 impl Op {
-    pub fn put(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
-        Op::Put { key: key.into(), value: value.into(), lease: None }
+    pub fn put(key: Key, value: impl Into<Vec<u8>>) -> Self {
+        Op::Put { key, value: value.into(), lease: None }
     }
-    pub fn put_leased(key: impl Into<String>, value: impl Into<Vec<u8>>, lease: LeaseId) -> Self {
-        Op::Put { key: key.into(), value: value.into(), lease: Some(lease) }
+    pub fn put_leased(key: Key, value: impl Into<Vec<u8>>, lease: LeaseId) -> Self {
+        Op::Put { key, value: value.into(), lease: Some(lease) }
     }
-    pub fn delete(key: impl Into<String>) -> Self {
-        Op::Delete(key.into())
+    pub fn delete(key: Key) -> Self {
+        Op::Delete(key)
     }
-    pub fn delete_prefix(prefix: impl Into<String>) -> Self {
-        Op::DeletePrefix(prefix.into())
+    pub fn delete_prefix(prefix: Key) -> Self {
+        Op::DeletePrefix(prefix)
+    }
+
+    /// The key (or prefix) the operation writes.
+    pub fn key(&self) -> &Key {
+        match self {
+            Op::Put { key, .. } | Op::Delete(key) | Op::DeletePrefix(key) => key,
+        }
     }
 }
 
@@ -94,9 +113,22 @@ pub struct Txn {
     pub failure: Vec<Op>,
 }
 
+impl Compare {
+    pub fn key(&self) -> &Key {
+        match self {
+            Compare::Absent(k) | Compare::Present(k) | Compare::ModRevision(k, _) => k,
+        }
+    }
+}
+
 impl Txn {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Every key the transaction compares or writes.
+    pub fn keys(&self) -> impl Iterator<Item = &Key> {
+        self.compares.iter().map(Compare::key).chain(self.success.iter().chain(&self.failure).map(Op::key))
     }
     pub fn when(mut self, c: Compare) -> Self {
         self.compares.push(c);
@@ -247,12 +279,12 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     async fn count(&self, prefix: &str) -> Result<u64, StoreError>;
 
     /// Writes one key unconditionally.
-    async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64, StoreError> {
-        Ok(self.txn(Txn::new().then(Op::put(key, value))).await?.revision)
+    async fn put(&self, key: &Key, value: Vec<u8>) -> Result<i64, StoreError> {
+        Ok(self.txn(Txn::new().then(Op::put(key.clone(), value))).await?.revision)
     }
     /// Deletes one key unconditionally.
-    async fn delete(&self, key: &str) -> Result<i64, StoreError> {
-        Ok(self.txn(Txn::new().then(Op::delete(key))).await?.revision)
+    async fn delete(&self, key: &Key) -> Result<i64, StoreError> {
+        Ok(self.txn(Txn::new().then(Op::delete(key.clone()))).await?.revision)
     }
     /// Reads every key under `prefix`, page by page.
     async fn range_all(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {

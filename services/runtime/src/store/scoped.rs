@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use super::{KeyValue, RangePage, Store, StoreError, Txn, TxnOutcome};
+use super::{Key, KeyValue, RangePage, Store, StoreError, Txn, TxnOutcome};
 use crate::ids::TenantId;
 
 /// Root of every key Spine writes.
@@ -31,25 +31,69 @@ struct Rooted {
 }
 
 impl Rooted {
-    fn key(&self, rel: &str) -> String {
+    fn key(&self, rel: &str) -> Key {
         debug_assert!(!rel.starts_with('/'), "relative keys do not start with /");
-        format!("{}{}", self.prefix, rel)
+        Key::new(format!("{}{}", self.prefix, rel))
+    }
+
+    /// The key of a record this handle read (its absolute key), if it lies
+    /// under this handle's root.
+    fn key_of(&self, kv: &KeyValue) -> Result<Key, StoreError> {
+        if kv.key.starts_with(&self.prefix) {
+            Ok(Key::new(kv.key.clone()))
+        } else {
+            Err(StoreError::Backend(format!("key {} is outside {}", kv.key, self.prefix)))
+        }
     }
 }
 
 macro_rules! rooted_ops {
-    ($t:ty) => {
+    ($t:ty, silo) => {
+        rooted_ops!(@common $t);
         impl $t {
-            /// The absolute key for a key relative to this handle's root.
-            pub fn key(&self, rel: &str) -> String {
+            /// Runs a transaction whose every key (written or compared, in
+            /// either branch) lies in this tenant's silo; a key made by any
+            /// other handle (another tenant's, the control plane's, a
+            /// shared space's) is refused and nothing is written. Work that
+            /// must span silos (the control plane acting for a tenant) goes
+            /// through [`crate::Runtime::txn`] or the [`SystemStore`].
+            pub async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+                if let Some(k) = txn.keys().find(|k| !k.starts_with(self.0.prefix.as_str())) {
+                    return Err(StoreError::InvalidTxn(format!("key {k} is outside {}", self.0.prefix)));
+                }
+                self.0.store.txn(txn).await
+            }
+        }
+    };
+    ($t:ty) => {
+        rooted_ops!(@common $t);
+        impl $t {
+            /// Runs a transaction. Its keys are [`Key`]s: each was made by a
+            /// handle the caller holds (see [`TenantStore::txn`] for the
+            /// tenant's stricter rule).
+            pub async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+                self.0.store.txn(txn).await
+            }
+        }
+    };
+    (@common $t:ty) => {
+        impl $t {
+            /// The absolute key for a key relative to this handle's root:
+            /// the only way to make a [`Key`] to write under it.
+            pub fn key(&self, rel: &str) -> Key {
                 self.0.key(rel)
+            }
+            /// The key of a record read through this handle, to write it
+            /// back; an error if it lies outside this handle's root.
+            pub fn key_of(&self, kv: &KeyValue) -> Result<Key, StoreError> {
+                self.0.key_of(kv)
             }
             /// The key relative to this handle's root.
             pub fn relative<'a>(&self, key: &'a str) -> &'a str {
                 key.strip_prefix(self.0.prefix.as_str()).unwrap_or(key)
             }
             pub async fn get(&self, rel: &str) -> Result<Option<KeyValue>, StoreError> {
-                self.0.store.get(&self.0.key(rel)).await
+                self.0.store.get(self.0.key(rel).as_str()).await
             }
             pub async fn range(
                 &self,
@@ -58,13 +102,13 @@ macro_rules! rooted_ops {
                 limit: usize,
             ) -> Result<RangePage, StoreError> {
                 let after = start_after_rel.map(|a| self.0.key(a));
-                self.0.store.range(&self.0.key(rel_prefix), after.as_deref(), limit).await
+                self.0.store.range(self.0.key(rel_prefix).as_str(), after.as_deref(), limit).await
             }
             pub async fn count(&self, rel_prefix: &str) -> Result<u64, StoreError> {
-                self.0.store.count(&self.0.key(rel_prefix)).await
+                self.0.store.count(self.0.key(rel_prefix).as_str()).await
             }
             pub async fn range_all(&self, rel_prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
-                self.0.store.range_all(&self.0.key(rel_prefix)).await
+                self.0.store.range_all(self.0.key(rel_prefix).as_str()).await
             }
             /// Every key under the prefix strictly after `start_after_rel`.
             pub async fn range_all_after(
@@ -73,20 +117,15 @@ macro_rules! rooted_ops {
                 start_after_rel: Option<&str>,
             ) -> Result<Vec<KeyValue>, StoreError> {
                 let mut out = Vec::new();
-                let mut after = start_after_rel.map(|a| self.0.key(a));
+                let mut after: Option<String> = start_after_rel.map(|a| self.0.key(a).into());
                 loop {
-                    let page = self.0.store.range(&self.0.key(rel_prefix), after.as_deref(), 512).await?;
+                    let page = self.0.store.range(self.0.key(rel_prefix).as_str(), after.as_deref(), 512).await?;
                     after = page.kvs.last().map(|kv| kv.key.clone());
                     out.extend(page.kvs);
                     if !page.more {
                         return Ok(out);
                     }
                 }
-            }
-            /// Runs a transaction. Its keys come from [`Self::key`] (or from
-            /// another handle the caller legitimately holds).
-            pub async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-                self.0.store.txn(txn).await
             }
         }
     };
@@ -102,7 +141,7 @@ impl std::fmt::Debug for TenantStore {
     }
 }
 
-rooted_ops!(TenantStore);
+rooted_ops!(TenantStore, silo);
 
 impl TenantStore {
     /// Only the auth layer's `Caller` and the account-deletion machinery
@@ -159,6 +198,9 @@ impl std::fmt::Debug for SystemStore {
 rooted_ops!(SystemStore);
 
 impl SystemStore {
+    /// The one way to the control plane: nodes call it through
+    /// `Runtime::system_store`, admin tools on the store they opened. Its
+    /// holders are listed in docs/architecture.md ("Storage and silos").
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self(Rooted { store, prefix: SYS_PREFIX.to_string() })
     }
@@ -179,25 +221,15 @@ impl SystemStore {
         &self.0.store
     }
 
-    /// The handle of the tenant a live interop handle points into. Use it
-    /// only to read what interop needs (the target's reachability setting),
-    /// after the handle has been resolved for the caller.
-    pub fn tenant_for_interop(&self, tenant: &TenantId) -> TenantStore {
-        TenantStore::new(self.0.store.clone(), tenant.clone())
-    }
-
-    /// The handle of a tenant whose devices a service delivers to or checks
-    /// on behalf of a group (MLS fan-out, member validation): the group's
-    /// policy has admitted the tenant. Never for serving that tenant's
-    /// callers.
-    pub fn tenant_for_delivery(&self, tenant: &TenantId) -> TenantStore {
-        TenantStore::new(self.0.store.clone(), tenant.clone())
-    }
-
-    /// The tenant handle for work the control plane does on a tenant's
-    /// behalf with no caller of that tenant present (tenant creation, the
-    /// account-deletion sweep). Never use it to serve a caller's request.
-    pub fn tenant_for_maintenance(&self, tenant: &TenantId) -> TenantStore {
+    /// The handle of a tenant the control plane works in with no caller
+    /// of that tenant present: the one way from the control plane into a
+    /// tenant's silo. For reading what interop needs after an interop
+    /// handle resolved for the caller (the target's settings), for
+    /// delivering to or checking a group's member devices in the tenants
+    /// the group's policy admitted, and for the control plane's own work
+    /// (tenant creation, the deletion sweep). Never to serve a caller of
+    /// that tenant: those get theirs from `Caller::tenant_store`.
+    pub fn tenant(&self, tenant: &TenantId) -> TenantStore {
         TenantStore::new(self.0.store.clone(), tenant.clone())
     }
 }
