@@ -38,24 +38,27 @@ pub fn test_config() -> Config {
     c.auth.key_encryption_key = Some(TEST_KEK.into());
     // Shared by every node of a test, as a deployment's nodes share it.
     c.telemetry.id_hash_key = Some("test id hash key".into());
-    let generous = spine_runtime::rate::Limit {
-        account: spine_runtime::rate::Rate::new(100_000.0, 100_000.0),
-        tenant: spine_runtime::rate::Rate::new(1_000_000.0, 1_000_000.0),
-    };
-    let r = &mut c.limits.rates;
-    for limit in [
-        &mut r.group_messages,
-        &mut r.commits,
-        &mut r.key_package_uploads,
-        &mut r.key_package_claims,
-        &mut r.call_starts,
-        &mut r.signals,
-        &mut r.disputes,
-    ] {
-        *limit = generous;
-    }
-    r.group_message_bytes.account = spine_runtime::rate::Rate::new(1e12, 1e12);
-    r.group_message_bytes.tenant = spine_runtime::rate::Rate::new(1e12, 1e12);
+    // Rate limits out of the way (the services' own sections; tests of the
+    // limits set theirs tight).
+    let generous = serde_json::json!({
+        "account": { "per_second": 100_000.0, "burst": 100_000.0 },
+        "tenant": { "per_second": 1_000_000.0, "burst": 1_000_000.0 },
+    });
+    let huge = serde_json::json!({
+        "account": { "per_second": 1e12, "burst": 1e12 },
+        "tenant": { "per_second": 1e12, "burst": 1e12 },
+    });
+    c.sections.insert(
+        "groups".into(),
+        serde_json::json!({ "rates": {
+            "group_messages": generous, "group_message_bytes": huge, "commits": generous,
+            "key_package_uploads": generous, "key_package_claims": generous, "disputes": generous,
+        }}),
+    );
+    c.sections.insert(
+        "calls".into(),
+        serde_json::json!({ "rates": { "call_starts": generous, "signals": generous } }),
+    );
     c
 }
 

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use spine_runtime::config::Section;
+use spine_runtime::rate::{Limit, Rate, RateKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -27,6 +28,51 @@ pub struct CallsConfig {
     /// default: `presence.advertise`, else the listen address.
     pub advertise: Option<String>,
     pub turn: TurnConfig,
+    /// Rate limits per account and per tenant, per node (`[calls.rates]`).
+    pub rates: CallsRates,
+}
+
+/// The calls service's rate limits: token buckets `{ per_second, burst }`
+/// per account and per tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallsRates {
+    /// Call starts (`StartCall`, `StartGroupCall`).
+    pub call_starts: Limit,
+    /// Signalling payloads (`Signal`, on the stream or unary).
+    pub signals: Limit,
+}
+
+impl Default for CallsRates {
+    fn default() -> Self {
+        Self {
+            call_starts: Limit::new(Rate::new(1.0, 10.0), Rate::new(500.0, 2000.0)),
+            signals: Limit::new(Rate::new(50.0, 300.0), Rate::new(10_000.0, 50_000.0)),
+        }
+    }
+}
+
+/// Which of the calls service's limits a piece of work counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallsRate {
+    CallStarts,
+    Signals,
+}
+
+impl RateKind for CallsRate {
+    fn name(self) -> &'static str {
+        match self {
+            CallsRate::CallStarts => "call_starts",
+            CallsRate::Signals => "signals",
+        }
+    }
+}
+
+impl CallsRates {
+    /// The limiter these limits configure.
+    pub fn limiter(&self) -> spine_runtime::rate::RateLimits<CallsRate> {
+        spine_runtime::rate::RateLimits::new([(CallsRate::CallStarts, self.call_starts), (CallsRate::Signals, self.signals)])
+    }
 }
 
 impl Default for CallsConfig {
@@ -39,6 +85,7 @@ impl Default for CallsConfig {
             region: "default".into(),
             advertise: None,
             turn: TurnConfig::default(),
+            rates: CallsRates::default(),
         }
     }
 }

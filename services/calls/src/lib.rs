@@ -61,6 +61,8 @@ pub(crate) struct Node {
     config: CallsConfig,
     /// Time, for every timer and timestamp (tests drive it).
     clock: Arc<dyn Clock>,
+    /// Rate limits (`[calls.rates]`).
+    limits: spine_runtime::rate::RateLimits<config::CallsRate>,
 }
 
 /// How a calls node sees the cluster (for tests and tools).
@@ -213,6 +215,7 @@ impl SpineService for Calls {
         let rt = at.rt;
         let config: CallsConfig = rt.config.section().map_err(StartError::Config)?;
         let cluster = cluster::Cluster::start(rt, &config, at.advertise.clone(), clock.clone()).await?;
+        let limits = config.rates.limiter();
         let node = Arc::new(Node {
             rt: rt.clone(),
             cluster,
@@ -221,6 +224,7 @@ impl SpineService for Calls {
             unattended: Default::default(),
             config,
             clock,
+            limits,
         });
         rt.register_account_data(Arc::new(data::CallsData(node.clone())));
         spine_runtime::add_service!(at, CallsServer::new(service::CallsApi(node.clone())));

@@ -42,7 +42,7 @@ impl Node {
         }
         if !forwarded {
             // Counted once, where the device sent it.
-            self.rt.limits.check(spine_runtime::rate::Kind::Signals, &me.tenant, &me.account, 1.0)?;
+            self.limits.check(crate::config::CallsRate::Signals, &me.tenant, &me.account, 1.0)?;
         }
         let (rec, _) = self.call_for(id, me, forwarded).await?;
         if rec.state == State::Ended {

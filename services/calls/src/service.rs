@@ -123,14 +123,14 @@ impl Calls for CallsApi {
     async fn start_call(&self, req: Request<pb::StartCallRequest>) -> Result<Response<pb::Call>, Status> {
         let me = device(&req)?;
         let caller = Caller::of(&req)?;
-        self.0.rt.limits.check(spine_runtime::rate::Kind::CallStarts, &me.tenant, &me.account, 1.0)?;
+        self.0.limits.check(crate::config::CallsRate::CallStarts, &me.tenant, &me.account, 1.0)?;
         Ok(Response::new(self.0.start_direct(caller, &me, req.get_ref()).await?))
     }
 
     async fn start_group_call(&self, req: Request<pb::StartGroupCallRequest>) -> Result<Response<pb::Call>, Status> {
         let me = device(&req)?;
         let caller = Caller::of(&req)?;
-        self.0.rt.limits.check(spine_runtime::rate::Kind::CallStarts, &me.tenant, &me.account, 1.0)?;
+        self.0.limits.check(crate::config::CallsRate::CallStarts, &me.tenant, &me.account, 1.0)?;
         Ok(Response::new(self.0.start_group(caller, &me, req.get_ref()).await?))
     }
 

@@ -364,8 +364,10 @@ async fn call_starts_and_signals_are_rate_limited() {
     use spine_runtime::rate::{Limit, Rate};
     let tight = Limit { account: Rate::new(0.01, 3.0), tenant: Rate::new(1000.0, 1000.0) };
     let n = nodes(Backend::Embedded, 1, |_, c| {
-        c.limits.rates.call_starts = tight;
-        c.limits.rates.signals = tight;
+        c.edit_section(|s: &mut spine_calls::CallsConfig| {
+            s.rates.call_starts = tight;
+            s.rates.signals = tight;
+        });
     })
     .await;
     let env = &n[0];

@@ -13,7 +13,6 @@ use crate::error::{GroupsError, Result, invalid, mls, mls_refusal};
 use crate::model::{self, Device, GroupMeta, LogEntry, RosterEntry, gid_hex, json, parse};
 use crate::{APPLICATION_EPOCH_WINDOW, Node};
 use spine_mls::Refusal;
-use spine_runtime::rate::Kind;
 
 mod commit;
 mod disputes;
@@ -176,7 +175,7 @@ pub(crate) async fn create(
     req: pb::CreateGroupRequest,
 ) -> Result<pb::Group> {
     bytes_field("group_info", &req.group_info)?;
-    node.rt.limits.check(Kind::Commits, &me.tenant, &me.account, 1.0)?;
+    node.limits.check(crate::config::GroupsRate::Commits, &me.tenant, &me.account, 1.0)?;
     if req.allowed_tenant_ids.is_empty() || req.allowed_tenant_ids.len() > MAX_POLICY_TENANTS {
         return Err(invalid("allowed_tenant_ids", format!("1 to {MAX_POLICY_TENANTS} tenant ids")));
     }
@@ -291,8 +290,8 @@ pub(crate) async fn group_info(node: &Node, me: &Device, raw: &[u8]) -> Result<p
 pub(crate) async fn application(node: &Node, me: &Device, req: pb::SendApplicationRequest) -> Result<()> {
     let g = group_id(&req.group_id)?;
     bytes_field("message", &req.message)?;
-    node.rt.limits.check(Kind::GroupMessages, &me.tenant, &me.account, 1.0)?;
-    node.rt.limits.check(Kind::GroupMessageBytes, &me.tenant, &me.account, req.message.len() as f64)?;
+    node.limits.check(crate::config::GroupsRate::GroupMessages, &me.tenant, &me.account, 1.0)?;
+    node.limits.check(crate::config::GroupsRate::GroupMessageBytes, &me.tenant, &me.account, req.message.len() as f64)?;
     for _ in 0..CAS_ATTEMPTS {
         let mut l = load_for_member(node, &g, me).await?;
         let framing = l.verifier.check_application(&req.message).map_err(mls("message"))?;

@@ -77,7 +77,7 @@ pub(crate) async fn upload(
     if req.key_packages.is_empty() && req.last_resort.is_empty() {
         return Err(invalid("key_packages", "nothing to upload"));
     }
-    node.rt.limits.check(spine_runtime::rate::Kind::KeyPackageUploads, &me.tenant, &me.account, 1.0)?;
+    node.limits.check(crate::config::GroupsRate::KeyPackageUploads, &me.tenant, &me.account, 1.0)?;
     let key = node.own_key(t, me).await?;
     let mut fresh = std::collections::BTreeMap::new();
     for kp in &req.key_packages {
@@ -184,8 +184,7 @@ pub(crate) async fn claim(
     if req.targets.is_empty() || req.targets.len() > MAX_TARGETS {
         return Err(invalid("targets", format!("1 to {MAX_TARGETS} targets")));
     }
-    node.rt.limits.check(
-        spine_runtime::rate::Kind::KeyPackageClaims,
+    node.limits.check(crate::config::GroupsRate::KeyPackageClaims,
         &me.tenant,
         &me.account,
         req.targets.len() as f64,

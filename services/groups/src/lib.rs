@@ -51,6 +51,8 @@ pub(crate) struct Node {
     mailbox_lease: Arc<SharedLease>,
     /// Per-device mailbox quota (`[groups]`).
     quota: mailbox::Quota,
+    /// Rate limits (`[groups.rates]`).
+    limits: spine_runtime::rate::RateLimits<config::GroupsRate>,
     /// Registered signature keys of calling devices. A device's key never
     /// changes, and a revoked device cannot authenticate, so the caller's
     /// own key can be cached; other devices' keys are always read (a
@@ -140,6 +142,7 @@ impl SpineService for Groups {
                 Duration::from_secs(86_400),
             )),
             quota: mailbox::Quota { entries: config.mailbox_max_entries, bytes: config.mailbox_max_bytes },
+            limits: config.rates.limiter(),
             own_keys: Default::default(),
         });
         rt.register_account_data(Arc::new(data::GroupsData(Arc::downgrade(&node))));

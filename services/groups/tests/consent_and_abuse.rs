@@ -237,7 +237,9 @@ async fn no_foreign_credentials_and_the_delivery_service_keeps_its_place() {
 async fn mailboxes_have_quotas_and_sends_are_rate_limited() {
     let mut config = spine_testing::test_config();
     config.edit_section(|s: &mut spine_groups::GroupsConfig| s.mailbox_max_entries = 6);
-    config.limits.rates.group_messages.account = spine_runtime::rate::Rate::new(1.0, 30.0);
+    config.edit_section(|s: &mut spine_groups::GroupsConfig| {
+        s.rates.group_messages.account = spine_runtime::rate::Rate::new(1.0, 30.0);
+    });
     let env = start_with(Backend::Embedded, config).await;
     let t = env.tenant("t").await;
     let (a, b) = (env.account(&t).await, env.account(&t).await);
@@ -321,10 +323,12 @@ async fn commits_uploads_claims_and_disputes_are_rate_limited() {
     use spine_runtime::rate::{Limit, Rate};
     let tight = Limit { account: Rate::new(0.01, 2.0), tenant: Rate::new(1000.0, 1000.0) };
     let mut config = spine_testing::test_config();
-    config.limits.rates.commits = tight;
-    config.limits.rates.key_package_uploads = tight;
-    config.limits.rates.key_package_claims = tight;
-    config.limits.rates.disputes = tight;
+    config.edit_section(|s: &mut spine_groups::GroupsConfig| {
+        s.rates.commits = tight;
+        s.rates.key_package_uploads = tight;
+        s.rates.key_package_claims = tight;
+        s.rates.disputes = tight;
+    });
     let env = start_with(Backend::Embedded, config).await;
     let t = env.tenant("t").await;
     let a = env.account(&t).await;
@@ -374,7 +378,9 @@ async fn commits_uploads_claims_and_disputes_are_rate_limited() {
 #[tokio::test]
 async fn the_key_package_limit_holds_under_concurrent_uploads() {
     let mut config = spine_testing::test_config();
-    config.limits.rates.key_package_uploads.account = spine_runtime::rate::Rate::new(100.0, 100.0);
+    config.edit_section(|s: &mut spine_groups::GroupsConfig| {
+        s.rates.key_package_uploads.account = spine_runtime::rate::Rate::new(100.0, 100.0);
+    });
     let env = start_with(Backend::Etcd, config).await;
     let t = env.tenant("t").await;
     let a = env.account(&t).await;

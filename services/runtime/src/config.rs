@@ -161,8 +161,6 @@ pub struct LimitsConfig {
     /// A connection with no request or stream open for this long is closed
     /// (seconds; 0: never). Clients reconnect transparently.
     pub idle_connection_secs: u64,
-    /// Token buckets per account and tenant (see `spine_runtime::rate`).
-    pub rates: crate::rate::RatesConfig,
 }
 
 impl Default for LimitsConfig {
@@ -174,7 +172,6 @@ impl Default for LimitsConfig {
             max_message_bytes: 2 * 1024 * 1024,
             max_streams_per_connection: 256,
             idle_connection_secs: 60,
-            rates: Default::default(),
         }
     }
 }

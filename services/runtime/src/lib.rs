@@ -55,8 +55,6 @@ pub struct Runtime {
     pub drain: tokio_util::sync::CancellationToken,
     /// Seals private keys kept in the store.
     pub sealer: sealing::Sealer,
-    /// Per-account and per-tenant rate limits.
-    pub limits: rate::RateLimits,
     redactor: telemetry::Redactor,
     secrets: secrets::SecretsCell,
     data: RwLock<Vec<Arc<dyn AccountData>>>,
@@ -155,14 +153,12 @@ impl Runtime {
         let redactor = telemetry::Redactor::new(config.telemetry.id_hash_key.as_deref().map(str::as_bytes));
         let auth = AuthRing::new(store.clone(), i64::from(config.auth.max_token_ttl_secs));
         auth.start();
-        let limits = rate::RateLimits::new(config.limits.rates.clone());
         Ok(Arc::new(Self {
             config,
             store,
             auth,
             drain: Default::default(),
             sealer,
-            limits,
             redactor,
             secrets: Default::default(),
             data: RwLock::new(Vec::new()),

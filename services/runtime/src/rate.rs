@@ -1,6 +1,7 @@
 //! Rate limits: token buckets per account and per tenant, for each kind of
-//! work a device can make a node do (group messages and their bytes,
-//! commits, key-package uploads and claims, call starts, signalling).
+//! work a device can make a node do. The kinds and their limits belong to
+//! the services (each in its configuration section: `[groups.rates]`,
+//! `[calls.rates]`); this is the mechanism.
 //!
 //! Limits are per node (a node keeps its buckets in memory): behind a load
 //! balancer spreading a device's requests over `n` nodes, a device gets at
@@ -39,90 +40,17 @@ pub struct Limit {
 }
 
 impl Limit {
-    const fn new(account: Rate, tenant: Rate) -> Self {
+    pub const fn new(account: Rate, tenant: Rate) -> Self {
         Self { account, tenant }
     }
 }
 
-/// Every rate limit (config section `limits.rates`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RatesConfig {
-    /// Group application messages (`SendApplication`).
-    pub group_messages: Limit,
-    /// Bytes of group application messages.
-    pub group_message_bytes: Limit,
-    /// Commits (`SendCommit`, `CreateGroup`).
-    pub commits: Limit,
-    /// Key-package uploads (`UploadKeyPackages` calls).
-    pub key_package_uploads: Limit,
-    /// Key-package claims: one per target of a `ClaimKeyPackages`.
-    pub key_package_claims: Limit,
-    /// Call starts (`StartCall`, `StartGroupCall`).
-    pub call_starts: Limit,
-    /// Signalling payloads (`Signal`, on the stream or unary).
-    pub signals: Limit,
-    /// Disputes reported (`ReportDispute`).
-    pub disputes: Limit,
-}
-
-impl Default for RatesConfig {
-    fn default() -> Self {
-        Self {
-            group_messages: Limit::new(Rate::new(20.0, 100.0), Rate::new(2000.0, 10_000.0)),
-            group_message_bytes: Limit::new(
-                Rate::new(1024.0 * 1024.0, 4.0 * 1024.0 * 1024.0),
-                Rate::new(64.0 * 1024.0 * 1024.0, 256.0 * 1024.0 * 1024.0),
-            ),
-            commits: Limit::new(Rate::new(5.0, 30.0), Rate::new(500.0, 2000.0)),
-            key_package_uploads: Limit::new(Rate::new(1.0, 10.0), Rate::new(200.0, 1000.0)),
-            key_package_claims: Limit::new(Rate::new(2.0, 40.0), Rate::new(500.0, 2000.0)),
-            call_starts: Limit::new(Rate::new(1.0, 10.0), Rate::new(500.0, 2000.0)),
-            signals: Limit::new(Rate::new(50.0, 300.0), Rate::new(10_000.0, 50_000.0)),
-            disputes: Limit::new(Rate::new(0.2, 5.0), Rate::new(50.0, 200.0)),
-        }
-    }
-}
-
-/// Which limit a piece of work counts against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    GroupMessages,
-    GroupMessageBytes,
-    Commits,
-    KeyPackageUploads,
-    KeyPackageClaims,
-    CallStarts,
-    Signals,
-    Disputes,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::GroupMessages => "group_messages",
-            Kind::GroupMessageBytes => "group_message_bytes",
-            Kind::Commits => "commits",
-            Kind::KeyPackageUploads => "key_package_uploads",
-            Kind::KeyPackageClaims => "key_package_claims",
-            Kind::CallStarts => "call_starts",
-            Kind::Signals => "signals",
-            Kind::Disputes => "disputes",
-        }
-    }
-
-    fn limit(self, c: &RatesConfig) -> Limit {
-        match self {
-            Kind::GroupMessages => c.group_messages,
-            Kind::GroupMessageBytes => c.group_message_bytes,
-            Kind::Commits => c.commits,
-            Kind::KeyPackageUploads => c.key_package_uploads,
-            Kind::KeyPackageClaims => c.key_package_claims,
-            Kind::CallStarts => c.call_starts,
-            Kind::Signals => c.signals,
-            Kind::Disputes => c.disputes,
-        }
-    }
+/// A kind of work a service limits: its name in configuration and in the
+/// `limit` of a refusal. Each service defines its own (groups: messages,
+/// commits, key packages, disputes; calls: call starts, signalling) in its
+/// configuration section; the runtime knows none of them.
+pub trait RateKind: Copy + Eq + std::hash::Hash + std::fmt::Debug + Send + Sync + 'static {
+    fn name(self) -> &'static str;
 }
 
 #[derive(Debug)]
@@ -134,26 +62,27 @@ struct Bucket {
 /// Buckets kept at most (a full map is pruned of full, idle buckets).
 const MAX_BUCKETS: usize = 200_000;
 
-/// A node's rate limiter.
+/// A service's rate limiter on one node.
 #[derive(Debug)]
-pub struct RateLimits {
-    config: RatesConfig,
-    buckets: Mutex<HashMap<(Kind, String), Bucket>>,
+pub struct RateLimits<K: RateKind> {
+    limits: HashMap<K, Limit>,
+    buckets: Mutex<HashMap<(K, String), Bucket>>,
 }
 
-impl RateLimits {
-    pub fn new(config: RatesConfig) -> Self {
-        Self { config, buckets: Mutex::new(HashMap::new()) }
+impl<K: RateKind> RateLimits<K> {
+    /// Limits by kind; a kind without one is not limited.
+    pub fn new(limits: impl IntoIterator<Item = (K, Limit)>) -> Self {
+        Self { limits: limits.into_iter().collect(), buckets: Mutex::new(HashMap::new()) }
     }
 
     /// Takes `cost` from the account's and the tenant's buckets of `kind`,
     /// or neither: [`RateLimited`] with when to retry.
-    pub fn check(&self, kind: Kind, tenant: &str, account: &str, cost: f64) -> Result<(), RateLimited> {
-        let limit = kind.limit(&self.config);
+    pub fn check(&self, kind: K, tenant: &str, account: &str, cost: f64) -> Result<(), RateLimited> {
+        let Some(limit) = self.limits.get(&kind).copied() else { return Ok(()) };
         let now = Instant::now();
         let mut buckets = self.buckets.lock().expect("rate buckets lock");
         if buckets.len() >= MAX_BUCKETS {
-            prune(&mut buckets, &self.config, now);
+            prune(&mut buckets, &self.limits, now);
         }
         let keys =
             [((kind, format!("a/{tenant}/{account}")), limit.account), ((kind, format!("t/{tenant}")), limit.tenant)];
@@ -168,7 +97,7 @@ impl RateLimits {
             }
         }
         if !wait.is_zero() {
-            return Err(RateLimited { kind, retry_after: wait });
+            return Err(RateLimited { limit: kind.name(), retry_after: wait });
         }
         for (key, _) in &keys {
             if let Some(b) = buckets.get_mut(key) {
@@ -187,9 +116,9 @@ fn refill(b: &mut Bucket, rate: &Rate, now: Instant) {
 
 /// Drops buckets that have refilled completely (forgetting them changes
 /// nothing); if that frees too little, forgets everything.
-fn prune(buckets: &mut HashMap<(Kind, String), Bucket>, config: &RatesConfig, now: Instant) {
+fn prune<K: RateKind>(buckets: &mut HashMap<(K, String), Bucket>, limits: &HashMap<K, Limit>, now: Instant) {
     buckets.retain(|(kind, key), b| {
-        let limit = kind.limit(config);
+        let Some(limit) = limits.get(kind) else { return false };
         let rate = if key.starts_with("a/") { limit.account } else { limit.tenant };
         refill(b, &rate, now);
         b.tokens < rate.burst
@@ -201,32 +130,33 @@ fn prune(buckets: &mut HashMap<(Kind, String), Bucket>, config: &RatesConfig, no
 
 /// A rate limit refused a request: RESOURCE_EXHAUSTED on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("rate limit `{}` reached", kind.name())]
+#[error("rate limit `{limit}` reached")]
 pub struct RateLimited {
-    pub kind: Kind,
+    /// The limit's name ([`RateKind::name`]).
+    pub limit: &'static str,
     pub retry_after: Duration,
 }
 
 impl From<RateLimited> for tonic::Status {
     fn from(e: RateLimited) -> Self {
-        limited(e.kind, e.retry_after)
+        limited(e.limit, e.retry_after)
     }
 }
 
 /// RESOURCE_EXHAUSTED for a rate limit, with when to retry.
-pub fn limited(kind: Kind, retry_after: Duration) -> tonic::Status {
+pub fn limited(limit: &str, retry_after: Duration) -> tonic::Status {
     let retry_ms = retry_after.as_millis().max(1) as u64;
     let mut details = ErrorDetails::with_error_info(
         "RATE_LIMITED",
         crate::error::DOMAIN,
-        [("limit".to_string(), kind.name().to_string()), ("retry_after_ms".to_string(), retry_ms.to_string())]
+        [("limit".to_string(), limit.to_string()), ("retry_after_ms".to_string(), retry_ms.to_string())]
             .into_iter()
             .collect::<HashMap<_, _>>(),
     );
     details.set_retry_info(Some(Duration::from_millis(retry_ms)));
     tonic::Status::with_error_details(
         tonic::Code::ResourceExhausted,
-        format!("rate limit `{}` reached: retry in {retry_ms} ms", kind.name()),
+        format!("rate limit `{limit}` reached: retry in {retry_ms} ms"),
         details,
     )
 }
@@ -235,15 +165,30 @@ pub fn limited(kind: Kind, retry_after: Duration) -> tonic::Status {
 mod tests {
     use super::*;
 
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    enum Work {
+        Commits,
+        Signals,
+        Unlimited,
+    }
+
+    impl RateKind for Work {
+        fn name(self) -> &'static str {
+            match self {
+                Work::Commits => "commits",
+                Work::Signals => "signals",
+                Work::Unlimited => "unlimited",
+            }
+        }
+    }
+
     #[test]
     fn buckets_refuse_past_the_burst_and_refill() {
-        let config =
-            RatesConfig { commits: Limit::new(Rate::new(10.0, 3.0), Rate::new(100.0, 100.0)), ..Default::default() };
-        let limits = RateLimits::new(config);
+        let limits = RateLimits::new([(Work::Commits, Limit::new(Rate::new(10.0, 3.0), Rate::new(100.0, 100.0)))]);
         for _ in 0..3 {
-            limits.check(Kind::Commits, "tn_a", "ac_x", 1.0).unwrap();
+            limits.check(Work::Commits, "tn_a", "ac_x", 1.0).unwrap();
         }
-        let refused = tonic::Status::from(limits.check(Kind::Commits, "tn_a", "ac_x", 1.0).unwrap_err());
+        let refused = tonic::Status::from(limits.check(Work::Commits, "tn_a", "ac_x", 1.0).unwrap_err());
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         let info = refused.get_details_error_info().unwrap();
         assert_eq!(info.reason, "RATE_LIMITED");
@@ -252,20 +197,22 @@ mod tests {
         assert!((1..=100).contains(&retry), "{retry}");
         assert!(refused.get_details_retry_info().is_some());
         // Another account of the tenant has its own bucket.
-        limits.check(Kind::Commits, "tn_a", "ac_y", 1.0).unwrap();
+        limits.check(Work::Commits, "tn_a", "ac_y", 1.0).unwrap();
         std::thread::sleep(Duration::from_millis(120));
-        limits.check(Kind::Commits, "tn_a", "ac_x", 1.0).unwrap();
+        limits.check(Work::Commits, "tn_a", "ac_x", 1.0).unwrap();
+        // A kind the service set no limit for is not limited.
+        for _ in 0..1000 {
+            limits.check(Work::Unlimited, "tn_a", "ac_x", 1.0).unwrap();
+        }
     }
 
     #[test]
     fn the_tenant_bucket_holds_all_its_accounts() {
-        let config =
-            RatesConfig { signals: Limit::new(Rate::new(1.0, 100.0), Rate::new(0.001, 5.0)), ..Default::default() };
-        let limits = RateLimits::new(config);
+        let limits = RateLimits::new([(Work::Signals, Limit::new(Rate::new(1.0, 100.0), Rate::new(0.001, 5.0)))]);
         for i in 0..5 {
-            limits.check(Kind::Signals, "tn_a", &format!("ac_{i}"), 1.0).unwrap();
+            limits.check(Work::Signals, "tn_a", &format!("ac_{i}"), 1.0).unwrap();
         }
-        assert!(limits.check(Kind::Signals, "tn_a", "ac_new", 1.0).is_err());
-        limits.check(Kind::Signals, "tn_b", "ac_0", 1.0).unwrap();
+        assert!(limits.check(Work::Signals, "tn_a", "ac_new", 1.0).is_err());
+        limits.check(Work::Signals, "tn_b", "ac_0", 1.0).unwrap();
     }
 }

@@ -10,7 +10,7 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
     let g = group_id(&req.group_id)?;
     bytes_field("commit", &req.commit)?;
     bytes_field("group_info", &req.group_info)?;
-    node.rt.limits.check(Kind::Commits, &me.tenant, &me.account, 1.0)?;
+    node.limits.check(crate::config::GroupsRate::Commits, &me.tenant, &me.account, 1.0)?;
     if req.welcome.len() > MAX_MESSAGE_BYTES {
         return Err(invalid("welcome", format!("at most {MAX_MESSAGE_BYTES} bytes")));
     }

@@ -17,7 +17,7 @@ pub(crate) async fn dispute(node: &Node, me: &Device, req: pb::ReportDisputeRequ
     if req.epoch == 0 || req.epoch > meta.epoch {
         return Err(invalid("epoch", format!("must name an epoch a commit created (1 to {})", meta.epoch)));
     }
-    node.rt.limits.check(Kind::Disputes, &me.tenant, &me.account, 1.0)?;
+    node.limits.check(crate::config::GroupsRate::Disputes, &me.tenant, &me.account, 1.0)?;
     // Kept like the group's messages (14 to 15 days, under the mailbox
     // lease), and at most MAX_DISPUTES per group: the oldest go first.
     let existing = node.groups.range_all(&model::disputes_prefix(&g)).await?;
