@@ -178,7 +178,13 @@ fn main() {
         // Spine presence on the embedded store.
         let env = spine_testing::start_with_services(
             spine_runtime::config::Backend::Embedded,
-            spine_testing::test_config(),
+            {
+                // One device holds every stream here: the per-device cap
+                // (a defence, 8 by default) would stop the measurement.
+                let mut c = spine_testing::test_config();
+                c.edit_section(|p: &mut spine_presence::PresenceConfig| p.max_watches_per_device = usize::MAX);
+                c
+            },
             |rt, mut routes, addr| async move {
                 let (names, _) =
                     spine_runtime::service::install::<spine_presence::Presence>(&rt, &mut routes, addr.to_string())
