@@ -55,10 +55,7 @@ pub fn test_config() -> Config {
             "key_package_uploads": generous, "key_package_claims": generous, "disputes": generous,
         }}),
     );
-    c.sections.insert(
-        "calls".into(),
-        serde_json::json!({ "rates": { "call_starts": generous, "signals": generous } }),
-    );
+    c.sections.insert("calls".into(), serde_json::json!({ "rates": { "call_starts": generous, "signals": generous } }));
     c
 }
 

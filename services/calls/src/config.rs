@@ -71,7 +71,10 @@ impl RateKind for CallsRate {
 impl CallsRates {
     /// The limiter these limits configure.
     pub fn limiter(&self) -> spine_runtime::rate::RateLimits<CallsRate> {
-        spine_runtime::rate::RateLimits::new([(CallsRate::CallStarts, self.call_starts), (CallsRate::Signals, self.signals)])
+        spine_runtime::rate::RateLimits::new([
+            (CallsRate::CallStarts, self.call_starts),
+            (CallsRate::Signals, self.signals),
+        ])
     }
 }
 

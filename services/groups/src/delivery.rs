@@ -291,7 +291,12 @@ pub(crate) async fn application(node: &Node, me: &Device, req: pb::SendApplicati
     let g = group_id(&req.group_id)?;
     bytes_field("message", &req.message)?;
     node.limits.check(crate::config::GroupsRate::GroupMessages, &me.tenant, &me.account, 1.0)?;
-    node.limits.check(crate::config::GroupsRate::GroupMessageBytes, &me.tenant, &me.account, req.message.len() as f64)?;
+    node.limits.check(
+        crate::config::GroupsRate::GroupMessageBytes,
+        &me.tenant,
+        &me.account,
+        req.message.len() as f64,
+    )?;
     for _ in 0..CAS_ATTEMPTS {
         let mut l = load_for_member(node, &g, me).await?;
         let framing = l.verifier.check_application(&req.message).map_err(mls("message"))?;

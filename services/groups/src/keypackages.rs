@@ -184,7 +184,8 @@ pub(crate) async fn claim(
     if req.targets.is_empty() || req.targets.len() > MAX_TARGETS {
         return Err(invalid("targets", format!("1 to {MAX_TARGETS} targets")));
     }
-    node.limits.check(crate::config::GroupsRate::KeyPackageClaims,
+    node.limits.check(
+        crate::config::GroupsRate::KeyPackageClaims,
         &me.tenant,
         &me.account,
         req.targets.len() as f64,
