@@ -166,6 +166,18 @@ fn classify(e: etcd::Error) -> Failure {
 }
 
 /// Whether a status is the channel's own "could not connect".
+/// After a round over the members: waits (doubling up to 500 ms) before
+/// the next, or gives up with the last failure once the deadline passed.
+async fn next_round(deadline: Instant, backoff: &mut Duration, last: Option<StoreError>) -> Result<(), StoreError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(last.unwrap_or_else(|| StoreError::Unavailable("etcd: request deadline passed".into())));
+    }
+    tokio::time::sleep((*backoff).min(left)).await;
+    *backoff = (*backoff * 2).min(Duration::from_millis(500));
+    Ok(())
+}
+
 fn connect_failed(s: &tonic::Status) -> bool {
     let mut text = s.message().to_ascii_lowercase();
     let mut source = std::error::Error::source(s);
@@ -356,12 +368,7 @@ impl EtcdStore {
                     break;
                 }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(last.unwrap_or_else(|| StoreError::Unavailable("etcd: request deadline passed".into())));
-            }
-            tokio::time::sleep(backoff.min(left)).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            next_round(deadline, &mut backoff, last.take()).await?;
         }
     }
 

@@ -112,12 +112,7 @@ impl Store for EtcdStore {
                     break;
                 }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(last.unwrap_or_else(|| StoreError::Unavailable("etcd: request deadline passed".into())));
-            }
-            tokio::time::sleep(backoff.min(left)).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            next_round(deadline, &mut backoff, last.take()).await?;
         }
     }
 
