@@ -121,8 +121,10 @@ fn clone_dev(d: &spine_testing::Device) -> spine_testing::Device {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn decline_cancel_timeout_busy_glare() {
-    let n = nodes(Backend::Etcd, 2, |_, c| c.edit_section(|s: &mut spine_calls::CallsConfig| s.ring_timeout_secs = 2))
-        .await;
+    // The nodes' clock moves only when the test says: the ring timeout (30 s
+    // in these tests' config) passes without waiting for it.
+    let clock = spine_calls::ManualClock::new();
+    let n = nodes_on_clock(Backend::Etcd, 2, clock.clone(), |_, _| {}).await;
     let t = n[0].tenant("messenger").await;
     let accts: Vec<String> = futures::future::join_all((0..4).map(|_| n[0].account(&t))).await;
     for a in &accts {
@@ -154,15 +156,20 @@ async fn decline_cancel_timeout_busy_glare() {
         assert_eq!((end(&e), ring(&e)), (pb::EndReason::Cancelled, pb::RingState::Cancelled));
     }
 
-    // Timeout after the configured 2 s: nobody keeps ringing.
+    // Ring timeout: nothing ends before the 30 s have passed on the clock;
+    // once they have, nobody keeps ringing.
     let started = std::time::Instant::now();
     let id = alice.start(account_ref(b), false).await.unwrap().call_id;
+    b1.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
+    clock.advance(Duration::from_secs(29));
+    b1.quiet(Duration::from_millis(600)).await;
+    clock.advance(Duration::from_secs(2));
     for p in [&mut b1, &mut b2] {
         let e = p.call_where(&id, |c| state(c) == pb::CallState::Ended).await;
         assert_eq!((end(&e), ring(&e)), (pb::EndReason::NoAnswer, pb::RingState::TimedOut));
     }
     assert_eq!(end(&alice.call_where(&id, |c| state(c) == pb::CallState::Ended).await), pb::EndReason::NoAnswer);
-    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(started.elapsed() < Duration::from_secs(20), "the timeout followed the clock, not real time");
 
     // Busy: Bob in a call with Carol gets Alice's call as waiting, and
     // Dave's, with one already waiting, as busy (nothing stored).

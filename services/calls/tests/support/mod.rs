@@ -32,10 +32,30 @@ pub async fn nodes(backend: Backend, n: usize, tweak: impl Fn(usize, &mut Config
     nodes_with_views(backend, n, tweak).await.0
 }
 
+/// [`nodes`], all reading one manual clock: timers fire when the test
+/// moves it, not when real time passes.
+pub async fn nodes_on_clock(
+    backend: Backend,
+    n: usize,
+    clock: spine_calls::ManualClock,
+    tweak: impl Fn(usize, &mut Config),
+) -> Vec<Env> {
+    nodes_with(backend, n, Some(std::sync::Arc::new(clock)), tweak).await.0
+}
+
 /// [`nodes`], with each node's view of the calls cluster.
 pub async fn nodes_with_views(
     backend: Backend,
     n: usize,
+    tweak: impl Fn(usize, &mut Config),
+) -> (Vec<Env>, Vec<spine_calls::CallsView>) {
+    nodes_with(backend, n, None, tweak).await
+}
+
+async fn nodes_with(
+    backend: Backend,
+    n: usize,
+    clock: Option<std::sync::Arc<dyn spine_calls::Clock>>,
     tweak: impl Fn(usize, &mut Config),
 ) -> (Vec<Env>, Vec<spine_calls::CallsView>) {
     let views = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -51,16 +71,20 @@ pub async fn nodes_with_views(
     for i in 0..n {
         let mut c = config();
         tweak(i, &mut c);
-        let (v, r) = (views.clone(), rings.clone());
+        let (v, r, clock) = (views.clone(), rings.clone(), clock.clone());
         let env = spine_testing::start_on_with(store.clone(), etcd.take(), c, |rt, mut routes, addr| async move {
             let mut names = spine_runtime::service::install::<spine_groups::Groups>(&rt, &mut routes, String::new())
                 .await
                 .map(|(n, ())| n)
                 .expect("groups install");
-            let (more, view) =
-                spine_runtime::service::install::<spine_calls::Calls>(&rt, &mut routes, addr.to_string())
-                    .await
-                    .expect("calls install");
+            let (more, view) = spine_runtime::service::install_with::<spine_calls::Calls>(
+                &rt,
+                &mut routes,
+                addr.to_string(),
+                spine_calls::CallsOptions { clock },
+            )
+            .await
+            .expect("calls install");
             v.lock().unwrap().push(view);
             names.extend(more);
             let (more, ring) =
