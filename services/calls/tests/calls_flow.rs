@@ -271,11 +271,7 @@ async fn a_draining_node_hands_its_calls_over() {
     let mut alice = Phone::connect(&n[0], n[0].device_of(&t, &a).await).await;
     let mut bob = Phone::connect(&n[1], n[0].device_of(&t, &b).await).await;
     // Started on node 0, so node 0 runs it.
-    let id = alice.start(account_ref(&b), false).await.unwrap().call_id;
-    bob.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
-    bob.answer(&id).await.unwrap();
-    alice.call_where(&id, |c| state(c) == pb::CallState::Active).await;
-    bob.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+    let id = answered_call(&mut alice, &mut bob, &b).await;
 
     // Node 0 drains: Alice's stream is told to reconnect; the call moves.
     // Calls started through node 0 meanwhile succeed (run by node 1) or get
@@ -357,11 +353,7 @@ async fn calls_end_when_their_devices_vanish() {
     }
     let mut alice = Phone::connect(&n[0], n[0].device_of(&t, &a).await).await;
     let mut bob = Phone::connect(&n[1], n[0].device_of(&t, &b).await).await;
-    let id = alice.start(account_ref(&b), false).await.unwrap().call_id;
-    bob.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
-    bob.answer(&id).await.unwrap();
-    alice.call_where(&id, |c| state(c) == pb::CallState::Active).await;
-    bob.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+    let id = answered_call(&mut alice, &mut bob, &b).await;
 
     // Alice's stream drops and comes back within the window (to the other
     // node): the call goes on, well past the window.
@@ -448,4 +440,15 @@ async fn presence_shows_in_call_while_a_call_is_answered() {
     assert_eq!(next_status("in call").await, ppb::Status::InCall, "an answered call shows");
     alice.hang_up(&id).await.unwrap();
     assert_eq!(next_status("call over").await, ppb::Status::Online, "and goes with the call");
+}
+
+/// `caller` calls `callee` (account `callee_account`), who answers; both
+/// see the call active. Returns its id.
+async fn answered_call(caller: &mut Phone, callee: &mut Phone, callee_account: &str) -> String {
+    let id = caller.start(account_ref(callee_account), false).await.unwrap().call_id;
+    callee.call_where(&id, |c| ring(c) == pb::RingState::Ringing).await;
+    callee.answer(&id).await.unwrap();
+    caller.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+    callee.call_where(&id, |c| state(c) == pb::CallState::Active).await;
+    id
 }

@@ -28,8 +28,6 @@ pub enum PresenceError {
     Store(#[from] StoreError),
 }
 
-pub type Result<T, E = PresenceError> = std::result::Result<T, E>;
-
 pub fn invalid(field: &'static str, reason: &'static str) -> PresenceError {
     PresenceError::Invalid { field, reason }
 }

@@ -42,12 +42,6 @@ impl Deref for Key {
     }
 }
 
-impl AsRef<str> for Key {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -63,11 +57,5 @@ impl fmt::Debug for Key {
 impl From<Key> for String {
     fn from(k: Key) -> Self {
         k.0
-    }
-}
-
-impl PartialEq<str> for Key {
-    fn eq(&self, other: &str) -> bool {
-        self.0 == other
     }
 }
