@@ -52,6 +52,10 @@ impl Calls for Raw {
     async fn session(&self, _: Request<Streaming<pb::ClientMessage>>) -> Result<Response<Self::SessionStream>, Status> {
         Err(Status::unimplemented("bench"))
     }
+    type EventsStream = Pin<Box<dyn Stream<Item = Result<pb::ServerEvent, Status>> + Send>>;
+    async fn events(&self, _: Request<pb::EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+        Err(Status::unimplemented("bench"))
+    }
     async fn start_call(&self, _: Request<pb::StartCallRequest>) -> Result<Response<pb::Call>, Status> {
         Err(Status::unimplemented("bench"))
     }

@@ -120,6 +120,17 @@ impl Calls for CallsApi {
         Ok(Response::new(Box::pin(out)))
     }
 
+    type EventsStream = Pin<Box<dyn Stream<Item = Result<pb::ServerEvent, Status>> + Send>>;
+
+    async fn events(&self, req: Request<pb::EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+        let me = device(&req)?;
+        let principal = Caller::of(&req)?.principal().clone();
+        // The same session as Session's, without a client half: signals
+        // come in by the unary Signal method.
+        let out = self.0.cluster.open(me, principal).await?;
+        Ok(Response::new(Box::pin(out)))
+    }
+
     async fn start_call(&self, req: Request<pb::StartCallRequest>) -> Result<Response<pb::Call>, Status> {
         let me = device(&req)?;
         let caller = Caller::of(&req)?;

@@ -22,27 +22,9 @@ use spine_proto::identity::v1 as ipb;
 use spine_proto::presence::v1 as ppb;
 use spine_proto::presence::v1::presence_client::PresenceClient;
 use spine_runtime::config::Backend;
-use spine_testing::{Device, Env, Tenant, req};
+use spine_testing::{Device, Env, req};
 use support::*;
 use tonic::{Code, Status};
-
-/// A device token with a lifetime of `ttl` seconds.
-async fn token(env: &Env, t: &Tenant, d: &Device, ttl: u32) -> String {
-    env.identity()
-        .issue_device_token(req(
-            ipb::IssueDeviceTokenRequest {
-                account_id: d.account.clone(),
-                device_id: d.device.clone(),
-                scopes: vec![],
-                ttl_seconds: ttl,
-            },
-            &t.cred,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-}
 
 /// The three long-lived streams of a device: a presence watch, its group
 /// mailbox, its signalling session. Each resolves to the status it ends
@@ -117,7 +99,7 @@ async fn every_stream_ends_with_its_credential() {
 
     // Expiry: a 3-second token.
     let d = env.device(&t).await;
-    let short = token(env, &t, &d, 3).await;
+    let short = device_token(env, &t, &d, 3).await;
     let opened = std::time::Instant::now();
     all_end(streams(env, &d, &short), "TOKEN_EXPIRED").await;
     assert!(opened.elapsed() >= Duration::from_secs(2), "ended before the token expired");
@@ -126,13 +108,7 @@ async fn every_stream_ends_with_its_credential() {
     let d = env.device(&t).await;
     let handles = streams(env, &d, &d.token);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    env.identity()
-        .revoke_device(req(
-            ipb::RevokeDeviceRequest { account_id: d.account.clone(), device_id: d.device.clone() },
-            &t.cred,
-        ))
-        .await
-        .unwrap();
+    revoke_device(env, &t, &d).await;
     all_end(handles, "CREDENTIAL_REVOKED").await;
 
     // Deletion of the account.

@@ -206,6 +206,8 @@ pub struct Config {
     pub drain: DrainConfig,
     pub telemetry: TelemetryConfig,
     pub limits: LimitsConfig,
+    /// Web origins allowed to call over gRPC-Web ([`crate::web`]).
+    pub web: crate::web::WebConfig,
     /// Services' sections by name, as read.
     #[serde(flatten)]
     pub sections: std::collections::BTreeMap<String, serde_json::Value>,
@@ -223,6 +225,7 @@ impl Default for Config {
             drain: DrainConfig::default(),
             telemetry: TelemetryConfig::default(),
             limits: LimitsConfig::default(),
+            web: crate::web::WebConfig::default(),
             sections: Default::default(),
         }
     }

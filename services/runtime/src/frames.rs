@@ -3,7 +3,9 @@
 //! body streams in, and a message over the limit ends the request with
 //! INVALID_ARGUMENT naming the limit, before any of it is buffered or
 //! decoded. It is per node (from its config), and the same for every
-//! service and for every message of a stream.
+//! service and for every message of a stream. A body that ends inside a
+//! frame, and a gRPC-Web body that does not decode, are INVALID_ARGUMENT
+//! too (not the INTERNAL the codec would say).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -94,7 +96,11 @@ where
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(malformed_web(e.into())))),
+            Poll::Ready(None) if this.frames.partial() => {
+                this.frames.failed = true;
+                Poll::Ready(Some(Err(Status::invalid_argument("the request ends inside a message frame"))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
@@ -106,6 +112,18 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// gRPC-Web's translation ([`crate::web`]) reports a request it cannot
+/// decode (bad base64, trailers where none belong) as INTERNAL; it is the
+/// client's fault, so it is INVALID_ARGUMENT, like any malformed request.
+fn malformed_web(s: Status) -> Status {
+    match s.message().strip_prefix("tonic-web: ") {
+        Some(m) if s.code() == tonic::Code::Internal => {
+            Status::invalid_argument(format!("malformed gRPC-Web request: {m}"))
+        }
+        _ => s,
     }
 }
 
@@ -123,6 +141,12 @@ pub struct FrameScan {
 impl FrameScan {
     pub fn new(max: usize) -> Self {
         Self { max, header: [0; 5], have: 0, remaining: 0, failed: false }
+    }
+
+    /// Whether the data so far stops inside a frame (its header or its
+    /// message).
+    pub fn partial(&self) -> bool {
+        !self.failed && (self.have > 0 || self.remaining > 0)
     }
 
     /// Consumes one chunk; the declared length of the first message over
@@ -174,6 +198,20 @@ mod tests {
         assert_eq!(s.scan(&[frame(10), frame(0), frame(3)].concat()), Ok(()));
         assert_eq!(s.scan(&frame(11)), Err(11));
         assert!(s.scan(&frame(1)).is_err(), "a failed stream stays failed");
+    }
+
+    #[test]
+    fn a_body_cut_inside_a_frame_is_partial() {
+        let mut s = FrameScan::new(100);
+        let f = frame(10);
+        assert_eq!(s.scan(&f), Ok(()));
+        assert!(!s.partial(), "whole frames");
+        assert_eq!(s.scan(&f[..3]), Ok(()));
+        assert!(s.partial(), "inside a header");
+        assert_eq!(s.scan(&f[3..8]), Ok(()));
+        assert!(s.partial(), "inside a message");
+        assert_eq!(s.scan(&f[8..]), Ok(()));
+        assert!(!s.partial());
     }
 
     proptest! {

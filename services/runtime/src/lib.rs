@@ -27,6 +27,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod web;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

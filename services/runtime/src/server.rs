@@ -1,6 +1,7 @@
 //! The gRPC server every Spine node runs: the services of the node behind
 //! metrics and auth layers, plus grpc.health.v1 and server reflection, with
-//! graceful drain.
+//! graceful drain. The same listener serves gRPC-Web to browsers of the
+//! allowed origins ([`crate::web`]).
 //!
 //! Health: the service name `liveness` is SERVING while the process runs;
 //! `readiness` (and the empty name, which Kubernetes' gRPC probe uses by
@@ -152,6 +153,8 @@ pub async fn serve(
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let mut builder = tonic::transport::Server::builder()
+        // gRPC-Web from browsers comes over HTTP/1.1 as well as HTTP/2.
+        .accept_http1(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // One connection holds at most this many requests and streams.
@@ -167,6 +170,10 @@ pub async fn serve(
         // Outermost: every request (and stream, until it ends) keeps its
         // connection from being closed as idle.
         .layer(crate::conn::ActivityLayer)
+        // Web pages: only from allowed origins (refused here otherwise),
+        // with CORS; then gRPC-Web becomes gRPC for everything after.
+        .layer(crate::web::OriginLayer::new(&rt.config.web))
+        .layer(tonic_web::GrpcWebLayer::new())
         // Requests over the node's message limit end before they are read.
         .layer(crate::frames::MessageLimitLayer::new(
             rt.config.limits.max_message_bytes.min(spine_proto::codec::TRANSPORT_MAX_MESSAGE_BYTES),

@@ -16,8 +16,13 @@ pub fn config(listen: std::net::SocketAddr, data_dir: Option<PathBuf>) -> Config
     // A development store on this machine only: keys may be stored plain.
     c.auth.allow_plain_keys = true;
     c.drain.grace_secs = 2;
+    c.web.allowed_origins = DEMO_ORIGINS.iter().map(|o| (*o).to_string()).collect();
     c
 }
+
+/// The origins of the demo's three product pages (`scripts/demo` at its
+/// default ports), the only web pages `spine dev` lets call by default.
+pub const DEMO_ORIGINS: [&str; 3] = ["http://127.0.0.1:7411", "http://127.0.0.1:7412", "http://127.0.0.1:7413"];
 
 /// Writes the operator credential to `dir/operator-token`, readable by the
 /// owner only.
@@ -32,14 +37,16 @@ pub fn write_token(dir: &Path, token: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// What `spine dev` prints once it is ready.
-pub fn banner(addr: std::net::SocketAddr, token_path: &Path) -> String {
+pub fn banner(addr: std::net::SocketAddr, token_path: &Path, web_origins: &[String]) -> String {
     format!(
         "\nSpine dev is ready on http://{addr} (services: {services}; embedded store)\n\
          Operator credential: {token} (send as `authorization: Bearer <contents>`)\n\n\
          Try it, in another terminal:\n  \
          cargo run -p spine -- admin --endpoint http://{addr} tenant create demo\n  \
          cargo run -p spine -- admin --endpoint http://{addr} tenant list\n\n\
+         gRPC-Web (browsers) from: {origins}\n\
          Health: grpc.health.v1 service `readiness`; reflection is on. Ctrl-C to stop.\n",
+        origins = if web_origins.is_empty() { "no web origin".to_string() } else { web_origins.join(", ") },
         services = crate::node::SERVICES.join(", "),
         token = token_path.display(),
     )

@@ -66,6 +66,10 @@ impl NodeFlags {
     }
 }
 
+/// No flags over a config file.
+#[derive(Serialize)]
+struct NoFlags {}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Every service in one process on the embedded store, for development.
@@ -78,6 +82,14 @@ enum Cmd {
         /// Where to write the demo operator credential.
         #[arg(long, default_value = ".spine-dev")]
         state_dir: PathBuf,
+        /// A config file (TOML) over the development defaults, for example
+        /// `[calls.turn]` for a local coturn (as `spine serve` reads).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A web origin allowed to call over gRPC-Web (repeat for more).
+        /// Default: the demo's pages (`scripts/demo`), and no other.
+        #[arg(long = "allow-origin")]
+        allow_origins: Vec<String>,
     },
     /// Run services on etcd (config: file, SPINE_* environment, flags).
     Serve(NodeFlags),
@@ -203,13 +215,23 @@ enum OperatorCmd {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Dev { listen, data_dir, state_dir } => {
+        Cmd::Dev { listen, data_dir, state_dir, config, allow_origins } => {
             let _telemetry = spine_runtime::telemetry::init("spine-dev", false).map_err(anyhow::Error::msg)?;
-            node::run(dev::config(listen, data_dir), node::shutdown_signal(), |rt, addr| async move {
+            let mut defaults = dev::config(listen, data_dir);
+            if !allow_origins.is_empty() {
+                defaults.web.allowed_origins = allow_origins;
+            }
+            let config = match config {
+                Some(file) => {
+                    Config::load(defaults, Some(&file), NoFlags {}).map_err(|e| anyhow::anyhow!("config: {e}"))?
+                }
+                None => defaults,
+            };
+            node::run(config, node::shutdown_signal(), |rt, addr| async move {
                 let token = spine_identity::bootstrap_operator(&rt, "spine dev").await?;
                 let path = dev::write_token(&state_dir, &token)?;
                 rt.auth.wait_synced().await;
-                println!("{}", dev::banner(addr, &path));
+                println!("{}", dev::banner(addr, &path, &rt.config.web.allowed_origins));
                 Ok(())
             })
             .await

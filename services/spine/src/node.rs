@@ -37,6 +37,7 @@ pub async fn assemble(
         rt.config.services.iter().map(String::as_str).collect()
     };
     rt.config.check_sections(SECTIONS).map_err(anyhow::Error::msg).context("config")?;
+    rt.config.web.check().map_err(anyhow::Error::msg).context("config")?;
     let presence: spine_presence::PresenceConfig = rt.config.section().map_err(anyhow::Error::msg)?;
     let calls: spine_calls::CallsConfig = rt.config.section().map_err(anyhow::Error::msg)?;
     let mut routes = tonic::service::RoutesBuilder::default();

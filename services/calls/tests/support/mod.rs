@@ -173,11 +173,32 @@ impl Phone {
 
     pub async fn connect_to(channel: Channel, dev: Device) -> Phone {
         let (out, rx) = mpsc::channel(64);
-        let mut events = CallsClient::new(channel.clone())
+        let events = CallsClient::new(channel.clone())
             .session(req(tokio_stream::wrappers::ReceiverStream::new(rx), &dev.token))
             .await
             .expect("session opens")
             .into_inner();
+        Self::synced(channel, dev, out, events).await
+    }
+
+    /// A device on the server-streaming form (Calls.Events, as browsers
+    /// hold it): it sends signals with the unary Signal only.
+    pub async fn connect_events_to(channel: Channel, dev: Device) -> Phone {
+        let events = CallsClient::new(channel.clone())
+            .events(req(pb::EventsRequest {}, &dev.token))
+            .await
+            .expect("events stream opens")
+            .into_inner();
+        let (out, _) = mpsc::channel(1);
+        Self::synced(channel, dev, out, events).await
+    }
+
+    async fn synced(
+        channel: Channel,
+        dev: Device,
+        out: mpsc::Sender<pb::ClientMessage>,
+        mut events: tonic::Streaming<pb::ServerEvent>,
+    ) -> Phone {
         let first = tokio::time::timeout(Duration::from_secs(10), events.next())
             .await
             .expect("synced in time")
@@ -236,6 +257,12 @@ impl Phone {
             _ => None,
         })
         .await
+    }
+
+    /// Sends a payload with the unary Signal.
+    pub async fn signal_unary(&self, call_id: &str, to_leg: &str, payload: Vec<u8>) -> Result<u32, Status> {
+        let r = pb::SignalRequest { call_id: call_id.into(), to_leg_id: to_leg.into(), payload };
+        Ok(self.calls().signal(self.req(r)).await?.into_inner().delivered)
     }
 
     /// Sends a payload on the stream and waits for its result.
@@ -339,4 +366,21 @@ pub async fn live_state(env: &Env) -> Vec<(String, Vec<u8>)> {
         out.extend(env.rt.store.range_all(p).await.unwrap().into_iter().map(|kv| (kv.key, kv.value)));
     }
     out
+}
+
+/// A device token for `d` living `ttl` seconds.
+pub async fn device_token(env: &Env, t: &Tenant, d: &Device, ttl: u32) -> String {
+    let r = ipb::IssueDeviceTokenRequest {
+        account_id: d.account.clone(),
+        device_id: d.device.clone(),
+        scopes: vec![],
+        ttl_seconds: ttl,
+    };
+    env.identity().issue_device_token(req(r, &t.cred)).await.unwrap().into_inner().token
+}
+
+/// Revokes `d` with its tenant's credential.
+pub async fn revoke_device(env: &Env, t: &Tenant, d: &Device) {
+    let r = ipb::RevokeDeviceRequest { account_id: d.account.clone(), device_id: d.device.clone() };
+    env.identity().revoke_device(req(r, &t.cred)).await.unwrap();
 }
