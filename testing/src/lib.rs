@@ -5,6 +5,7 @@
 //! - a node's services on a free port ([`TestServer`]), and the identity
 //!   harness most tests start from ([`Env`]: an operator credential and
 //!   helpers that make tenants, accounts and devices through the public API);
+//! - a real Janus (the SFU) on loopback ([`JanusServer`]);
 //! - what privacy tests need: log capture, store dumps and the readings of
 //!   stored values a secret could hide in.
 //!
@@ -12,6 +13,8 @@
 
 mod env;
 pub use env::*;
+mod janus;
+pub use janus::{JanusServer, janus_config};
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};

@@ -65,7 +65,17 @@ def test_manifests_keep_the_operational_promises(overlay):
         assert pod["terminationGracePeriodSeconds"] >= 25
         selector = dep["spec"]["selector"]["matchLabels"]
         assert any(p["spec"]["selector"]["matchLabels"] == selector for p in by_kind["PodDisruptionBudget"]), dep["metadata"]["name"]
-    assert [s["metadata"]["name"] for s in by_kind["StatefulSet"]] == ["etcd"]
+    assert sorted(s["metadata"]["name"] for s in by_kind["StatefulSet"]) == ["etcd", "spine-media"]
+    # Media nodes: Janus and its agent, one per host, the agent's
+    # credential and Janus's room admin key from a Secret.
+    media = next(s for s in by_kind["StatefulSet"] if s["metadata"]["name"] == "spine-media")
+    pod = media["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert [c["name"] for c in pod["containers"]] == ["janus", "agent"]
+    agent = pod["containers"][1]
+    assert agent["args"][0] == "media-agent" and "--credential-file=/secrets/$(POD_NAME)" in agent["args"]
+    assert "spine-media" in {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert any(p["spec"]["selector"]["matchLabels"] == media["spec"]["selector"]["matchLabels"] for p in by_kind["PodDisruptionBudget"])
     policies = {p["metadata"]["name"]: p for p in by_kind["NetworkPolicy"]}
     assert policies["default-deny"]["spec"]["podSelector"] == {}
     # Only Spine's service pods, etcd's own maintenance jobs and etcd peers
@@ -167,6 +177,13 @@ def test_calls_pods_advertise_themselves_and_take_turn_secrets_from_a_secret(ove
     config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "spine-config")
     toml = tomllib.loads(config["data"]["spine.toml"])
     assert "secrets" not in toml.get("calls", {}).get("turn", {}), "TURN secrets never sit in the ConfigMap"
+
+
+def test_production_media_agents_reach_spine_over_verified_tls():
+    docs = render("production")
+    media = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "spine-media")
+    args = media["spec"]["template"]["spec"]["containers"][1]["args"]
+    assert "--spine=https://spine-calls:50051" in args and "--ca-cert=/etc/spine/tls/ca.crt" in args
 
 
 def test_production_serves_tls_everywhere_and_peers_verify_each_other():

@@ -56,6 +56,12 @@ impl Calls for Raw {
     async fn events(&self, _: Request<pb::EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
         Err(Status::unimplemented("bench"))
     }
+    async fn get_media_admission(
+        &self,
+        _: Request<pb::GetMediaAdmissionRequest>,
+    ) -> Result<Response<pb::MediaAdmission>, Status> {
+        Err(Status::unimplemented("bench"))
+    }
     async fn start_call(&self, _: Request<pb::StartCallRequest>) -> Result<Response<pb::Call>, Status> {
         Err(Status::unimplemented("bench"))
     }

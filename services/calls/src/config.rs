@@ -28,6 +28,9 @@ pub struct CallsConfig {
     /// default: `presence.advertise`, else the listen address.
     pub advertise: Option<String>,
     pub turn: TurnConfig,
+    /// How long a media admission token admits (seconds): tokens roll over
+    /// every this many seconds and each admits for two periods.
+    pub media_admission_secs: u64,
     /// Rate limits per account and per tenant, per node (`[calls.rates]`).
     pub rates: CallsRates,
 }
@@ -88,6 +91,7 @@ impl Default for CallsConfig {
             region: "default".into(),
             advertise: None,
             turn: TurnConfig::default(),
+            media_admission_secs: 300,
             rates: CallsRates::default(),
         }
     }

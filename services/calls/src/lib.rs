@@ -14,6 +14,7 @@
 //! key, or keep anything about a call after it ends beyond what the
 //! tenant's record policy names.
 
+mod admission;
 pub mod clock;
 mod cluster;
 pub mod config;

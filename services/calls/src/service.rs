@@ -207,6 +207,27 @@ impl Calls for CallsApi {
         Ok(Response::new(pb::SignalResponse { delivered }))
     }
 
+    async fn get_media_admission(
+        &self,
+        req: Request<pb::GetMediaAdmissionRequest>,
+    ) -> Result<Response<pb::MediaAdmission>, Status> {
+        let me = device(&req)?;
+        let id = call_id(&req.get_ref().call_id)?;
+        let (rec, _) = self.0.call_for(id, &me, false).await?;
+        if rec.state == State::Ended {
+            return Err(precondition("CALL_ENDED", "the call has ended").into());
+        }
+        let Some(media) = rec.group.as_ref().and_then(|g| g.media.as_ref()) else {
+            return Err(precondition("NO_MEDIA_NODE", "the call has no media node").into());
+        };
+        let Some(leg) = rec.leg_of(&me) else {
+            return Err(precondition("NOT_IN_CALL", "join the call first").into());
+        };
+        let length = Duration::from_secs(self.0.config.media_admission_secs.max(1));
+        let a = crate::admission::admission(&self.0.cluster.secrets, &rec, leg, &media.address, now_secs(), length);
+        Ok(Response::new(a))
+    }
+
     async fn get_turn_credentials(
         &self,
         req: Request<pb::GetTurnCredentialsRequest>,

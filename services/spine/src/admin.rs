@@ -31,7 +31,8 @@ pub fn read_token(env: Option<String>, file: &Path) -> anyhow::Result<String> {
     Ok(t.trim().to_string())
 }
 
-async fn client(t: &Target) -> anyhow::Result<Channel> {
+/// A channel to the node of `t` (TLS with its CA when given).
+pub async fn client(t: &Target) -> anyhow::Result<Channel> {
     let mut ep = Endpoint::from_shared(t.endpoint.clone()).context("endpoint")?;
     if let Some(ca) = &t.ca_cert {
         let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;

@@ -93,6 +93,39 @@ enum Cmd {
     },
     /// Run services on etcd (config: file, SPINE_* environment, flags).
     Serve(NodeFlags),
+    /// The media-node agent: registers one Janus (the SFU) with Spine and
+    /// keeps its VideoRoom rooms as Spine says (docs/operations.md).
+    MediaAgent {
+        /// A Spine node (any; a Service in Kubernetes).
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        spine: String,
+        /// CA certificate (PEM) for an https Spine endpoint.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// This media node's id (the one its credential was issued for).
+        #[arg(long)]
+        node_id: String,
+        /// File holding the media-node credential (`spine admin media issue`).
+        #[arg(long)]
+        credential_file: PathBuf,
+        /// Janus's HTTP API, as this agent reaches it.
+        #[arg(long, default_value = "http://127.0.0.1:8088/janus")]
+        janus: String,
+        /// Janus's HTTP API as devices reach it (default: --janus).
+        #[arg(long)]
+        public_address: Option<String>,
+        #[arg(long, default_value = "default")]
+        region: String,
+        /// Most participants this Janus takes.
+        #[arg(long, default_value_t = 100)]
+        capacity: u32,
+        /// File holding VideoRoom's `admin_key` (the same as Janus's config).
+        #[arg(long)]
+        room_admin_key_file: PathBuf,
+        /// Registration TTL in seconds (5 to 60).
+        #[arg(long, default_value_t = 15)]
+        ttl: u32,
+    },
     /// Operator commands.
     Admin {
         /// Node to talk to.
@@ -245,6 +278,41 @@ async fn main() -> anyhow::Result<()> {
                 Ok(())
             })
             .await
+        }
+        Cmd::MediaAgent {
+            spine,
+            ca_cert,
+            node_id,
+            credential_file,
+            janus,
+            public_address,
+            region,
+            capacity,
+            room_admin_key_file,
+            ttl,
+        } => {
+            let _telemetry = spine_runtime::telemetry::init("spine-media-agent", false).map_err(anyhow::Error::msg)?;
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p)
+                    .map(|s| s.trim().to_string())
+                    .with_context(|| format!("reading {}", p.display()))
+            };
+            let credential = read(&credential_file)?;
+            let target = admin::Target { endpoint: spine, token: credential.clone(), ca_cert };
+            let channel = admin::client(&target).await?;
+            let config = spine_janus::AgentConfig {
+                node_id,
+                credential,
+                public_address: public_address.unwrap_or_else(|| janus.clone()),
+                janus,
+                region,
+                capacity,
+                room_admin_key: read(&room_admin_key_file)?,
+                ttl_secs: ttl,
+            };
+            tracing::info!(?config, "media agent starting");
+            spine_janus::run(config, channel, node::shutdown_signal()).await?;
+            Ok(())
         }
         Cmd::Admin { endpoint, token_file, ca_cert, what } => {
             let cmd = match what {

@@ -28,6 +28,12 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// The rooms media node `node` must hold now (from the mirror).
+    pub fn rooms_on(&self, node: &str, now_secs: i64, period: Duration) -> pb::MediaRooms {
+        let v = self.view.lock().expect("view lock");
+        crate::admission::rooms_on(&self.secrets, node, v.calls.values().map(|(r, _)| r), now_secs, period)
+    }
+
     /// Every live call this node runs (or that no live node runs).
     pub fn my_calls(&self) -> Vec<(CallRec, i64)> {
         let v = self.view.lock().expect("view lock");

@@ -5,6 +5,55 @@ use super::*;
 
 #[tonic::async_trait]
 impl MediaNodes for MediaNodesApi {
+    type WatchRoomsStream = Pin<Box<dyn Stream<Item = Result<pb::MediaRooms, Status>> + Send>>;
+
+    async fn watch_rooms(
+        &self,
+        req: Request<pb::WatchRoomsRequest>,
+    ) -> Result<Response<Self::WatchRoomsStream>, Status> {
+        let mine = Caller::of(&req)?.require_media_node()?.to_string();
+        let id = media::node_id(&req.get_ref().node_id)?.to_string();
+        if id != mine {
+            return Err(CallError::Forbidden("this credential watches another media node's rooms").into());
+        }
+        let bearer = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default()
+            .to_string();
+        let node = self.0.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let length = Duration::from_secs(node.config.media_admission_secs.max(1));
+            let mut last: Option<pb::MediaRooms> = None;
+            loop {
+                // The stream ends with its node's drain and its credential.
+                if node.rt.drain.is_cancelled() {
+                    let _ = tx.send(Err(spine_runtime::error::draining("node draining: reconnect"))).await;
+                    return;
+                }
+                if node.rt.auth.authenticate(&bearer, now_secs()).is_err() {
+                    let _ = tx.send(Err(spine_runtime::auth::stream_ended(false))).await;
+                    return;
+                }
+                let rooms = node.cluster.rooms_on(&id, now_secs(), length);
+                if last.as_ref() != Some(&rooms) {
+                    if tx.send(Ok(rooms.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(rooms);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     async fn register_media_node(
         &self,
         req: Request<pb::RegisterMediaNodeRequest>,

@@ -27,7 +27,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file spine/calls/v1/calls.proto.
  */
 export const file_spine_calls_v1_calls: GenFile = /*@__PURE__*/
-  fileDesc("ChpzcGluZS9jYWxscy92MS9jYWxscy5wcm90bxIOc3BpbmUuY2FsbHMudjEilAEKC1BhcnRpY2lwYW50Eg4KBmxlZ19pZBgBIAEoCRIlCgN3aG8YAiABKAsyGC5zcGluZS5jb21tb24udjEuUGVlclJlZhILCgN5b3UYAyABKAgSEgoKbGVhZl9pbmRleBgEIAEoDRItCglqb2luZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIj0KCU1lZGlhTm9kZRIPCgdub2RlX2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSDgoGcmVnaW9uGAMgASgJIuAECgRDYWxsEg8KB2NhbGxfaWQYASABKAkSJgoEa2luZBgCIAEoDjIYLnNwaW5lLmNhbGxzLnYxLkNhbGxLaW5kEg0KBXZpZGVvGAMgASgIEigKBXN0YXRlGAQgASgOMhkuc3BpbmUuY2FsbHMudjEuQ2FsbFN0YXRlEi0KCmVuZF9yZWFzb24YBSABKA4yGS5zcGluZS5jYWxscy52MS5FbmRSZWFzb24SIgoEcm9sZRgGIAEoDjIULnNwaW5lLmNhbGxzLnYxLlJvbGUSJwoEcmluZxgHIAEoDjIZLnNwaW5lLmNhbGxzLnYxLlJpbmdTdGF0ZRITCgt5b3VyX2xlZ19pZBgIIAEoCRIxCgxwYXJ0aWNpcGFudHMYCSADKAsyGy5zcGluZS5jYWxscy52MS5QYXJ0aWNpcGFudBImCgRwZWVyGAogASgLMhguc3BpbmUuY29tbW9uLnYxLlBlZXJSZWYSDwoHd2FpdGluZxgLIAEoCBIQCghncm91cF9pZBgMIAEoDBINCgVlcG9jaBgNIAEoBBIoCgVtZWRpYRgOIAEoCzIZLnNwaW5lLmNhbGxzLnYxLk1lZGlhTm9kZRIuCgpzdGFydGVkX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgthbnN3ZXJlZF9hdBgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kZWRfYXQYESABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3ZlcnNpb24YEiABKAQidgoQU3RhcnRDYWxsUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEigKBmNhbGxlZRgCIAEoCzIYLnNwaW5lLmNvbW1vbi52MS5QZWVyUmVmEg0KBXZpZGVvGAMgASgIEhUKDWNhbGxlcl9oYW5kbGUYBCABKAkiTAoVU3RhcnRHcm91cENhbGxSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEAoIZ3JvdXBfaWQYAiABKAwSDQoFdmlkZW8YAyABKAgiIAoNQW5zd2VyUmVxdWVzdBIPCgdjYWxsX2lkGAEgASgJIiEKDkRlY2xpbmVSZXF1ZXN0Eg8KB2NhbGxfaWQYASABKAkiHgoLSm9pblJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCSIgCg1IYW5nVXBSZXF1ZXN0Eg8KB2NhbGxfaWQYASABKAkiIQoOR2V0Q2FsbFJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCSJECg1TaWduYWxSZXF1ZXN0Eg8KB2NhbGxfaWQYASABKAkSEQoJdG9fbGVnX2lkGAIgASgJEg8KB3BheWxvYWQYAyABKAwiIwoOU2lnbmFsUmVzcG9uc2USEQoJZGVsaXZlcmVkGAEgASgNIkcKDkluY29taW5nU2lnbmFsEg8KB2NhbGxfaWQYASABKAkSEwoLZnJvbV9sZWdfaWQYAiABKAkSDwoHcGF5bG9hZBgDIAEoDCJYCg1DbGllbnRNZXNzYWdlEgsKA3JlZhgBIAEoBBIvCgZzaWduYWwYAiABKAsyHS5zcGluZS5jYWxscy52MS5TaWduYWxSZXF1ZXN0SABCCQoHbWVzc2FnZSIPCg1FdmVudHNSZXF1ZXN0Ik0KDFNpZ25hbFJlc3VsdBILCgNyZWYYASABKAQSDAoEY29kZRgCIAEoBRIPCgdtZXNzYWdlGAMgASgJEhEKCWRlbGl2ZXJlZBgEIAEoDSItCgZTeW5jZWQSIwoFY2FsbHMYASADKAsyFC5zcGluZS5jYWxscy52MS5DYWxsIs8BCgtTZXJ2ZXJFdmVudBIoCgZzeW5jZWQYASABKAsyFi5zcGluZS5jYWxscy52MS5TeW5jZWRIABIkCgRjYWxsGAIgASgLMhQuc3BpbmUuY2FsbHMudjEuQ2FsbEgAEjAKBnNpZ25hbBgDIAEoCzIeLnNwaW5lLmNhbGxzLnYxLkluY29taW5nU2lnbmFsSAASNQoNc2lnbmFsX3Jlc3VsdBgEIAEoCzIcLnNwaW5lLmNhbGxzLnYxLlNpZ25hbFJlc3VsdEgAQgcKBWV2ZW50IiwKGUdldFR1cm5DcmVkZW50aWFsc1JlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCSKIAQoPVHVybkNyZWRlbnRpYWxzEhAKCHVzZXJuYW1lGAEgASgJEhAKCHBhc3N3b3JkGAIgASgJEhMKC3R0bF9zZWNvbmRzGAMgASgNEgwKBHVyaXMYBCADKAkSLgoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiaQoMUmVjb3JkUG9saWN5EhEKCXRlbmFudF9pZBgBIAEoCRIrCgZmaWVsZHMYAiADKA4yGy5zcGluZS5jYWxscy52MS5SZWNvcmRGaWVsZBIZChFyZXRlbnRpb25fc2Vjb25kcxgDIAEoAyJgChZTZXRSZWNvcmRQb2xpY3lSZXF1ZXN0EisKBmZpZWxkcxgBIAMoDjIbLnNwaW5lLmNhbGxzLnYxLlJlY29yZEZpZWxkEhkKEXJldGVudGlvbl9zZWNvbmRzGAIgASgDIhgKFkdldFJlY29yZFBvbGljeVJlcXVlc3QipAIKCkNhbGxSZWNvcmQSEQoJcmVjb3JkX2lkGAEgASgJEi4KCnN0YXJ0ZWRfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGR1cmF0aW9uX3NlY29uZHMYAyABKAQSJgoEa2luZBgEIAEoDjIYLnNwaW5lLmNhbGxzLnYxLkNhbGxLaW5kEg0KBXZpZGVvGAUgASgIEioKB291dGNvbWUYBiABKA4yGS5zcGluZS5jYWxscy52MS5FbmRSZWFzb24SEAoIYW5zd2VyZWQYByABKAgSFAoMcGFydGljaXBhbnRzGAggAygJEi4KCmV4cGlyZXNfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIj8KFkxpc3RDYWxsUmVjb3Jkc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgNEhIKCnBhZ2VfdG9rZW4YAiABKAkiXwoXTGlzdENhbGxSZWNvcmRzUmVzcG9uc2USKwoHcmVjb3JkcxgBIAMoCzIaLnNwaW5lLmNhbGxzLnYxLkNhbGxSZWNvcmQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIoEBChhSZWdpc3Rlck1lZGlhTm9kZVJlcXVlc3QSDwoHbm9kZV9pZBgBIAEoCRIPCgdhZGRyZXNzGAIgASgJEg4KBnJlZ2lvbhgDIAEoCRIQCghjYXBhY2l0eRgEIAEoDRIMCgRsb2FkGAUgASgNEhMKC3R0bF9zZWNvbmRzGAYgASgNIjAKGVJlZ2lzdGVyTWVkaWFOb2RlUmVzcG9uc2USEwoLdHRsX3NlY29uZHMYASABKA0iLQoaRGVyZWdpc3Rlck1lZGlhTm9kZVJlcXVlc3QSDwoHbm9kZV9pZBgBIAEoCSIdChtEZXJlZ2lzdGVyTWVkaWFOb2RlUmVzcG9uc2UiFwoVTGlzdE1lZGlhTm9kZXNSZXF1ZXN0IpcBChNSZWdpc3RlcmVkTWVkaWFOb2RlEg8KB25vZGVfaWQYASABKAkSDwoHYWRkcmVzcxgCIAEoCRIOCgZyZWdpb24YAyABKAkSEAoIY2FwYWNpdHkYBCABKA0SDAoEbG9hZBgFIAEoDRIuCgp1cGRhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJMChZMaXN0TWVkaWFOb2Rlc1Jlc3BvbnNlEjIKBW5vZGVzGAEgAygLMiMuc3BpbmUuY2FsbHMudjEuUmVnaXN0ZXJlZE1lZGlhTm9kZSKMAQoTTWVkaWFOb2RlQ3JlZGVudGlhbBIVCg1jcmVkZW50aWFsX2lkGAEgASgJEg8KB25vZGVfaWQYAiABKAkSDQoFbGFiZWwYAyABKAkSDgoGc2VjcmV0GAQgASgJEi4KCmNyZWF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlUKH0lzc3VlTWVkaWFOb2RlQ3JlZGVudGlhbFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIPCgdub2RlX2lkGAIgASgJEg0KBWxhYmVsGAMgASgJIiEKH0xpc3RNZWRpYU5vZGVDcmVkZW50aWFsc1JlcXVlc3QiXAogTGlzdE1lZGlhTm9kZUNyZWRlbnRpYWxzUmVzcG9uc2USOAoLY3JlZGVudGlhbHMYASADKAsyIy5zcGluZS5jYWxscy52MS5NZWRpYU5vZGVDcmVkZW50aWFsIjkKIFJldm9rZU1lZGlhTm9kZUNyZWRlbnRpYWxSZXF1ZXN0EhUKDWNyZWRlbnRpYWxfaWQYASABKAkiIwohUmV2b2tlTWVkaWFOb2RlQ3JlZGVudGlhbFJlc3BvbnNlKlAKCENhbGxLaW5kEhkKFUNBTExfS0lORF9VTlNQRUNJRklFRBAAEhQKEENBTExfS0lORF9ESVJFQ1QQARITCg9DQUxMX0tJTkRfR1JPVVAQAipsCglDYWxsU3RhdGUSGgoWQ0FMTF9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkNBTExfU1RBVEVfUklOR0lORxABEhUKEUNBTExfU1RBVEVfQUNUSVZFEAISFAoQQ0FMTF9TVEFURV9FTkRFRBADKrECCglFbmRSZWFzb24SGgoWRU5EX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkVORF9SRUFTT05fSFVOR19VUBABEhgKFEVORF9SRUFTT05fQ0FOQ0VMTEVEEAISFwoTRU5EX1JFQVNPTl9ERUNMSU5FRBADEhgKFEVORF9SRUFTT05fTk9fQU5TV0VSEAQSEwoPRU5EX1JFQVNPTl9CVVNZEAUSHAoYRU5EX1JFQVNPTl9FVkVSWU9ORV9MRUZUEAYSEwoPRU5EX1JFQVNPTl9JRExFEAcSGwoXRU5EX1JFQVNPTl9TRVJWSUNFX0xPU1QQCBIeChpFTkRfUkVBU09OX0FDQ09VTlRfREVMRVRFRBAJEh4KGkVORF9SRUFTT05fQ09OTkVDVElPTl9MT1NUEAoqkQIKCVJpbmdTdGF0ZRIaChZSSU5HX1NUQVRFX1VOU1BFQ0lGSUVEEAASGgoWUklOR19TVEFURV9OT1RfUklOR0lORxABEhYKElJJTkdfU1RBVEVfUklOR0lORxACEhwKGFJJTkdfU1RBVEVfQU5TV0VSRURfSEVSRRADEiEKHVJJTkdfU1RBVEVfQU5TV0VSRURfRUxTRVdIRVJFEAQSHAoYUklOR19TVEFURV9ERUNMSU5FRF9IRVJFEAUSIQodUklOR19TVEFURV9ERUNMSU5FRF9FTFNFV0hFUkUQBhIYChRSSU5HX1NUQVRFX0NBTkNFTExFRBAHEhgKFFJJTkdfU1RBVEVfVElNRURfT1VUEAgqTwoEUm9sZRIUChBST0xFX1VOU1BFQ0lGSUVEEAASDwoLUk9MRV9DQUxMRVIQARIPCgtST0xFX0NBTExFRRACEg8KC1JPTEVfTUVNQkVSEAMqswEKC1JlY29yZEZpZWxkEhwKGFJFQ09SRF9GSUVMRF9VTlNQRUNJRklFRBAAEhsKF1JFQ09SRF9GSUVMRF9TVEFSVF9USU1FEAESGQoVUkVDT1JEX0ZJRUxEX0RVUkFUSU9OEAISFQoRUkVDT1JEX0ZJRUxEX0tJTkQQAxIYChRSRUNPUkRfRklFTERfT1VUQ09NRRAEEh0KGVJFQ09SRF9GSUVMRF9QQVJUSUNJUEFOVFMQBTKUBgoFQ2FsbHMSSQoHU2Vzc2lvbhIdLnNwaW5lLmNhbGxzLnYxLkNsaWVudE1lc3NhZ2UaGy5zcGluZS5jYWxscy52MS5TZXJ2ZXJFdmVudCgBMAESRgoGRXZlbnRzEh0uc3BpbmUuY2FsbHMudjEuRXZlbnRzUmVxdWVzdBobLnNwaW5lLmNhbGxzLnYxLlNlcnZlckV2ZW50MAESQwoJU3RhcnRDYWxsEiAuc3BpbmUuY2FsbHMudjEuU3RhcnRDYWxsUmVxdWVzdBoULnNwaW5lLmNhbGxzLnYxLkNhbGwSTQoOU3RhcnRHcm91cENhbGwSJS5zcGluZS5jYWxscy52MS5TdGFydEdyb3VwQ2FsbFJlcXVlc3QaFC5zcGluZS5jYWxscy52MS5DYWxsEj0KBkFuc3dlchIdLnNwaW5lLmNhbGxzLnYxLkFuc3dlclJlcXVlc3QaFC5zcGluZS5jYWxscy52MS5DYWxsEj8KB0RlY2xpbmUSHi5zcGluZS5jYWxscy52MS5EZWNsaW5lUmVxdWVzdBoULnNwaW5lLmNhbGxzLnYxLkNhbGwSOQoESm9pbhIbLnNwaW5lLmNhbGxzLnYxLkpvaW5SZXF1ZXN0GhQuc3BpbmUuY2FsbHMudjEuQ2FsbBI9CgZIYW5nVXASHS5zcGluZS5jYWxscy52MS5IYW5nVXBSZXF1ZXN0GhQuc3BpbmUuY2FsbHMudjEuQ2FsbBI/CgdHZXRDYWxsEh4uc3BpbmUuY2FsbHMudjEuR2V0Q2FsbFJlcXVlc3QaFC5zcGluZS5jYWxscy52MS5DYWxsEkcKBlNpZ25hbBIdLnNwaW5lLmNhbGxzLnYxLlNpZ25hbFJlcXVlc3QaHi5zcGluZS5jYWxscy52MS5TaWduYWxSZXNwb25zZRJgChJHZXRUdXJuQ3JlZGVudGlhbHMSKS5zcGluZS5jYWxscy52MS5HZXRUdXJuQ3JlZGVudGlhbHNSZXF1ZXN0Gh8uc3BpbmUuY2FsbHMudjEuVHVybkNyZWRlbnRpYWxzMqMCCgtDYWxsUmVjb3JkcxJXCg9TZXRSZWNvcmRQb2xpY3kSJi5zcGluZS5jYWxscy52MS5TZXRSZWNvcmRQb2xpY3lSZXF1ZXN0Ghwuc3BpbmUuY2FsbHMudjEuUmVjb3JkUG9saWN5ElcKD0dldFJlY29yZFBvbGljeRImLnNwaW5lLmNhbGxzLnYxLkdldFJlY29yZFBvbGljeVJlcXVlc3QaHC5zcGluZS5jYWxscy52MS5SZWNvcmRQb2xpY3kSYgoPTGlzdENhbGxSZWNvcmRzEiYuc3BpbmUuY2FsbHMudjEuTGlzdENhbGxSZWNvcmRzUmVxdWVzdBonLnNwaW5lLmNhbGxzLnYxLkxpc3RDYWxsUmVjb3Jkc1Jlc3BvbnNlMrsFCgpNZWRpYU5vZGVzEmgKEVJlZ2lzdGVyTWVkaWFOb2RlEiguc3BpbmUuY2FsbHMudjEuUmVnaXN0ZXJNZWRpYU5vZGVSZXF1ZXN0Gikuc3BpbmUuY2FsbHMudjEuUmVnaXN0ZXJNZWRpYU5vZGVSZXNwb25zZRJuChNEZXJlZ2lzdGVyTWVkaWFOb2RlEiouc3BpbmUuY2FsbHMudjEuRGVyZWdpc3Rlck1lZGlhTm9kZVJlcXVlc3QaKy5zcGluZS5jYWxscy52MS5EZXJlZ2lzdGVyTWVkaWFOb2RlUmVzcG9uc2USXwoOTGlzdE1lZGlhTm9kZXMSJS5zcGluZS5jYWxscy52MS5MaXN0TWVkaWFOb2Rlc1JlcXVlc3QaJi5zcGluZS5jYWxscy52MS5MaXN0TWVkaWFOb2Rlc1Jlc3BvbnNlEnAKGElzc3VlTWVkaWFOb2RlQ3JlZGVudGlhbBIvLnNwaW5lLmNhbGxzLnYxLklzc3VlTWVkaWFOb2RlQ3JlZGVudGlhbFJlcXVlc3QaIy5zcGluZS5jYWxscy52MS5NZWRpYU5vZGVDcmVkZW50aWFsEn0KGExpc3RNZWRpYU5vZGVDcmVkZW50aWFscxIvLnNwaW5lLmNhbGxzLnYxLkxpc3RNZWRpYU5vZGVDcmVkZW50aWFsc1JlcXVlc3QaMC5zcGluZS5jYWxscy52MS5MaXN0TWVkaWFOb2RlQ3JlZGVudGlhbHNSZXNwb25zZRKAAQoZUmV2b2tlTWVkaWFOb2RlQ3JlZGVudGlhbBIwLnNwaW5lLmNhbGxzLnYxLlJldm9rZU1lZGlhTm9kZUNyZWRlbnRpYWxSZXF1ZXN0GjEuc3BpbmUuY2FsbHMudjEuUmV2b2tlTWVkaWFOb2RlQ3JlZGVudGlhbFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_spine_common_v1_common]);
+  fileDesc("ChpzcGluZS9jYWxscy92MS9jYWxscy5wcm90bxIOc3BpbmUuY2FsbHMudjEilAEKC1BhcnRpY2lwYW50Eg4KBmxlZ19pZBgBIAEoCRIlCgN3aG8YAiABKAsyGC5zcGluZS5jb21tb24udjEuUGVlclJlZhILCgN5b3UYAyABKAgSEgoKbGVhZl9pbmRleBgEIAEoDRItCglqb2luZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIj0KCU1lZGlhTm9kZRIPCgdub2RlX2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSDgoGcmVnaW9uGAMgASgJIuAECgRDYWxsEg8KB2NhbGxfaWQYASABKAkSJgoEa2luZBgCIAEoDjIYLnNwaW5lLmNhbGxzLnYxLkNhbGxLaW5kEg0KBXZpZGVvGAMgASgIEigKBXN0YXRlGAQgASgOMhkuc3BpbmUuY2FsbHMudjEuQ2FsbFN0YXRlEi0KCmVuZF9yZWFzb24YBSABKA4yGS5zcGluZS5jYWxscy52MS5FbmRSZWFzb24SIgoEcm9sZRgGIAEoDjIULnNwaW5lLmNhbGxzLnYxLlJvbGUSJwoEcmluZxgHIAEoDjIZLnNwaW5lLmNhbGxzLnYxLlJpbmdTdGF0ZRITCgt5b3VyX2xlZ19pZBgIIAEoCRIxCgxwYXJ0aWNpcGFudHMYCSADKAsyGy5zcGluZS5jYWxscy52MS5QYXJ0aWNpcGFudBImCgRwZWVyGAogASgLMhguc3BpbmUuY29tbW9uLnYxLlBlZXJSZWYSDwoHd2FpdGluZxgLIAEoCBIQCghncm91cF9pZBgMIAEoDBINCgVlcG9jaBgNIAEoBBIoCgVtZWRpYRgOIAEoCzIZLnNwaW5lLmNhbGxzLnYxLk1lZGlhTm9kZRIuCgpzdGFydGVkX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgthbnN3ZXJlZF9hdBgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kZWRfYXQYESABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3ZlcnNpb24YEiABKAQidgoQU3RhcnRDYWxsUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEigKBmNhbGxlZRgCIAEoCzIYLnNwaW5lLmNvbW1vbi52MS5QZWVyUmVmEg0KBXZpZGVvGAMgASgIEhUKDWNhbGxlcl9oYW5kbGUYBCABKAkiTAoVU3RhcnRHcm91cENhbGxSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEAoIZ3JvdXBfaWQYAiABKAwSDQoFdmlkZW8YAyABKAgiIAoNQW5zd2VyUmVxdWVzdBIPCgdjYWxsX2lkGAEgASgJIiEKDkRlY2xpbmVSZXF1ZXN0Eg8KB2NhbGxfaWQYASABKAkiHgoLSm9pblJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCSIgCg1IYW5nVXBSZXF1ZXN0Eg8KB2NhbGxfaWQYASABKAkiIQoOR2V0Q2FsbFJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCSJECg1TaWduYWxSZXF1ZXN0Eg8KB2NhbGxfaWQYASABKAkSEQoJdG9fbGVnX2lkGAIgASgJEg8KB3BheWxvYWQYAyABKAwiIwoOU2lnbmFsUmVzcG9uc2USEQoJZGVsaXZlcmVkGAEgASgNIkcKDkluY29taW5nU2lnbmFsEg8KB2NhbGxfaWQYASABKAkSEwoLZnJvbV9sZWdfaWQYAiABKAkSDwoHcGF5bG9hZBgDIAEoDCJYCg1DbGllbnRNZXNzYWdlEgsKA3JlZhgBIAEoBBIvCgZzaWduYWwYAiABKAsyHS5zcGluZS5jYWxscy52MS5TaWduYWxSZXF1ZXN0SABCCQoHbWVzc2FnZSIPCg1FdmVudHNSZXF1ZXN0Ik0KDFNpZ25hbFJlc3VsdBILCgNyZWYYASABKAQSDAoEY29kZRgCIAEoBRIPCgdtZXNzYWdlGAMgASgJEhEKCWRlbGl2ZXJlZBgEIAEoDSItCgZTeW5jZWQSIwoFY2FsbHMYASADKAsyFC5zcGluZS5jYWxscy52MS5DYWxsIs8BCgtTZXJ2ZXJFdmVudBIoCgZzeW5jZWQYASABKAsyFi5zcGluZS5jYWxscy52MS5TeW5jZWRIABIkCgRjYWxsGAIgASgLMhQuc3BpbmUuY2FsbHMudjEuQ2FsbEgAEjAKBnNpZ25hbBgDIAEoCzIeLnNwaW5lLmNhbGxzLnYxLkluY29taW5nU2lnbmFsSAASNQoNc2lnbmFsX3Jlc3VsdBgEIAEoCzIcLnNwaW5lLmNhbGxzLnYxLlNpZ25hbFJlc3VsdEgAQgcKBWV2ZW50IisKGEdldE1lZGlhQWRtaXNzaW9uUmVxdWVzdBIPCgdjYWxsX2lkGAEgASgJIokBCg5NZWRpYUFkbWlzc2lvbhIPCgdhZGRyZXNzGAEgASgJEg8KB3Jvb21faWQYAiABKAQSFgoOcGFydGljaXBhbnRfaWQYAyABKAQSDQoFdG9rZW4YBCABKAkSLgoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiJAoRV2F0Y2hSb29tc1JlcXVlc3QSDwoHbm9kZV9pZBgBIAEoCSI2CgpNZWRpYVJvb21zEigKBXJvb21zGAEgAygLMhkuc3BpbmUuY2FsbHMudjEuTWVkaWFSb29tIlMKCU1lZGlhUm9vbRIPCgdyb29tX2lkGAEgASgEEjUKDHBhcnRpY2lwYW50cxgCIAMoCzIfLnNwaW5lLmNhbGxzLnYxLlJvb21QYXJ0aWNpcGFudCI5Cg9Sb29tUGFydGljaXBhbnQSFgoOcGFydGljaXBhbnRfaWQYASABKAQSDgoGdG9rZW5zGAIgAygJIiwKGUdldFR1cm5DcmVkZW50aWFsc1JlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCSKIAQoPVHVybkNyZWRlbnRpYWxzEhAKCHVzZXJuYW1lGAEgASgJEhAKCHBhc3N3b3JkGAIgASgJEhMKC3R0bF9zZWNvbmRzGAMgASgNEgwKBHVyaXMYBCADKAkSLgoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiaQoMUmVjb3JkUG9saWN5EhEKCXRlbmFudF9pZBgBIAEoCRIrCgZmaWVsZHMYAiADKA4yGy5zcGluZS5jYWxscy52MS5SZWNvcmRGaWVsZBIZChFyZXRlbnRpb25fc2Vjb25kcxgDIAEoAyJgChZTZXRSZWNvcmRQb2xpY3lSZXF1ZXN0EisKBmZpZWxkcxgBIAMoDjIbLnNwaW5lLmNhbGxzLnYxLlJlY29yZEZpZWxkEhkKEXJldGVudGlvbl9zZWNvbmRzGAIgASgDIhgKFkdldFJlY29yZFBvbGljeVJlcXVlc3QipAIKCkNhbGxSZWNvcmQSEQoJcmVjb3JkX2lkGAEgASgJEi4KCnN0YXJ0ZWRfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGR1cmF0aW9uX3NlY29uZHMYAyABKAQSJgoEa2luZBgEIAEoDjIYLnNwaW5lLmNhbGxzLnYxLkNhbGxLaW5kEg0KBXZpZGVvGAUgASgIEioKB291dGNvbWUYBiABKA4yGS5zcGluZS5jYWxscy52MS5FbmRSZWFzb24SEAoIYW5zd2VyZWQYByABKAgSFAoMcGFydGljaXBhbnRzGAggAygJEi4KCmV4cGlyZXNfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIj8KFkxpc3RDYWxsUmVjb3Jkc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgNEhIKCnBhZ2VfdG9rZW4YAiABKAkiXwoXTGlzdENhbGxSZWNvcmRzUmVzcG9uc2USKwoHcmVjb3JkcxgBIAMoCzIaLnNwaW5lLmNhbGxzLnYxLkNhbGxSZWNvcmQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIoEBChhSZWdpc3Rlck1lZGlhTm9kZVJlcXVlc3QSDwoHbm9kZV9pZBgBIAEoCRIPCgdhZGRyZXNzGAIgASgJEg4KBnJlZ2lvbhgDIAEoCRIQCghjYXBhY2l0eRgEIAEoDRIMCgRsb2FkGAUgASgNEhMKC3R0bF9zZWNvbmRzGAYgASgNIjAKGVJlZ2lzdGVyTWVkaWFOb2RlUmVzcG9uc2USEwoLdHRsX3NlY29uZHMYASABKA0iLQoaRGVyZWdpc3Rlck1lZGlhTm9kZVJlcXVlc3QSDwoHbm9kZV9pZBgBIAEoCSIdChtEZXJlZ2lzdGVyTWVkaWFOb2RlUmVzcG9uc2UiFwoVTGlzdE1lZGlhTm9kZXNSZXF1ZXN0IpcBChNSZWdpc3RlcmVkTWVkaWFOb2RlEg8KB25vZGVfaWQYASABKAkSDwoHYWRkcmVzcxgCIAEoCRIOCgZyZWdpb24YAyABKAkSEAoIY2FwYWNpdHkYBCABKA0SDAoEbG9hZBgFIAEoDRIuCgp1cGRhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJMChZMaXN0TWVkaWFOb2Rlc1Jlc3BvbnNlEjIKBW5vZGVzGAEgAygLMiMuc3BpbmUuY2FsbHMudjEuUmVnaXN0ZXJlZE1lZGlhTm9kZSKMAQoTTWVkaWFOb2RlQ3JlZGVudGlhbBIVCg1jcmVkZW50aWFsX2lkGAEgASgJEg8KB25vZGVfaWQYAiABKAkSDQoFbGFiZWwYAyABKAkSDgoGc2VjcmV0GAQgASgJEi4KCmNyZWF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlUKH0lzc3VlTWVkaWFOb2RlQ3JlZGVudGlhbFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIPCgdub2RlX2lkGAIgASgJEg0KBWxhYmVsGAMgASgJIiEKH0xpc3RNZWRpYU5vZGVDcmVkZW50aWFsc1JlcXVlc3QiXAogTGlzdE1lZGlhTm9kZUNyZWRlbnRpYWxzUmVzcG9uc2USOAoLY3JlZGVudGlhbHMYASADKAsyIy5zcGluZS5jYWxscy52MS5NZWRpYU5vZGVDcmVkZW50aWFsIjkKIFJldm9rZU1lZGlhTm9kZUNyZWRlbnRpYWxSZXF1ZXN0EhUKDWNyZWRlbnRpYWxfaWQYASABKAkiIwohUmV2b2tlTWVkaWFOb2RlQ3JlZGVudGlhbFJlc3BvbnNlKlAKCENhbGxLaW5kEhkKFUNBTExfS0lORF9VTlNQRUNJRklFRBAAEhQKEENBTExfS0lORF9ESVJFQ1QQARITCg9DQUxMX0tJTkRfR1JPVVAQAipsCglDYWxsU3RhdGUSGgoWQ0FMTF9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkNBTExfU1RBVEVfUklOR0lORxABEhUKEUNBTExfU1RBVEVfQUNUSVZFEAISFAoQQ0FMTF9TVEFURV9FTkRFRBADKrECCglFbmRSZWFzb24SGgoWRU5EX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkVORF9SRUFTT05fSFVOR19VUBABEhgKFEVORF9SRUFTT05fQ0FOQ0VMTEVEEAISFwoTRU5EX1JFQVNPTl9ERUNMSU5FRBADEhgKFEVORF9SRUFTT05fTk9fQU5TV0VSEAQSEwoPRU5EX1JFQVNPTl9CVVNZEAUSHAoYRU5EX1JFQVNPTl9FVkVSWU9ORV9MRUZUEAYSEwoPRU5EX1JFQVNPTl9JRExFEAcSGwoXRU5EX1JFQVNPTl9TRVJWSUNFX0xPU1QQCBIeChpFTkRfUkVBU09OX0FDQ09VTlRfREVMRVRFRBAJEh4KGkVORF9SRUFTT05fQ09OTkVDVElPTl9MT1NUEAoqkQIKCVJpbmdTdGF0ZRIaChZSSU5HX1NUQVRFX1VOU1BFQ0lGSUVEEAASGgoWUklOR19TVEFURV9OT1RfUklOR0lORxABEhYKElJJTkdfU1RBVEVfUklOR0lORxACEhwKGFJJTkdfU1RBVEVfQU5TV0VSRURfSEVSRRADEiEKHVJJTkdfU1RBVEVfQU5TV0VSRURfRUxTRVdIRVJFEAQSHAoYUklOR19TVEFURV9ERUNMSU5FRF9IRVJFEAUSIQodUklOR19TVEFURV9ERUNMSU5FRF9FTFNFV0hFUkUQBhIYChRSSU5HX1NUQVRFX0NBTkNFTExFRBAHEhgKFFJJTkdfU1RBVEVfVElNRURfT1VUEAgqTwoEUm9sZRIUChBST0xFX1VOU1BFQ0lGSUVEEAASDwoLUk9MRV9DQUxMRVIQARIPCgtST0xFX0NBTExFRRACEg8KC1JPTEVfTUVNQkVSEAMqswEKC1JlY29yZEZpZWxkEhwKGFJFQ09SRF9GSUVMRF9VTlNQRUNJRklFRBAAEhsKF1JFQ09SRF9GSUVMRF9TVEFSVF9USU1FEAESGQoVUkVDT1JEX0ZJRUxEX0RVUkFUSU9OEAISFQoRUkVDT1JEX0ZJRUxEX0tJTkQQAxIYChRSRUNPUkRfRklFTERfT1VUQ09NRRAEEh0KGVJFQ09SRF9GSUVMRF9QQVJUSUNJUEFOVFMQBTLzBgoFQ2FsbHMSSQoHU2Vzc2lvbhIdLnNwaW5lLmNhbGxzLnYxLkNsaWVudE1lc3NhZ2UaGy5zcGluZS5jYWxscy52MS5TZXJ2ZXJFdmVudCgBMAESRgoGRXZlbnRzEh0uc3BpbmUuY2FsbHMudjEuRXZlbnRzUmVxdWVzdBobLnNwaW5lLmNhbGxzLnYxLlNlcnZlckV2ZW50MAESQwoJU3RhcnRDYWxsEiAuc3BpbmUuY2FsbHMudjEuU3RhcnRDYWxsUmVxdWVzdBoULnNwaW5lLmNhbGxzLnYxLkNhbGwSTQoOU3RhcnRHcm91cENhbGwSJS5zcGluZS5jYWxscy52MS5TdGFydEdyb3VwQ2FsbFJlcXVlc3QaFC5zcGluZS5jYWxscy52MS5DYWxsEj0KBkFuc3dlchIdLnNwaW5lLmNhbGxzLnYxLkFuc3dlclJlcXVlc3QaFC5zcGluZS5jYWxscy52MS5DYWxsEj8KB0RlY2xpbmUSHi5zcGluZS5jYWxscy52MS5EZWNsaW5lUmVxdWVzdBoULnNwaW5lLmNhbGxzLnYxLkNhbGwSOQoESm9pbhIbLnNwaW5lLmNhbGxzLnYxLkpvaW5SZXF1ZXN0GhQuc3BpbmUuY2FsbHMudjEuQ2FsbBI9CgZIYW5nVXASHS5zcGluZS5jYWxscy52MS5IYW5nVXBSZXF1ZXN0GhQuc3BpbmUuY2FsbHMudjEuQ2FsbBI/CgdHZXRDYWxsEh4uc3BpbmUuY2FsbHMudjEuR2V0Q2FsbFJlcXVlc3QaFC5zcGluZS5jYWxscy52MS5DYWxsEkcKBlNpZ25hbBIdLnNwaW5lLmNhbGxzLnYxLlNpZ25hbFJlcXVlc3QaHi5zcGluZS5jYWxscy52MS5TaWduYWxSZXNwb25zZRJgChJHZXRUdXJuQ3JlZGVudGlhbHMSKS5zcGluZS5jYWxscy52MS5HZXRUdXJuQ3JlZGVudGlhbHNSZXF1ZXN0Gh8uc3BpbmUuY2FsbHMudjEuVHVybkNyZWRlbnRpYWxzEl0KEUdldE1lZGlhQWRtaXNzaW9uEiguc3BpbmUuY2FsbHMudjEuR2V0TWVkaWFBZG1pc3Npb25SZXF1ZXN0Gh4uc3BpbmUuY2FsbHMudjEuTWVkaWFBZG1pc3Npb24yowIKC0NhbGxSZWNvcmRzElcKD1NldFJlY29yZFBvbGljeRImLnNwaW5lLmNhbGxzLnYxLlNldFJlY29yZFBvbGljeVJlcXVlc3QaHC5zcGluZS5jYWxscy52MS5SZWNvcmRQb2xpY3kSVwoPR2V0UmVjb3JkUG9saWN5EiYuc3BpbmUuY2FsbHMudjEuR2V0UmVjb3JkUG9saWN5UmVxdWVzdBocLnNwaW5lLmNhbGxzLnYxLlJlY29yZFBvbGljeRJiCg9MaXN0Q2FsbFJlY29yZHMSJi5zcGluZS5jYWxscy52MS5MaXN0Q2FsbFJlY29yZHNSZXF1ZXN0Gicuc3BpbmUuY2FsbHMudjEuTGlzdENhbGxSZWNvcmRzUmVzcG9uc2UyigYKCk1lZGlhTm9kZXMSaAoRUmVnaXN0ZXJNZWRpYU5vZGUSKC5zcGluZS5jYWxscy52MS5SZWdpc3Rlck1lZGlhTm9kZVJlcXVlc3QaKS5zcGluZS5jYWxscy52MS5SZWdpc3Rlck1lZGlhTm9kZVJlc3BvbnNlEm4KE0RlcmVnaXN0ZXJNZWRpYU5vZGUSKi5zcGluZS5jYWxscy52MS5EZXJlZ2lzdGVyTWVkaWFOb2RlUmVxdWVzdBorLnNwaW5lLmNhbGxzLnYxLkRlcmVnaXN0ZXJNZWRpYU5vZGVSZXNwb25zZRJfCg5MaXN0TWVkaWFOb2RlcxIlLnNwaW5lLmNhbGxzLnYxLkxpc3RNZWRpYU5vZGVzUmVxdWVzdBomLnNwaW5lLmNhbGxzLnYxLkxpc3RNZWRpYU5vZGVzUmVzcG9uc2UScAoYSXNzdWVNZWRpYU5vZGVDcmVkZW50aWFsEi8uc3BpbmUuY2FsbHMudjEuSXNzdWVNZWRpYU5vZGVDcmVkZW50aWFsUmVxdWVzdBojLnNwaW5lLmNhbGxzLnYxLk1lZGlhTm9kZUNyZWRlbnRpYWwSfQoYTGlzdE1lZGlhTm9kZUNyZWRlbnRpYWxzEi8uc3BpbmUuY2FsbHMudjEuTGlzdE1lZGlhTm9kZUNyZWRlbnRpYWxzUmVxdWVzdBowLnNwaW5lLmNhbGxzLnYxLkxpc3RNZWRpYU5vZGVDcmVkZW50aWFsc1Jlc3BvbnNlEoABChlSZXZva2VNZWRpYU5vZGVDcmVkZW50aWFsEjAuc3BpbmUuY2FsbHMudjEuUmV2b2tlTWVkaWFOb2RlQ3JlZGVudGlhbFJlcXVlc3QaMS5zcGluZS5jYWxscy52MS5SZXZva2VNZWRpYU5vZGVDcmVkZW50aWFsUmVzcG9uc2USTQoKV2F0Y2hSb29tcxIhLnNwaW5lLmNhbGxzLnYxLldhdGNoUm9vbXNSZXF1ZXN0Ghouc3BpbmUuY2FsbHMudjEuTWVkaWFSb29tczABYgZwcm90bzM", [file_google_protobuf_timestamp, file_spine_common_v1_common]);
 
 /**
  * A device taking part in a call.
@@ -618,6 +618,155 @@ export const ServerEventSchema: GenMessage<ServerEvent> = /*@__PURE__*/
   messageDesc(file_spine_calls_v1_calls, 17);
 
 /**
+ * @generated from message spine.calls.v1.GetMediaAdmissionRequest
+ */
+export type GetMediaAdmissionRequest = Message<"spine.calls.v1.GetMediaAdmissionRequest"> & {
+  /**
+   * @generated from field: string call_id = 1;
+   */
+  callId: string;
+};
+
+/**
+ * Describes the message spine.calls.v1.GetMediaAdmissionRequest.
+ * Use `create(GetMediaAdmissionRequestSchema)` to create a new message.
+ */
+export const GetMediaAdmissionRequestSchema: GenMessage<GetMediaAdmissionRequest> = /*@__PURE__*/
+  messageDesc(file_spine_calls_v1_calls, 18);
+
+/**
+ * What a device needs to join its group call's room on the media node.
+ *
+ * @generated from message spine.calls.v1.MediaAdmission
+ */
+export type MediaAdmission = Message<"spine.calls.v1.MediaAdmission"> & {
+  /**
+   * The media node's address (its Janus API URL), as `Call.media` has it.
+   *
+   * @generated from field: string address = 1;
+   */
+  address: string;
+
+  /**
+   * The Janus VideoRoom room of the call.
+   *
+   * @generated from field: uint64 room_id = 2;
+   */
+  roomId: bigint;
+
+  /**
+   * Join (and publish) as this participant id; another is kicked.
+   *
+   * @generated from field: uint64 participant_id = 3;
+   */
+  participantId: bigint;
+
+  /**
+   * Pass as `token` when joining the room, as publisher or subscriber.
+   *
+   * @generated from field: string token = 4;
+   */
+  token: string;
+
+  /**
+   * After this, the token no longer admits (ask for a new one); a device
+   * already in the room stays.
+   *
+   * @generated from field: google.protobuf.Timestamp expires_at = 5;
+   */
+  expiresAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message spine.calls.v1.MediaAdmission.
+ * Use `create(MediaAdmissionSchema)` to create a new message.
+ */
+export const MediaAdmissionSchema: GenMessage<MediaAdmission> = /*@__PURE__*/
+  messageDesc(file_spine_calls_v1_calls, 19);
+
+/**
+ * @generated from message spine.calls.v1.WatchRoomsRequest
+ */
+export type WatchRoomsRequest = Message<"spine.calls.v1.WatchRoomsRequest"> & {
+  /**
+   * @generated from field: string node_id = 1;
+   */
+  nodeId: string;
+};
+
+/**
+ * Describes the message spine.calls.v1.WatchRoomsRequest.
+ * Use `create(WatchRoomsRequestSchema)` to create a new message.
+ */
+export const WatchRoomsRequestSchema: GenMessage<WatchRoomsRequest> = /*@__PURE__*/
+  messageDesc(file_spine_calls_v1_calls, 20);
+
+/**
+ * Every room a media node must hold now.
+ *
+ * @generated from message spine.calls.v1.MediaRooms
+ */
+export type MediaRooms = Message<"spine.calls.v1.MediaRooms"> & {
+  /**
+   * @generated from field: repeated spine.calls.v1.MediaRoom rooms = 1;
+   */
+  rooms: MediaRoom[];
+};
+
+/**
+ * Describes the message spine.calls.v1.MediaRooms.
+ * Use `create(MediaRoomsSchema)` to create a new message.
+ */
+export const MediaRoomsSchema: GenMessage<MediaRooms> = /*@__PURE__*/
+  messageDesc(file_spine_calls_v1_calls, 21);
+
+/**
+ * @generated from message spine.calls.v1.MediaRoom
+ */
+export type MediaRoom = Message<"spine.calls.v1.MediaRoom"> & {
+  /**
+   * @generated from field: uint64 room_id = 1;
+   */
+  roomId: bigint;
+
+  /**
+   * @generated from field: repeated spine.calls.v1.RoomParticipant participants = 2;
+   */
+  participants: RoomParticipant[];
+};
+
+/**
+ * Describes the message spine.calls.v1.MediaRoom.
+ * Use `create(MediaRoomSchema)` to create a new message.
+ */
+export const MediaRoomSchema: GenMessage<MediaRoom> = /*@__PURE__*/
+  messageDesc(file_spine_calls_v1_calls, 22);
+
+/**
+ * A participant admitted to a room, and the tokens that admit it now.
+ *
+ * @generated from message spine.calls.v1.RoomParticipant
+ */
+export type RoomParticipant = Message<"spine.calls.v1.RoomParticipant"> & {
+  /**
+   * @generated from field: uint64 participant_id = 1;
+   */
+  participantId: bigint;
+
+  /**
+   * @generated from field: repeated string tokens = 2;
+   */
+  tokens: string[];
+};
+
+/**
+ * Describes the message spine.calls.v1.RoomParticipant.
+ * Use `create(RoomParticipantSchema)` to create a new message.
+ */
+export const RoomParticipantSchema: GenMessage<RoomParticipant> = /*@__PURE__*/
+  messageDesc(file_spine_calls_v1_calls, 23);
+
+/**
  * @generated from message spine.calls.v1.GetTurnCredentialsRequest
  */
 export type GetTurnCredentialsRequest = Message<"spine.calls.v1.GetTurnCredentialsRequest"> & {
@@ -632,7 +781,7 @@ export type GetTurnCredentialsRequest = Message<"spine.calls.v1.GetTurnCredentia
  * Use `create(GetTurnCredentialsRequestSchema)` to create a new message.
  */
 export const GetTurnCredentialsRequestSchema: GenMessage<GetTurnCredentialsRequest> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 18);
+  messageDesc(file_spine_calls_v1_calls, 24);
 
 /**
  * Credentials for coturn's TURN REST API (`use-auth-secret`).
@@ -678,7 +827,7 @@ export type TurnCredentials = Message<"spine.calls.v1.TurnCredentials"> & {
  * Use `create(TurnCredentialsSchema)` to create a new message.
  */
 export const TurnCredentialsSchema: GenMessage<TurnCredentials> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 19);
+  messageDesc(file_spine_calls_v1_calls, 25);
 
 /**
  * @generated from message spine.calls.v1.RecordPolicy
@@ -709,7 +858,7 @@ export type RecordPolicy = Message<"spine.calls.v1.RecordPolicy"> & {
  * Use `create(RecordPolicySchema)` to create a new message.
  */
 export const RecordPolicySchema: GenMessage<RecordPolicy> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 20);
+  messageDesc(file_spine_calls_v1_calls, 26);
 
 /**
  * @generated from message spine.calls.v1.SetRecordPolicyRequest
@@ -731,7 +880,7 @@ export type SetRecordPolicyRequest = Message<"spine.calls.v1.SetRecordPolicyRequ
  * Use `create(SetRecordPolicyRequestSchema)` to create a new message.
  */
 export const SetRecordPolicyRequestSchema: GenMessage<SetRecordPolicyRequest> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 21);
+  messageDesc(file_spine_calls_v1_calls, 27);
 
 /**
  * @generated from message spine.calls.v1.GetRecordPolicyRequest
@@ -744,7 +893,7 @@ export type GetRecordPolicyRequest = Message<"spine.calls.v1.GetRecordPolicyRequ
  * Use `create(GetRecordPolicyRequestSchema)` to create a new message.
  */
 export const GetRecordPolicyRequestSchema: GenMessage<GetRecordPolicyRequest> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 22);
+  messageDesc(file_spine_calls_v1_calls, 28);
 
 /**
  * @generated from message spine.calls.v1.CallRecord
@@ -805,7 +954,7 @@ export type CallRecord = Message<"spine.calls.v1.CallRecord"> & {
  * Use `create(CallRecordSchema)` to create a new message.
  */
 export const CallRecordSchema: GenMessage<CallRecord> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 23);
+  messageDesc(file_spine_calls_v1_calls, 29);
 
 /**
  * @generated from message spine.calls.v1.ListCallRecordsRequest
@@ -829,7 +978,7 @@ export type ListCallRecordsRequest = Message<"spine.calls.v1.ListCallRecordsRequ
  * Use `create(ListCallRecordsRequestSchema)` to create a new message.
  */
 export const ListCallRecordsRequestSchema: GenMessage<ListCallRecordsRequest> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 24);
+  messageDesc(file_spine_calls_v1_calls, 30);
 
 /**
  * @generated from message spine.calls.v1.ListCallRecordsResponse
@@ -851,7 +1000,7 @@ export type ListCallRecordsResponse = Message<"spine.calls.v1.ListCallRecordsRes
  * Use `create(ListCallRecordsResponseSchema)` to create a new message.
  */
 export const ListCallRecordsResponseSchema: GenMessage<ListCallRecordsResponse> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 25);
+  messageDesc(file_spine_calls_v1_calls, 31);
 
 /**
  * @generated from message spine.calls.v1.RegisterMediaNodeRequest
@@ -905,7 +1054,7 @@ export type RegisterMediaNodeRequest = Message<"spine.calls.v1.RegisterMediaNode
  * Use `create(RegisterMediaNodeRequestSchema)` to create a new message.
  */
 export const RegisterMediaNodeRequestSchema: GenMessage<RegisterMediaNodeRequest> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 26);
+  messageDesc(file_spine_calls_v1_calls, 32);
 
 /**
  * @generated from message spine.calls.v1.RegisterMediaNodeResponse
@@ -922,7 +1071,7 @@ export type RegisterMediaNodeResponse = Message<"spine.calls.v1.RegisterMediaNod
  * Use `create(RegisterMediaNodeResponseSchema)` to create a new message.
  */
 export const RegisterMediaNodeResponseSchema: GenMessage<RegisterMediaNodeResponse> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 27);
+  messageDesc(file_spine_calls_v1_calls, 33);
 
 /**
  * @generated from message spine.calls.v1.DeregisterMediaNodeRequest
@@ -939,7 +1088,7 @@ export type DeregisterMediaNodeRequest = Message<"spine.calls.v1.DeregisterMedia
  * Use `create(DeregisterMediaNodeRequestSchema)` to create a new message.
  */
 export const DeregisterMediaNodeRequestSchema: GenMessage<DeregisterMediaNodeRequest> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 28);
+  messageDesc(file_spine_calls_v1_calls, 34);
 
 /**
  * @generated from message spine.calls.v1.DeregisterMediaNodeResponse
@@ -952,7 +1101,7 @@ export type DeregisterMediaNodeResponse = Message<"spine.calls.v1.DeregisterMedi
  * Use `create(DeregisterMediaNodeResponseSchema)` to create a new message.
  */
 export const DeregisterMediaNodeResponseSchema: GenMessage<DeregisterMediaNodeResponse> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 29);
+  messageDesc(file_spine_calls_v1_calls, 35);
 
 /**
  * @generated from message spine.calls.v1.ListMediaNodesRequest
@@ -965,7 +1114,7 @@ export type ListMediaNodesRequest = Message<"spine.calls.v1.ListMediaNodesReques
  * Use `create(ListMediaNodesRequestSchema)` to create a new message.
  */
 export const ListMediaNodesRequestSchema: GenMessage<ListMediaNodesRequest> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 30);
+  messageDesc(file_spine_calls_v1_calls, 36);
 
 /**
  * @generated from message spine.calls.v1.RegisteredMediaNode
@@ -1007,7 +1156,7 @@ export type RegisteredMediaNode = Message<"spine.calls.v1.RegisteredMediaNode"> 
  * Use `create(RegisteredMediaNodeSchema)` to create a new message.
  */
 export const RegisteredMediaNodeSchema: GenMessage<RegisteredMediaNode> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 31);
+  messageDesc(file_spine_calls_v1_calls, 37);
 
 /**
  * @generated from message spine.calls.v1.ListMediaNodesResponse
@@ -1024,7 +1173,7 @@ export type ListMediaNodesResponse = Message<"spine.calls.v1.ListMediaNodesRespo
  * Use `create(ListMediaNodesResponseSchema)` to create a new message.
  */
 export const ListMediaNodesResponseSchema: GenMessage<ListMediaNodesResponse> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 32);
+  messageDesc(file_spine_calls_v1_calls, 38);
 
 /**
  * A credential of one media node: send it as `authorization: Bearer
@@ -1072,7 +1221,7 @@ export type MediaNodeCredential = Message<"spine.calls.v1.MediaNodeCredential"> 
  * Use `create(MediaNodeCredentialSchema)` to create a new message.
  */
 export const MediaNodeCredentialSchema: GenMessage<MediaNodeCredential> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 33);
+  messageDesc(file_spine_calls_v1_calls, 39);
 
 /**
  * @generated from message spine.calls.v1.IssueMediaNodeCredentialRequest
@@ -1103,7 +1252,7 @@ export type IssueMediaNodeCredentialRequest = Message<"spine.calls.v1.IssueMedia
  * Use `create(IssueMediaNodeCredentialRequestSchema)` to create a new message.
  */
 export const IssueMediaNodeCredentialRequestSchema: GenMessage<IssueMediaNodeCredentialRequest> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 34);
+  messageDesc(file_spine_calls_v1_calls, 40);
 
 /**
  * @generated from message spine.calls.v1.ListMediaNodeCredentialsRequest
@@ -1116,7 +1265,7 @@ export type ListMediaNodeCredentialsRequest = Message<"spine.calls.v1.ListMediaN
  * Use `create(ListMediaNodeCredentialsRequestSchema)` to create a new message.
  */
 export const ListMediaNodeCredentialsRequestSchema: GenMessage<ListMediaNodeCredentialsRequest> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 35);
+  messageDesc(file_spine_calls_v1_calls, 41);
 
 /**
  * @generated from message spine.calls.v1.ListMediaNodeCredentialsResponse
@@ -1133,7 +1282,7 @@ export type ListMediaNodeCredentialsResponse = Message<"spine.calls.v1.ListMedia
  * Use `create(ListMediaNodeCredentialsResponseSchema)` to create a new message.
  */
 export const ListMediaNodeCredentialsResponseSchema: GenMessage<ListMediaNodeCredentialsResponse> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 36);
+  messageDesc(file_spine_calls_v1_calls, 42);
 
 /**
  * @generated from message spine.calls.v1.RevokeMediaNodeCredentialRequest
@@ -1150,7 +1299,7 @@ export type RevokeMediaNodeCredentialRequest = Message<"spine.calls.v1.RevokeMed
  * Use `create(RevokeMediaNodeCredentialRequestSchema)` to create a new message.
  */
 export const RevokeMediaNodeCredentialRequestSchema: GenMessage<RevokeMediaNodeCredentialRequest> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 37);
+  messageDesc(file_spine_calls_v1_calls, 43);
 
 /**
  * @generated from message spine.calls.v1.RevokeMediaNodeCredentialResponse
@@ -1163,7 +1312,7 @@ export type RevokeMediaNodeCredentialResponse = Message<"spine.calls.v1.RevokeMe
  * Use `create(RevokeMediaNodeCredentialResponseSchema)` to create a new message.
  */
 export const RevokeMediaNodeCredentialResponseSchema: GenMessage<RevokeMediaNodeCredentialResponse> = /*@__PURE__*/
-  messageDesc(file_spine_calls_v1_calls, 38);
+  messageDesc(file_spine_calls_v1_calls, 44);
 
 /**
  * @generated from enum spine.calls.v1.CallKind
@@ -1620,6 +1769,20 @@ export const Calls: GenService<{
     input: typeof GetTurnCredentialsRequestSchema;
     output: typeof TurnCredentialsSchema;
   },
+  /**
+   * The device's admission to its group call's room on the call's media
+   * node (a Janus VideoRoom): the room, the participant id to join as and a
+   * short-lived token, good for that room and that participant only. Only
+   * a device that joined the call gets one; ask again before it expires
+   * (it is needed to join or rejoin, not to stay).
+   *
+   * @generated from rpc spine.calls.v1.Calls.GetMediaAdmission
+   */
+  getMediaAdmission: {
+    methodKind: "unary";
+    input: typeof GetMediaAdmissionRequestSchema;
+    output: typeof MediaAdmissionSchema;
+  },
 }> = /*@__PURE__*/
   serviceDesc(file_spine_calls_v1_calls, 0);
 
@@ -1740,6 +1903,21 @@ export const MediaNodes: GenService<{
     methodKind: "unary";
     input: typeof RevokeMediaNodeCredentialRequestSchema;
     output: typeof RevokeMediaNodeCredentialResponseSchema;
+  },
+  /**
+   * The rooms a media node must hold, for its agent (media-node
+   * credentials only, for their own node): the whole desired state first,
+   * then again whenever it changes (a call placed or ended, a participant
+   * joined, left or removed, tokens rolled over). Rooms not in the latest
+   * message are to be closed; participants not in their room's list are to
+   * be kicked; only the listed tokens may join.
+   *
+   * @generated from rpc spine.calls.v1.MediaNodes.WatchRooms
+   */
+  watchRooms: {
+    methodKind: "server_streaming";
+    input: typeof WatchRoomsRequestSchema;
+    output: typeof MediaRoomsSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_spine_calls_v1_calls, 2);
