@@ -61,13 +61,21 @@ pub fn janus_config(
 }
 
 impl JanusServer {
-    /// Starts Janus and waits until its HTTP API answers.
+    /// Starts Janus (100 RTP ports: a few dozen peer connections) and
+    /// waits until its HTTP API answers.
     pub async fn start() -> Self {
+        Self::start_with(100).await
+    }
+
+    /// Starts Janus with `rtp_ports` RTP ports (one per peer connection).
+    pub async fn start_with(rtp_ports: u16) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = crate::free_port();
-        let rtp_min = 40_000 + (rand::random::<u16>() % 200) * 100;
+        let rtp_ports = rtp_ports.clamp(10, 10_000);
+        let slots = 20_000 / rtp_ports;
+        let rtp_min = 40_000 + (rand::random::<u16>() % slots) * rtp_ports;
         let admin_key = format!("room-admin-{:016x}", rand::random::<u64>());
-        for (name, text) in janus_config(port, rtp_min, rtp_min + 99, &admin_key, "127.0.0.1") {
+        for (name, text) in janus_config(port, rtp_min, rtp_min + rtp_ports - 1, &admin_key, "127.0.0.1") {
             std::fs::write(dir.path().join(name), text).expect("write janus config");
         }
         let child = Command::new(std::env::var("JANUS_BIN").unwrap_or_else(|_| "janus".into()))

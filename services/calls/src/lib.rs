@@ -135,6 +135,11 @@ fn lost_legs(node: &Node, calls: &[(model::CallRec, i64)], now: i64) -> HashMap<
     let mut lost: HashMap<String, Vec<model::DevKey>> = HashMap::new();
     for (rec, _) in calls.iter().filter(|(r, _)| r.state != model::State::Ended) {
         for leg in &rec.legs {
+            // A revoked device (or one of a deleted account) is out at once.
+            if node.rt.auth.is_revoked(&leg.dev.tenant, &leg.dev.device) {
+                lost.entry(rec.id.clone()).or_default().push(leg.dev.clone());
+                continue;
+            }
             if node.cluster.session_of(&leg.dev).is_some() {
                 continue;
             }
@@ -151,7 +156,8 @@ fn lost_legs(node: &Node, calls: &[(model::CallRec, i64)], now: i64) -> HashMap<
 }
 
 /// Every second: streams whose token expired or device was revoked, calls
-/// of nodes that are gone, devices that left calls without a word, and
+/// of nodes that are gone, devices that left calls without a word or were
+/// revoked, and
 /// roster changes of group calls this node runs.
 async fn housekeeping(node: &Node) -> Result<(), String> {
     node.cluster.close_unauthenticated();

@@ -343,6 +343,27 @@ async fn three_products_in_one_call_through_janus_and_a_removal() {
     let carol_then = devices[2].stats().opened_count.clone();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(devices[2].stats().opened_count, carol_then, "Carol decrypts nothing new");
+
+    // Bob's device is revoked: he is out of the call and kicked from the
+    // room at once, not after the unattended time.
+    let (bob_account, bob_device) = {
+        let b = ms[1].lock().unwrap();
+        (b.account.clone(), b.device.clone())
+    };
+    env.identity()
+        .revoke_device(req(
+            spine_proto::identity::v1::RevokeDeviceRequest { account_id: bob_account, device_id: bob_device },
+            &ts[1].cred,
+        ))
+        .await
+        .unwrap();
+    assert!(
+        spine_testing::eventually(Duration::from_secs(10), || async {
+            !in_room(&sfu.janus, room).await.contains(&pid[1])
+        })
+        .await,
+        "a revoked device is kicked from the room"
+    );
     for d in devices {
         d.leave().await;
     }
@@ -479,6 +500,15 @@ async fn admission_refusals_leave_the_call_running() {
     let bob = MediaDevice::join(&fresh, "bob", MlsFrames::new(&ms[1])).await.unwrap();
     opens_from(&bob, &[alice_adm.participant_id], 25, "Bob hears Alice").await;
     opens_from(&alice, &[fresh.participant_id], 25, "Alice hears Bob").await;
+    // Bob hangs up: his admission goes, and Janus is told to let him go.
+    calls(env).hang_up(req(pb::HangUpRequest { call_id: id.clone() }, &token_of(&ms[1]))).await.unwrap();
+    assert!(
+        spine_testing::eventually(Duration::from_secs(10), || async {
+            !in_room(&sfu.janus, fresh.room_id).await.contains(&fresh.participant_id)
+        })
+        .await,
+        "a device that left the call is kicked from the room"
+    );
     alice.leave().await;
     bob.leave().await;
     sfu.stop().await;
