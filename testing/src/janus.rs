@@ -1,8 +1,9 @@
-//! A real Janus (the SFU, Debian's `janus`) on loopback for tests: a
-//! generated configuration in a temporary directory (HTTP API and admin API
-//! on free ports, a small RTP port range, ICE on loopback only, VideoRoom
-//! with an `admin_key`, every other plugin and transport off), started per
-//! test and killed when dropped.
+//! A real Janus (the SFU, Debian's `janus`) for tests: a generated
+//! configuration ([`spine_janus::config`]) in a temporary directory (HTTP
+//! API on a free loopback port, a small RTP port range, VideoRoom with an
+//! `admin_key`, every other plugin and transport off), started per test and
+//! killed when dropped. Janus never offers loopback ICE candidates, so media
+//! flows over the host's own interface address; it never leaves the host.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,48 +17,6 @@ pub struct JanusServer {
     /// The VideoRoom `admin_key` (rooms are created only with it).
     pub admin_key: String,
     _dir: tempfile::TempDir,
-}
-
-const PLUGINS_OFF: &str = "libjanus_audiobridge.so,libjanus_duktape.so,libjanus_echotest.so,libjanus_lua.so,\
-libjanus_nosip.so,libjanus_recordplay.so,libjanus_sip.so,libjanus_streaming.so,libjanus_textroom.so,\
-libjanus_videocall.so,libjanus_voicemail.so";
-const TRANSPORTS_OFF: &str =
-    "libjanus_mqtt.so,libjanus_nanomsg.so,libjanus_pfunix.so,libjanus_rabbitmq.so,libjanus_websockets.so";
-
-/// Janus's configuration for a media node on loopback: what the tests run
-/// and what `deploy/` renders for a pod (there with the pod's interface).
-pub fn janus_config(
-    http_port: u16,
-    rtp_min: u16,
-    rtp_max: u16,
-    admin_key: &str,
-    interface: &str,
-) -> Vec<(&'static str, String)> {
-    let lib = "/usr/lib/x86_64-linux-gnu/janus";
-    vec![
-        (
-            "janus.jcfg",
-            format!(
-                "general: {{\n  plugins_folder = \"{lib}/plugins\"\n  transports_folder = \"{lib}/transports\"\n  \
-                 events_folder = \"{lib}/events\"\n  loggers_folder = \"{lib}/loggers\"\n  debug_level = 3\n  \
-                 session_timeout = 60\n}}\n\
-                 media: {{\n  rtp_port_range = \"{rtp_min}-{rtp_max}\"\n}}\n\
-                 nat: {{\n  ice_enforce_list = \"{interface}\"\n}}\n\
-                 plugins: {{\n  disable = \"{PLUGINS_OFF}\"\n}}\n\
-                 transports: {{\n  disable = \"{TRANSPORTS_OFF}\"\n}}\n\
-                 events: {{\n  broadcast = false\n}}\n\
-                 loggers: {{\n  disable = \"libjanus_jsonlog.so\"\n}}\n"
-            ),
-        ),
-        ("janus.plugin.videoroom.jcfg", format!("general: {{\n  admin_key = \"{admin_key}\"\n}}\n")),
-        (
-            "janus.transport.http.jcfg",
-            format!(
-                "general: {{\n  json = \"plain\"\n  base_path = \"/janus\"\n  http = true\n  port = {http_port}\n  \
-                 ip = \"127.0.0.1\"\n  https = false\n}}\nadmin: {{\n  admin_http = false\n}}\ncors: {{\n}}\n"
-            ),
-        ),
-    ]
 }
 
 impl JanusServer {
@@ -75,7 +34,7 @@ impl JanusServer {
         let slots = 20_000 / rtp_ports;
         let rtp_min = 40_000 + (rand::random::<u16>() % slots) * rtp_ports;
         let admin_key = format!("room-admin-{:016x}", rand::random::<u64>());
-        for (name, text) in janus_config(port, rtp_min, rtp_min + rtp_ports - 1, &admin_key, "127.0.0.1") {
+        for (name, text) in spine_janus::config::janus_config(port, rtp_min, rtp_min + rtp_ports - 1, &admin_key) {
             std::fs::write(dir.path().join(name), text).expect("write janus config");
         }
         let child = Command::new(std::env::var("JANUS_BIN").unwrap_or_else(|_| "janus".into()))

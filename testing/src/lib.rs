@@ -14,7 +14,7 @@
 mod env;
 pub use env::*;
 mod janus;
-pub use janus::{JanusServer, janus_config};
+pub use janus::JanusServer;
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};

@@ -109,7 +109,7 @@ function waitForUdp(port, ms = 10_000) {
 
 /** Starts `spine dev` on loopback with `config` (TOML) over its defaults
  *  and `origins` as its web origins; its process joins `children`. */
-export async function startSpineDev({ spineBin, port, state, origins, config = "", children, quiet = true, dataDir }) {
+export async function startSpineDev({ spineBin, port, state, origins, config = "", children, quiet = true, dataDir, media = false }) {
   spineBin ??= process.env.SPINE_BIN ?? path.join(repo, "target/debug/spine");
   fs.writeFileSync(path.join(state, "spine.toml"), config, { mode: 0o600 });
   const spine = spawn(
@@ -123,6 +123,8 @@ export async function startSpineDev({ spineBin, port, state, origins, config = "
       "--config",
       path.join(state, "spine.toml"),
       ...(dataDir ? ["--data-dir", dataDir] : []),
+      // A media node (Janus) for group calls, when Janus is installed.
+      ...(media && fs.existsSync("/usr/bin/janus") ? ["--media"] : []),
       ...origins.flatMap((o) => ["--allow-origin", o]),
     ],
     {
@@ -204,6 +206,7 @@ export async function startDemo(opts = {}) {
       config: `[calls.turn]\nuris = ["turn:127.0.0.1:${turnPort}?transport=udp"]\nsecrets = ["${turnSecret}"]\n`,
       children,
       quiet,
+      media: true,
     });
 
     const world = await populate(spineUrl, operator);

@@ -35,7 +35,7 @@ impl FrameCrypto for Keys {
     }
     fn open(&self, frame: &[u8]) -> Option<Vec<u8>> {
         let f = EncryptedFrame::try_from(frame).ok()?;
-        let kid = u64::from(f.header().key_id());
+        let kid = f.header().key_id();
         let mut dec = self.dec.lock().unwrap();
         let key = dec
             .entry(kid)

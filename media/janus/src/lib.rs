@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod config;
 
 pub use agent::{AgentConfig, AgentError, run};
 pub use client::{Handle, Janus, JanusError, Session};

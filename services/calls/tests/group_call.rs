@@ -35,15 +35,7 @@ fn device_of(m: &Member) -> Device {
 /// Registers a media node with a credential of its own (issued by the
 /// operator), which is returned.
 async fn register_sfu(env: &spine_testing::Env, id: &str, region: &str, capacity: u32, load: u32, ttl: u32) -> String {
-    let cred = MediaNodesClient::new(env.channel.clone())
-        .issue_media_node_credential(req(
-            pb::IssueMediaNodeCredentialRequest { request_id: id.into(), node_id: id.into(), label: id.into() },
-            &env.operator,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let cred = media_credential(env, id).await;
     MediaNodesClient::new(env.channel.clone())
         .register_media_node(req(
             pb::RegisterMediaNodeRequest {

@@ -68,15 +68,7 @@ struct MediaNode {
 
 async fn media_node(env: &Env, id: &str, ttl: u32) -> MediaNode {
     let janus = JanusServer::start().await;
-    let credential = MediaNodesClient::new(env.channel.clone())
-        .issue_media_node_credential(req(
-            pb::IssueMediaNodeCredentialRequest { request_id: id.into(), node_id: id.into(), label: id.into() },
-            &env.operator,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let credential = media_credential(env, id).await;
     let config = spine_janus::AgentConfig {
         node_id: id.into(),
         credential,

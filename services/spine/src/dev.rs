@@ -51,3 +51,78 @@ pub fn banner(addr: std::net::SocketAddr, token_path: &Path, web_origins: &[Stri
         token = token_path.display(),
     )
 }
+
+/// A media node for `spine dev --media`: a Janus started here with a
+/// generated configuration (free HTTP port, 100 RTP ports), registered by
+/// an agent running in this process with a media-node credential it was
+/// issued at start. Dropped with the process (Janus is killed).
+pub struct DevMedia {
+    janus: tokio::process::Child,
+    pub url: String,
+    agent: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for DevMedia {
+    fn drop(&mut self) {
+        self.agent.abort();
+        let _ = self.janus.start_kill();
+    }
+}
+
+/// Starts Janus and its agent beside `spine dev` at `addr` (the operator
+/// credential `operator` issues the node's credential).
+pub async fn start_media(addr: std::net::SocketAddr, operator: &str, state_dir: &Path) -> anyhow::Result<DevMedia> {
+    use spine_proto::calls::v1 as pb;
+    use spine_proto::calls::v1::media_nodes_client::MediaNodesClient;
+    let dir = state_dir.join("janus");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let rtp_min = 40_000 + (rand::random::<u16>() % 200) * 100;
+    let admin_key = format!("dev-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+    for (name, text) in spine_janus::config::janus_config(port, rtp_min, rtp_min + 99, &admin_key) {
+        std::fs::write(dir.join(name), text)?;
+    }
+    let janus = tokio::process::Command::new("janus")
+        .arg("--config")
+        .arg(dir.join("janus.jcfg"))
+        .arg("--configs-folder")
+        .arg(&dir)
+        .arg("--disable-colors")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting janus (Debian: apt-get install janus; or run spine dev without --media)")?;
+    let url = format!("http://127.0.0.1:{port}/janus");
+    let client = spine_janus::Janus::new(&url);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while client.info().await.is_err() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "janus did not answer on {url}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut issue = tonic::Request::new(pb::IssueMediaNodeCredentialRequest {
+        request_id: format!("dev-media-{}", rand::random::<u64>()),
+        node_id: "dev-media".into(),
+        label: "spine dev".into(),
+    });
+    issue.metadata_mut().insert("authorization", format!("Bearer {operator}").parse()?);
+    let credential =
+        MediaNodesClient::new(channel.clone()).issue_media_node_credential(issue).await?.into_inner().secret;
+    let config = spine_janus::AgentConfig {
+        node_id: "dev-media".into(),
+        credential,
+        janus: url.clone(),
+        public_address: url.clone(),
+        region: "default".into(),
+        capacity: 50,
+        room_admin_key: admin_key,
+        ttl_secs: 10,
+    };
+    let agent = tokio::spawn(async move {
+        if let Err(e) = spine_janus::run(config, channel, std::future::pending()).await {
+            tracing::warn!(error = %e, "media agent stopped");
+        }
+    });
+    Ok(DevMedia { janus, url, agent })
+}

@@ -86,6 +86,10 @@ enum Cmd {
         /// `[calls.turn]` for a local coturn (as `spine serve` reads).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Also start a media node: a Janus (Debian's `janus`) on a free
+        /// port with its agent, so group calls get media (docs/api.md).
+        #[arg(long)]
+        media: bool,
         /// A web origin allowed to call over gRPC-Web (repeat for more).
         /// Default: the demo's pages (`scripts/demo`), and no other.
         #[arg(long = "allow-origin")]
@@ -248,7 +252,7 @@ enum OperatorCmd {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Dev { listen, data_dir, state_dir, config, allow_origins } => {
+        Cmd::Dev { listen, data_dir, state_dir, config, media, allow_origins } => {
             let _telemetry = spine_runtime::telemetry::init("spine-dev", false).map_err(anyhow::Error::msg)?;
             let mut defaults = dev::config(listen, data_dir);
             if !allow_origins.is_empty() {
@@ -265,6 +269,20 @@ async fn main() -> anyhow::Result<()> {
                 let path = dev::write_token(&state_dir, &token)?;
                 rt.auth.wait_synced().await;
                 println!("{}", dev::banner(addr, &path, &rt.config.web.allowed_origins));
+                if media {
+                    // Once the node serves (the agent registers through it);
+                    // Janus is killed when the process is told to stop.
+                    tokio::spawn(async move {
+                        match dev::start_media(addr, &token, &state_dir).await {
+                            Ok(media) => {
+                                println!("Media node (Janus) for group calls: {} (node id dev-media)\n", media.url);
+                                node::shutdown_signal().await;
+                                drop(media);
+                            }
+                            Err(e) => eprintln!("spine dev: no media node: {e:#}"),
+                        }
+                    });
+                }
                 Ok(())
             })
             .await

@@ -384,3 +384,15 @@ pub async fn revoke_device(env: &Env, t: &Tenant, d: &Device) {
     let r = ipb::RevokeDeviceRequest { account_id: d.account.clone(), device_id: d.device.clone() };
     env.identity().revoke_device(req(r, &t.cred)).await.unwrap();
 }
+
+/// A media-node credential for node `id`, issued by the operator.
+pub async fn media_credential(env: &Env, id: &str) -> String {
+    use spine_proto::calls::v1::media_nodes_client::MediaNodesClient;
+    let r = pb::IssueMediaNodeCredentialRequest { request_id: id.into(), node_id: id.into(), label: id.into() };
+    MediaNodesClient::new(env.channel.clone())
+        .issue_media_node_credential(req(r, &env.operator))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret
+}
