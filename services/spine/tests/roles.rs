@@ -91,5 +91,9 @@ async fn every_role_against_every_method() {
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::PermissionDenied);
+    // Nor may it watch another node's rooms.
+    let other =
+        m.watch_rooms(req(cpb::WatchRoomsRequest { node_id: "sfu-2".into() }, &creds[&MediaNode])).await.unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied);
     server.stop().await.unwrap();
 }

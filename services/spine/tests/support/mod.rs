@@ -210,7 +210,7 @@ pub fn allowed(service: &str, method: &str) -> &'static [Role] {
         ("spine.identity.v1.Identity", _) => &[Tenant, Device],
         ("spine.groups.v1.Groups" | "spine.presence.v1.Presence" | "spine.calls.v1.Calls", _) => &[Device],
         ("spine.calls.v1.CallRecords", _) => &[Tenant],
-        ("spine.calls.v1.MediaNodes", "RegisterMediaNode" | "DeregisterMediaNode") => &[MediaNode],
+        ("spine.calls.v1.MediaNodes", "RegisterMediaNode" | "DeregisterMediaNode" | "WatchRooms") => &[MediaNode],
         ("spine.calls.v1.MediaNodes", _) => &[Operator],
         (s, m) => panic!("{s}/{m} has no line in the role table: decide who may call it"),
     }
