@@ -7,9 +7,8 @@
 import type { Spine } from "./client.js";
 import { Code, SpineError } from "./errors.js";
 import type { Call, IncomingSignal, ServerEvent } from "./gen/spine/calls/v1/calls_pb.js";
-import type { PresenceUpdate, WatchRequest } from "./gen/spine/presence/v1/presence_pb.js";
+import type { PresenceUpdate, WatchRequestSchema } from "./gen/spine/presence/v1/presence_pb.js";
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import type { WatchRequestSchema } from "./gen/spine/presence/v1/presence_pb.js";
 
 export type StreamState = "connecting" | "open" | "reconnecting" | "closed";
 
@@ -189,4 +188,3 @@ export function watchPresence(
   return keepStreaming(spine, (signal) => spine.presence.watch(request, { signal }), onUpdate, opts);
 }
 
-export type { WatchRequest };

@@ -44,3 +44,58 @@ pub fn janus_config(http_port: u16, rtp_min: u16, rtp_max: u16, admin_key: &str)
         ),
     ]
 }
+
+/// A Janus process started by [`spawn`], killed when dropped.
+#[derive(Debug)]
+pub struct JanusProcess {
+    child: std::process::Child,
+    /// Its HTTP API (`http://127.0.0.1:<port>/janus`).
+    pub url: String,
+}
+
+impl JanusProcess {
+    /// Kills it now (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for JanusProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes [`janus_config`] into `dir`, starts `janus` (`$JANUS_BIN`, else
+/// from `PATH`) on it, and waits up to 20 s for its HTTP API to answer.
+pub async fn spawn(
+    dir: &std::path::Path,
+    http_port: u16,
+    rtp_min: u16,
+    rtp_max: u16,
+    admin_key: &str,
+) -> std::io::Result<JanusProcess> {
+    for (name, text) in janus_config(http_port, rtp_min, rtp_max, admin_key) {
+        std::fs::write(dir.join(name), text)?;
+    }
+    let child = std::process::Command::new(std::env::var("JANUS_BIN").unwrap_or_else(|_| "janus".into()))
+        .arg("--config")
+        .arg(dir.join("janus.jcfg"))
+        .arg("--configs-folder")
+        .arg(dir)
+        .arg("--disable-colors")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut janus = JanusProcess { child, url: format!("http://127.0.0.1:{http_port}/janus") };
+    let api = crate::Janus::new(&janus.url);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while api.info().await.is_err() {
+        if std::time::Instant::now() > deadline || janus.child.try_wait()?.is_some() {
+            return Err(std::io::Error::other(format!("janus did not answer on {}", janus.url)));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(janus)
+}

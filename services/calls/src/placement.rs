@@ -48,6 +48,16 @@ impl Node {
         }
     }
 
+    /// As [`Node::call_for`] (from the mirror), for a call that has not
+    /// ended: FAILED_PRECONDITION `CALL_ENDED` otherwise.
+    pub(crate) async fn live_call_for(&self, id: &str, me: &DevKey) -> Result<CallRec, CallError> {
+        let (rec, _) = self.call_for(id, me, false).await?;
+        if rec.state == State::Ended {
+            return Err(crate::error::precondition("CALL_ENDED", "the call has ended"));
+        }
+        Ok(rec)
+    }
+
     pub(crate) fn idle_ms(&self) -> i64 {
         (self.config.group_idle_secs * 1000) as i64
     }

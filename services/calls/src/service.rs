@@ -16,7 +16,7 @@ use crate::Node;
 use crate::error::{CallError, invalid, precondition};
 use crate::machine;
 use crate::media;
-use crate::model::{DevKey, MediaRec, Ring, State, parse_id};
+use crate::model::{DevKey, MediaRec, Ring, parse_id};
 use crate::records;
 use crate::turn;
 use crate::view::render;
@@ -213,10 +213,7 @@ impl Calls for CallsApi {
     ) -> Result<Response<pb::MediaAdmission>, Status> {
         let me = device(&req)?;
         let id = call_id(&req.get_ref().call_id)?;
-        let (rec, _) = self.0.call_for(id, &me, false).await?;
-        if rec.state == State::Ended {
-            return Err(precondition("CALL_ENDED", "the call has ended").into());
-        }
+        let rec = self.0.live_call_for(id, &me).await?;
         let Some(media) = rec.group.as_ref().and_then(|g| g.media.as_ref()) else {
             return Err(precondition("NO_MEDIA_NODE", "the call has no media node").into());
         };
@@ -234,10 +231,7 @@ impl Calls for CallsApi {
     ) -> Result<Response<pb::TurnCredentials>, Status> {
         let me = device(&req)?;
         let id = call_id(&req.get_ref().call_id)?;
-        let (rec, _) = self.0.call_for(id, &me, false).await?;
-        if rec.state == State::Ended {
-            return Err(precondition("CALL_ENDED", "the call has ended").into());
-        }
+        let rec = self.0.live_call_for(id, &me).await?;
         let ringing = rec.party(&me.account_key()).is_some_and(|p| p.ring == Ring::Ringing);
         if rec.leg_of(&me).is_none() && !ringing {
             return Err(precondition("NOT_IN_CALL", "this device is neither in the call nor ringing for it").into());

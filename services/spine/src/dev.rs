@@ -55,17 +55,22 @@ pub fn banner(addr: std::net::SocketAddr, token_path: &Path, web_origins: &[Stri
 /// A media node for `spine dev --media`: a Janus started here with a
 /// generated configuration (free HTTP port, 100 RTP ports), registered by
 /// an agent running in this process with a media-node credential it was
-/// issued at start. Dropped with the process (Janus is killed).
+/// issued at start. Dropping it kills Janus and stops the agent.
 pub struct DevMedia {
-    janus: tokio::process::Child,
-    pub url: String,
+    janus: spine_janus::config::JanusProcess,
     agent: tokio::task::JoinHandle<()>,
+}
+
+impl DevMedia {
+    /// Janus's HTTP API.
+    pub fn url(&self) -> &str {
+        &self.janus.url
+    }
 }
 
 impl Drop for DevMedia {
     fn drop(&mut self) {
         self.agent.abort();
-        let _ = self.janus.start_kill();
     }
 }
 
@@ -79,27 +84,10 @@ pub async fn start_media(addr: std::net::SocketAddr, operator: &str, state_dir: 
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let rtp_min = 40_000 + (rand::random::<u16>() % 200) * 100;
     let admin_key = format!("dev-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
-    for (name, text) in spine_janus::config::janus_config(port, rtp_min, rtp_min + 99, &admin_key) {
-        std::fs::write(dir.join(name), text)?;
-    }
-    let janus = tokio::process::Command::new("janus")
-        .arg("--config")
-        .arg(dir.join("janus.jcfg"))
-        .arg("--configs-folder")
-        .arg(&dir)
-        .arg("--disable-colors")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
+    let janus = spine_janus::config::spawn(&dir, port, rtp_min, rtp_min + 99, &admin_key)
+        .await
         .context("starting janus (Debian: apt-get install janus; or run spine dev without --media)")?;
-    let url = format!("http://127.0.0.1:{port}/janus");
-    let client = spine_janus::Janus::new(&url);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while client.info().await.is_err() {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "janus did not answer on {url}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let url = janus.url.clone();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut issue = tonic::Request::new(pb::IssueMediaNodeCredentialRequest {
         request_id: format!("dev-media-{}", rand::random::<u64>()),
@@ -124,5 +112,5 @@ pub async fn start_media(addr: std::net::SocketAddr, operator: &str, state_dir: 
             tracing::warn!(error = %e, "media agent stopped");
         }
     });
-    Ok(DevMedia { janus, url, agent })
+    Ok(DevMedia { janus, agent })
 }

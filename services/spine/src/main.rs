@@ -275,7 +275,7 @@ async fn main() -> anyhow::Result<()> {
                     tokio::spawn(async move {
                         match dev::start_media(addr, &token, &state_dir).await {
                             Ok(media) => {
-                                println!("Media node (Janus) for group calls: {} (node id dev-media)\n", media.url);
+                                println!("Media node (Janus) for group calls: {} (node id dev-media)\n", media.url());
                                 node::shutdown_signal().await;
                                 drop(media);
                             }

@@ -224,6 +224,7 @@ impl Cluster {
             if v.calls.get(id).is_some_and(|(_, r)| *r >= rev) {
                 return;
             }
+            v.calls_rev = v.calls_rev.max(rev);
             match value.and_then(|b| serde_json::from_slice::<CallRec>(b).ok()) {
                 Some(rec) => {
                     let old = v.calls.insert(id.to_string(), (rec.clone(), rev)).map(|(o, _)| o);

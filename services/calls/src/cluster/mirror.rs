@@ -28,6 +28,12 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// The store revision of the last call change the mirror took in: the
+    /// rooms of every media node are the same while it is.
+    pub fn calls_revision(&self) -> i64 {
+        self.view.lock().expect("view lock").calls_rev
+    }
+
     /// The rooms media node `node` must hold now (from the mirror).
     pub fn rooms_on(&self, node: &str, now_secs: i64, period: Duration) -> pb::MediaRooms {
         let v = self.view.lock().expect("view lock");
@@ -104,6 +110,8 @@ pub(crate) struct View {
     pub(crate) sessions: HashMap<DevKey, (SessionRec, i64)>,
     pub(crate) session_devices: HashMap<AccountKey, HashSet<String>>,
     pub(crate) calls: HashMap<String, (CallRec, i64)>,
+    /// The revision of the last call change taken in.
+    pub(crate) calls_rev: i64,
     pub(crate) by_account: HashMap<AccountKey, HashSet<String>>,
     pub(crate) local: HashMap<AccountKey, HashMap<String, Local>>,
 }

@@ -28,6 +28,9 @@ impl MediaNodes for MediaNodesApi {
         tokio::spawn(async move {
             let length = Duration::from_secs(node.config.media_admission_secs.max(1));
             let mut last: Option<pb::MediaRooms> = None;
+            // (calls revision, token period) of `last`: the rooms are only
+            // worked out again when one of them moved.
+            let mut last_mark = None;
             loop {
                 // The stream ends with its node's drain and its credential.
                 if node.rt.drain.is_cancelled() {
@@ -38,12 +41,17 @@ impl MediaNodes for MediaNodesApi {
                     let _ = tx.send(Err(spine_runtime::auth::stream_ended(false))).await;
                     return;
                 }
-                let rooms = node.cluster.rooms_on(&id, now_secs(), length);
-                if last.as_ref() != Some(&rooms) {
-                    if tx.send(Ok(rooms.clone())).await.is_err() {
-                        return;
+                let now = now_secs();
+                let mark = Some((node.cluster.calls_revision(), crate::admission::period(now, length)));
+                if mark != last_mark {
+                    last_mark = mark;
+                    let rooms = node.cluster.rooms_on(&id, now, length);
+                    if last.as_ref() != Some(&rooms) {
+                        if tx.send(Ok(rooms.clone())).await.is_err() {
+                            return;
+                        }
+                        last = Some(rooms);
                     }
-                    last = Some(rooms);
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
