@@ -75,7 +75,12 @@ pub struct AuditRec {
 /// The write that appends an event to the tenant's log.
 fn audit_op(t: &TenantStore, action: pb::AuditAction, actor: &Actor, credential_id: &str) -> Op {
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-    let id = format!("{now_ms:020}-{:016x}", rand::random::<u64>());
+    // Keys sort oldest first: by millisecond, then, within one millisecond
+    // on this node, by the order of writing (two events of one request can
+    // share a millisecond), then a random part against other nodes.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("{now_ms:020}-{seq:020}-{:016x}", rand::random::<u64>());
     let (kind, actor_id) = actor.parts();
     let rec = AuditRec {
         at: now_secs(),
