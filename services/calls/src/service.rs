@@ -87,7 +87,8 @@ impl Calls for CallsApi {
                                 message: e.message().to_string(),
                                 delivered: 0,
                             };
-                            let _ = tx.send(pb::ServerEvent { event: Some(Event::SignalResult(result)) }).await;
+                            let _ =
+                                tx.send(Box::new(pb::ServerEvent { event: Some(Event::SignalResult(result)) })).await;
                         }
                         break;
                     }
@@ -95,7 +96,9 @@ impl Calls for CallsApi {
                 };
                 let result = match m.message {
                     Some(pb::client_message::Message::Signal(s)) => {
-                        match node.signal(&me, auth.as_ref(), false, &s).await.map_err(Status::from) {
+                        // Boxed: this task lives as long as the stream, and an
+                        // idle one should not hold a signal's state inline.
+                        match Box::pin(node.signal(&me, auth.as_ref(), false, &s)).await.map_err(Status::from) {
                             Ok(n) => pb::SignalResult { r#ref: m.r#ref, code: 0, message: String::new(), delivered: n },
                             Err(e) => pb::SignalResult {
                                 r#ref: m.r#ref,
@@ -112,7 +115,7 @@ impl Calls for CallsApi {
                         delivered: 0,
                     },
                 };
-                if tx.send(pb::ServerEvent { event: Some(Event::SignalResult(result)) }).await.is_err() {
+                if tx.send(Box::new(pb::ServerEvent { event: Some(Event::SignalResult(result)) })).await.is_err() {
                     break;
                 }
             }

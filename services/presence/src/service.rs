@@ -360,7 +360,9 @@ async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), 
         for (owner, (addr, group)) in plan {
             if owner == node.ring.me || local_only {
                 for (i, k) in group {
-                    let view = visibility::view(&node.rt, &node.secrets, &me.account, &k).await?;
+                    // Boxed: the watch's task lives as long as the stream, and
+                    // an idle one should not hold a store read's state inline.
+                    let view = Box::pin(visibility::view(&node.rt, &node.secrets, &me.account, &k)).await?;
                     let id = node.owner.subscribe(k.clone(), me.account.clone(), i, view, outbox.clone());
                     subs.push((k.clone(), id));
                     let warming = node.ring.recently_moved(&key_str(&k), MAX_TTL);

@@ -75,7 +75,7 @@ impl Cluster {
     pub fn deliver_local(&self, d: &DevKey, event: pb::ServerEvent) -> bool {
         let mut v = self.view.lock().expect("view lock");
         let Some(l) = v.local.get(&d.account_key()).and_then(|m| m.get(&d.device)) else { return false };
-        if l.tx.try_send(event).is_ok() {
+        if l.tx.try_send(Box::new(event)).is_ok() {
             return true;
         }
         if let Some(l) = v.remove_local(d) {
@@ -89,7 +89,7 @@ pub(crate) struct Local {
     pub(crate) sid: String,
     /// The credential the stream opened with (its expiry, key, device).
     pub(crate) principal: spine_runtime::Principal,
-    pub(crate) tx: mpsc::Sender<pb::ServerEvent>,
+    pub(crate) tx: EventTx,
     pub(crate) end: Option<oneshot::Sender<Status>>,
     /// The version of each call last sent, so nothing goes out twice or
     /// out of order.
@@ -162,7 +162,7 @@ impl View {
                 }
                 let dev = DevKey { tenant: a.tenant.clone(), account: a.account.clone(), device: device.clone() };
                 let event = pb::ServerEvent { event: Some(pb::server_event::Event::Call(render(rec, version, &dev))) };
-                if l.tx.try_send(event).is_err() {
+                if l.tx.try_send(Box::new(event)).is_err() {
                     slow.push(device.clone());
                 } else if rec.state == State::Ended {
                     l.sent.remove(&rec.id);

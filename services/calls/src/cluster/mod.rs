@@ -50,6 +50,11 @@ use writes::in_call_ops;
 /// slow and is told to reconnect.
 pub const SESSION_BUFFER: usize = 512;
 
+/// A session's outgoing events. Boxed: a channel allocates its slots in
+/// blocks of 32, and an event is 328 bytes inline, 8 boxed; an idle
+/// session holds one block.
+pub type EventTx = mpsc::Sender<Box<pb::ServerEvent>>;
+
 pub struct Cluster {
     pub rt: Arc<Runtime>,
     pub me: String,

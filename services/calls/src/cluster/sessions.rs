@@ -39,7 +39,7 @@ impl Cluster {
             }
             calls.sort_by_key(|c| c.version);
             let synced = pb::ServerEvent { event: Some(pb::server_event::Event::Synced(pb::Synced { calls })) };
-            tx.try_send(synced).expect("empty channel");
+            tx.try_send(Box::new(synced)).expect("empty channel");
             v.local.entry(dev.account_key()).or_default().insert(
                 dev.device.clone(),
                 Local { sid: sid.clone(), principal, tx: tx.clone(), end: Some(end_tx), sent },
@@ -138,9 +138,9 @@ impl Drop for SessionGuard {
 
 /// The server half of a signalling stream.
 pub struct SessionOut {
-    rx: mpsc::Receiver<pb::ServerEvent>,
+    rx: mpsc::Receiver<Box<pb::ServerEvent>>,
     /// For the reader of the client's half (signal results).
-    pub tx: mpsc::Sender<pb::ServerEvent>,
+    pub tx: EventTx,
     end: Option<oneshot::Receiver<Status>>,
     done: bool,
     /// Unregisters the session when the stream is dropped.
@@ -166,7 +166,7 @@ impl Stream for SessionOut {
             }
         }
         match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(ev)) => Poll::Ready(Some(Ok(ev))),
+            Poll::Ready(Some(ev)) => Poll::Ready(Some(Ok(*ev))),
             Poll::Ready(None) => {
                 self.done = true;
                 Poll::Ready(None)

@@ -42,6 +42,7 @@ impl Cluster {
             .then_all(in_call_ops(&sys, None, &rec, lease, true));
         let out = sys.txn(txn).await?;
         if out.succeeded {
+            self.observe_own(&rec, out.revision);
             crate::metrics::started(&rec);
             tracing::debug!(call = %self.rt.redact(&rec.id), kind = ?rec.kind, "call started");
             return Ok(Ok((rec, out.revision)));
@@ -50,6 +51,23 @@ impl Cluster {
             Some(kv) => Ok(Err(String::from_utf8_lossy(&kv.value).into_owned())),
             None => Ok(Err(String::new())),
         }
+    }
+
+    /// Takes this node's own committed write of a call into the mirror at
+    /// once, pushing it to this node's streams without waiting for the
+    /// store's watch to bring it back (a watch delivery per transition on
+    /// the setup's path). Skipped if the mirror has already seen this
+    /// revision or a later one of the calls records: the watch delivers in
+    /// revision order, so it has applied this write (and anything after it,
+    /// such as the call's deletion) already. The watch's own copy of the
+    /// write is then a no-op (same revision), and each stream gets a
+    /// version once.
+    fn observe_own(&self, rec: &CallRec, rev: i64) {
+        let mut v = self.view.lock().expect("view lock");
+        if v.calls_rev >= rev {
+            return;
+        }
+        self.apply(&mut v, &call_key(&rec.id), Some(&json(rec)), rev);
     }
 
     /// Frees a pair or group key left by a call that is gone or ended.
@@ -119,6 +137,7 @@ impl Cluster {
             if !out.succeeded {
                 continue;
             }
+            self.observe_own(&rec, out.revision);
             if rec.state == State::Ended {
                 crate::records::keep(&self.rt, &rec).await;
                 let _ = sys
