@@ -59,6 +59,11 @@ impl EtcdServer {
     pub async fn store(&self) -> Arc<dyn Store> {
         self.cluster.store().await
     }
+
+    /// The etcd process's id (for benchmarks reading its memory).
+    pub fn pid(&self) -> Option<u32> {
+        self.cluster.members[0].child.as_ref().map(Child::id)
+    }
 }
 
 /// TLS material for an etcd cluster with client-certificate auth, made by

@@ -40,6 +40,21 @@ use crate::config::Backend;
 use crate::data::AccountData;
 use crate::store::{EmbeddedStore, EtcdOptions, EtcdStore, EtcdTls, Store, StoreError, SystemStore};
 
+/// Raises this process's open-file limit to its hard limit (each
+/// connected device holds a descriptor; soft limits are often 1,024).
+/// Returns the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 /// Unix seconds now.
 pub fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)

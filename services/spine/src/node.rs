@@ -75,6 +75,8 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let listen = config.listen;
+    let files = spine_runtime::raise_open_files_limit();
+    tracing::info!(open_files = files, "open-file limit");
     let rt = Runtime::start(config).await.context("opening the store")?;
     let listener = spine_runtime::server::bind(listen).await?;
     let addr = listener.local_addr()?;
