@@ -130,6 +130,42 @@ enum Cmd {
         #[arg(long, default_value_t = 15)]
         ttl: u32,
     },
+    /// Every benchmark beside its raw baseline, in one run: a table, JSON
+    /// and SVG plots (docs/performance.md). Starts its own etcd.
+    Bench {
+        /// About a minute in all (fewer samples, smaller sizes).
+        #[arg(long)]
+        quick: bool,
+        /// Only these benchmarks, comma-separated (mls, sframe, commits,
+        /// presence, calls, idle, etcd).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Print JSON on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Folder for the SVG plots (and report.json).
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Idle devices to connect, in steps, comma-separated (default
+        /// 10000,50000,100000; with --quick 1000,2000).
+        #[arg(long, value_delimiter = ',')]
+        idle_devices: Vec<usize>,
+        /// Seconds each idle step is watched for CPU (default 30; with
+        /// --quick 5).
+        #[arg(long)]
+        idle_window: Option<u64>,
+    },
+    /// The raw tonic baseline server of `spine bench idle`, in a process of
+    /// its own (not for deployments).
+    #[command(hide = true)]
+    BenchRawServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+    },
     /// Operator commands.
     Admin {
         /// Node to talk to.
@@ -296,6 +332,39 @@ async fn main() -> anyhow::Result<()> {
                 Ok(())
             })
             .await
+        }
+        Cmd::Bench { quick, only, json, out, idle_devices, idle_window } => {
+            let opts = spine_bench::Options {
+                quick,
+                only,
+                spine_exe: std::env::current_exe().ok(),
+                idle_devices,
+                idle_window: idle_window.map(std::time::Duration::from_secs),
+            };
+            let report = spine_bench::run(&opts).await?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let mut plots = vec![];
+            for s in &report.sections {
+                plots.extend(s.plots.iter().cloned());
+            }
+            let written = spine_bench::plot::write_all(&out, &plots)?;
+            std::fs::write(out.join("report.json"), report.json())?;
+            if json {
+                println!("{}", report.json());
+            } else {
+                print!("{}", report.table());
+                println!("\nPlots and report.json in {} ({} plots)", out.display(), written.len());
+            }
+            Ok(())
+        }
+        Cmd::BenchRawServer { listen, tls_cert, tls_key } => {
+            spine_runtime::raise_open_files_limit();
+            let tls = match (tls_cert, tls_key) {
+                (Some(c), Some(k)) => Some((std::fs::read(c)?, std::fs::read(k)?)),
+                _ => None,
+            };
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            spine_bench::raw::serve(listener, 100, tls).await
         }
         Cmd::MediaAgent {
             spine,

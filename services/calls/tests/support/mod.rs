@@ -58,15 +58,26 @@ async fn nodes_with(
     clock: Option<std::sync::Arc<dyn spine_calls::Clock>>,
     tweak: impl Fn(usize, &mut Config),
 ) -> (Vec<Env>, Vec<spine_calls::CallsView>) {
-    let views = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let rings = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (store, mut etcd): (std::sync::Arc<dyn Store>, _) = match backend {
+    let (store, etcd): (std::sync::Arc<dyn Store>, _) = match backend {
         Backend::Embedded => (std::sync::Arc::new(EmbeddedStore::in_memory()), None),
         Backend::Etcd => {
             let e = EtcdServer::start().await;
             (e.store().await, Some(e))
         }
     };
+    nodes_on(store, etcd, n, clock, tweak).await
+}
+
+/// `n` nodes on a given store (the first holding `etcd`, if any).
+pub async fn nodes_on(
+    store: std::sync::Arc<dyn Store>,
+    mut etcd: Option<EtcdServer>,
+    n: usize,
+    clock: Option<std::sync::Arc<dyn spine_calls::Clock>>,
+    tweak: impl Fn(usize, &mut Config),
+) -> (Vec<Env>, Vec<spine_calls::CallsView>) {
+    let views = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rings = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut out = Vec::new();
     for i in 0..n {
         let mut c = config();

@@ -19,7 +19,23 @@ pub async fn start(backend: Backend) -> Env {
 
 /// [`start`] with a config of the test's own.
 pub async fn start_with(backend: Backend, config: spine_runtime::Config) -> Env {
-    spine_testing::start_with_services(backend, config, |rt, mut routes, _| async move {
+    let (store, etcd): (std::sync::Arc<dyn spine_runtime::store::Store>, _) = match backend {
+        Backend::Embedded => (std::sync::Arc::new(spine_runtime::store::EmbeddedStore::in_memory()), None),
+        Backend::Etcd => {
+            let e = spine_testing::EtcdServer::start().await;
+            (e.store().await, Some(e))
+        }
+    };
+    start_on(store, etcd, config).await
+}
+
+/// Identity and groups on a given store (holding `etcd`, if any).
+pub async fn start_on(
+    store: std::sync::Arc<dyn spine_runtime::store::Store>,
+    etcd: Option<spine_testing::EtcdServer>,
+    config: spine_runtime::Config,
+) -> Env {
+    spine_testing::start_on_with(store, etcd, config, |rt, mut routes, _| async move {
         let names = spine_runtime::service::install::<spine_groups::Groups>(&rt, &mut routes, String::new())
             .await
             .map(|(n, ())| n)

@@ -1,0 +1,174 @@
+//! A store that counts the round trips made through it, by kind, so a
+//! benchmark can say how many store round trips an operation makes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use spine_runtime::store::KeyValue;
+use spine_runtime::store::{LeaseId, RangePage, Store, StoreError, Txn, TxnOutcome, WatchStream};
+
+/// Round trips by kind. A *round* is a round trip that started while no
+/// other was in flight: requests sent together (a parallel read of
+/// several keys) are one round of waiting.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub reads: AtomicU64,
+    pub txns: AtomicU64,
+    pub leases: AtomicU64,
+    pub read_rounds: AtomicU64,
+    pub txn_rounds: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// Counts at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Snapshot {
+    pub reads: u64,
+    pub txns: u64,
+    pub read_rounds: u64,
+    pub txn_rounds: u64,
+}
+
+impl std::ops::Add for Snapshot {
+    type Output = Snapshot;
+    fn add(self, o: Snapshot) -> Snapshot {
+        Snapshot {
+            reads: self.reads + o.reads,
+            txns: self.txns + o.txns,
+            read_rounds: self.read_rounds + o.read_rounds,
+            txn_rounds: self.txn_rounds + o.txn_rounds,
+        }
+    }
+}
+
+impl std::ops::Sub for Snapshot {
+    type Output = Snapshot;
+    fn sub(self, o: Snapshot) -> Snapshot {
+        Snapshot {
+            reads: self.reads - o.reads,
+            txns: self.txns - o.txns,
+            read_rounds: self.read_rounds - o.read_rounds,
+            txn_rounds: self.txn_rounds - o.txn_rounds,
+        }
+    }
+}
+
+impl Counts {
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            reads: self.reads.load(Ordering::Relaxed),
+            txns: self.txns.load(Ordering::Relaxed),
+            read_rounds: self.read_rounds.load(Ordering::Relaxed),
+            txn_rounds: self.txn_rounds.load(Ordering::Relaxed),
+        }
+    }
+
+    fn start(self: &Arc<Self>, txn: bool) -> InFlight {
+        let (n, rounds) = if txn { (&self.txns, &self.txn_rounds) } else { (&self.reads, &self.read_rounds) };
+        n.fetch_add(1, Ordering::Relaxed);
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
+            rounds.fetch_add(1, Ordering::Relaxed);
+        }
+        InFlight(self.clone())
+    }
+}
+
+struct InFlight(Arc<Counts>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug)]
+pub struct Counting {
+    inner: Arc<dyn Store>,
+    pub counts: Arc<Counts>,
+}
+
+impl Counting {
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        Self { inner, counts: Arc::default() }
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+#[async_trait]
+impl Store for Counting {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let _f = self.counts.start(false);
+        self.inner.get(key).await
+    }
+    async fn range(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<RangePage, StoreError> {
+        let _f = self.counts.start(false);
+        self.inner.range(prefix, start_after, limit).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        let _f = self.counts.start(true);
+        self.inner.txn(txn).await
+    }
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        bump(&self.counts.leases);
+        self.inner.grant_lease(ttl).await
+    }
+    async fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
+        bump(&self.counts.leases);
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        bump(&self.counts.leases);
+        self.inner.revoke_lease(lease).await
+    }
+    async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchStream, StoreError> {
+        self.inner.watch(prefix, from_revision).await
+    }
+    async fn revision(&self) -> Result<i64, StoreError> {
+        let _f = self.counts.start(false);
+        self.inner.revision().await
+    }
+    async fn count(&self, prefix: &str) -> Result<u64, StoreError> {
+        let _f = self.counts.start(false);
+        self.inner.count(prefix).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spine_runtime::store::EmbeddedStore;
+
+    #[test]
+    fn requests_in_flight_together_are_one_round() {
+        let c = Arc::new(Counts::default());
+        let (a, b) = (c.start(false), c.start(false));
+        drop(a);
+        let d = c.start(false);
+        drop((b, d));
+        let t = c.start(true);
+        drop(t);
+        let r = c.start(false);
+        drop(r);
+        let s = c.snapshot();
+        assert_eq!((s.reads, s.read_rounds, s.txns, s.txn_rounds), (4, 2, 1, 1), "{s:?}");
+        assert_eq!(s - s, Snapshot::default());
+    }
+
+    #[tokio::test]
+    async fn every_request_through_the_store_is_counted() {
+        let c = Counting::new(Arc::new(EmbeddedStore::in_memory()));
+        #[allow(clippy::disallowed_methods)]
+        let k = spine_runtime::store::Key::unchecked("/t/a".to_string());
+        c.put(&k, b"1".to_vec()).await.unwrap();
+        c.get("/t/a").await.unwrap();
+        c.range("/t/", None, 0).await.unwrap();
+        c.count("/t/").await.unwrap();
+        let s = c.counts.snapshot();
+        assert_eq!((s.reads, s.txns), (3, 1));
+    }
+}
