@@ -333,12 +333,23 @@ function callUi(spine: Spine, nameOf: (p: common.PeerRef | undefined) => string)
     const r = ringing;
     if (!r) return;
     showIncoming(undefined);
+    // Ready for the caller's offer before Answer returns: the answer
+    // reaches the caller's stream as soon as it is stored, and its offer
+    // can come back before this call's own response (signals for a call
+    // that is not current are dropped; for the current one, queued).
+    const c = begin(r.callId, "callee", nameOf(r.peer), r.video, otherLeg(r));
+    current = c;
     try {
-      const c = await spine.calls.answer({ callId: r.callId });
-      current = begin(c.callId, "callee", nameOf(c.peer), c.video, otherLeg(c));
-      showCall(`Connecting to ${current.peerName}…`);
-      await startMedia(current);
+      const answered = await spine.calls.answer({ callId: r.callId });
+      if (current !== c) return; // ended meanwhile
+      if (!c.remoteLeg) c.remoteLeg = otherLeg(answered);
+      showCall(`Connecting to ${c.peerName}…`);
+      await startMedia(c);
     } catch (e) {
+      if (current === c) {
+        current = undefined;
+        demo.current = undefined;
+      }
       notice(`Could not answer: ${SpineError.from(e).message}`);
     }
   };
