@@ -41,27 +41,14 @@ async fn raw(calls: usize, workers: usize, d: Duration) -> anyhow::Result<(Vec<D
             lat.push(t.elapsed());
         }
     }
-    let _bar = Timed::start(d, &format!("calls: raw x{workers}"));
-    let deadline = Instant::now() + d;
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..workers)
-        .map(|_| {
-            let mut c = CallsClient::new(ch.clone());
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while Instant::now() < deadline {
-                    c.get_call(pb::GetCallRequest { call_id: "cl_x".into() }).await.unwrap();
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for t in tasks {
-        total += t.await?;
-    }
-    Ok((lat, total as f64 / start.elapsed().as_secs_f64()))
+    let (_, rate) = crate::closed_loop(workers, d, &format!("calls: raw x{workers}"), move |_, _| {
+        let mut c = CallsClient::new(ch.clone());
+        async move {
+            c.get_call(pb::GetCallRequest { call_id: "cl_x".into() }).await.unwrap();
+        }
+    })
+    .await;
+    Ok((lat, rate))
 }
 
 /// One full setup; the call is then hung up and its end awaited. Returns

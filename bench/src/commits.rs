@@ -16,7 +16,7 @@ use spine_mls::client::CommitBundle;
 use spine_runtime::store::{Compare, Op, Store, Txn};
 use spine_testing::Env;
 
-use crate::{Aim, Latency, Options, Plot, Row, Section, Timed};
+use crate::{Aim, Latency, Options, Plot, Row, Section};
 
 #[path = "../../services/groups/tests/support/mod.rs"]
 mod support;
@@ -28,42 +28,28 @@ async fn node_on(store: Arc<dyn Store>, etcd: Option<spine_testing::EtcdServer>)
 
 /// Each of `workers` loops get + CAS on its own key for `d`: (latencies, rate).
 async fn etcd_cas(store: Arc<dyn Store>, workers: usize, d: Duration) -> (Vec<Duration>, f64) {
-    let _bar = Timed::start(d, &format!("commits: etcd CAS x{workers}"));
-    let deadline = Instant::now() + d;
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..workers)
-        .map(|w| {
-            let s = store.clone();
-            tokio::spawn(async move {
-                // The raw baseline: etcd's own compare-and-swap, outside any silo.
-                #[allow(clippy::disallowed_methods)]
-                let key = spine_runtime::store::Key::unchecked(format!("/bench/cas/{w}"));
-                s.put(&key, b"0".to_vec()).await.unwrap();
-                let mut lat = Vec::new();
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    let kv = s.get(&key).await.unwrap().unwrap();
-                    let ok = s
-                        .txn(
-                            Txn::new()
-                                .when(Compare::ModRevision(key.clone(), kv.mod_revision))
-                                .then(Op::put(key.clone(), vec![1u8; 256])),
-                        )
-                        .await
-                        .unwrap();
-                    assert!(ok.succeeded);
-                    lat.push(t.elapsed());
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
+    // The raw baseline: etcd's own compare-and-swap, outside any silo.
+    #[allow(clippy::disallowed_methods)]
+    let key = |w: usize| spine_runtime::store::Key::unchecked(format!("/bench/cas/{w}"));
+    for w in 0..workers {
+        store.put(&key(w), b"0".to_vec()).await.unwrap();
     }
-    let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
-    (lat, rate)
+    crate::closed_loop(workers, d, &format!("commits: etcd CAS x{workers}"), move |w, _| {
+        let (s, key) = (store.clone(), key(w));
+        async move {
+            let kv = s.get(&key).await.unwrap().unwrap();
+            let ok = s
+                .txn(
+                    Txn::new()
+                        .when(Compare::ModRevision(key.clone(), kv.mod_revision))
+                        .then(Op::put(key.clone(), vec![1u8; 256])),
+                )
+                .await
+                .unwrap();
+            assert!(ok.succeeded);
+        }
+    })
+    .await
 }
 
 /// `workers` groups on `env`, each with a chain of `per_worker` commits

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use spine_runtime::store::{Key, Op, Store, Txn};
 
-use crate::{Latency, Options, Plot, Row, Section, Timed, rss_bytes};
+use crate::{Latency, Options, Plot, Row, Section, rss_bytes};
 
 /// What the cell model needs from this run.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -42,31 +42,14 @@ fn key(s: String) -> Key {
 }
 
 async fn writes(store: &Arc<dyn Store>, workers: usize, d: Duration) -> (Vec<Duration>, f64) {
-    let _bar = Timed::start(d, &format!("etcd: writes x{workers}"));
-    let deadline = Instant::now() + d;
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..workers)
-        .map(|w| {
-            let s = store.clone();
-            tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut i = 0u64;
-                while Instant::now() < deadline {
-                    let t = Instant::now();
-                    s.put(&key(format!("/bench/w/{w}/{}", i % 64)), vec![7u8; 400]).await.unwrap();
-                    lat.push(t.elapsed());
-                    i += 1;
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut lat = vec![];
-    for t in tasks {
-        lat.extend(t.await.unwrap());
-    }
-    let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
-    (lat, rate)
+    let store = store.clone();
+    crate::closed_loop(workers, d, &format!("etcd: writes x{workers}"), move |w, i| {
+        let s = store.clone();
+        async move {
+            s.put(&key(format!("/bench/w/{w}/{}", i % 64)), vec![7u8; 400]).await.unwrap();
+        }
+    })
+    .await
 }
 
 /// `watchers` watches on one prefix; `events` writes (16 writers): watch

@@ -397,10 +397,8 @@ fn server_alive(s: &Server) -> bool {
 
 /// The open-file limit of this process (soft, hard).
 fn nofile() -> (u64, u64) {
-    rustix::process::getrlimit(rustix::process::Resource::Nofile)
-        .current
-        .zip(rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum)
-        .unwrap_or((u64::MAX, u64::MAX))
+    let l = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    (l.current.unwrap_or(u64::MAX), l.maximum.unwrap_or(u64::MAX))
 }
 
 pub async fn run(opts: &Options) -> anyhow::Result<Result<Section, String>> {

@@ -153,6 +153,43 @@ impl Drop for Timed {
     }
 }
 
+/// `workers` tasks at once, each repeating `op(worker, i)` until `d` has
+/// passed (a closed loop: a worker's next operation starts when its last
+/// ends), under a bar named `what`: every operation's latency, and
+/// operations per second over the window.
+pub async fn closed_loop<F, Fut>(workers: usize, d: Duration, what: &str, op: F) -> (Vec<Duration>, f64)
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let _bar = Timed::start(d, what);
+    let op = std::sync::Arc::new(op);
+    let deadline = Instant::now() + d;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut i = 0;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    op(w, i).await;
+                    lat.push(t.elapsed());
+                    i += 1;
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("a benchmark worker"));
+    }
+    let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+    (lat, rate)
+}
+
 /// Lets everyone see the presence of the account holding `token` (the
 /// benchmarks' watches are on accounts that allow it).
 pub async fn everyone_sees_presence(ch: tonic::transport::Channel, token: &str) -> Result<(), tonic::Status> {

@@ -51,41 +51,59 @@ fn cdf(sorted: &[f64], n: usize) -> Vec<(f64, f64)> {
     pts
 }
 
+/// plotters' errors, as this crate's.
+fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("plotting: {e:?}")
+}
+
+/// A series' legend mark: a short line in its colour.
+fn legend_mark(c: RGBColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+}
+
+/// Draws the legend at `pos` and writes the file.
+fn finish<'a, X: Ranged, Y: Ranged>(
+    root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    pos: SeriesLabelPosition,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(pos)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
+    root.present().map_err(plot_err)
+}
+
 fn latency(path: &Path, title: &str, series: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
     let lo = series.iter().filter_map(|(_, s)| s.first().copied()).fold(f64::INFINITY, f64::min).max(0.01);
     let hi = series.iter().filter_map(|(_, s)| s.last().copied()).fold(0.0, f64::max).max(lo * 2.0);
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(42)
         .y_label_area_size(56)
         .build_cartesian_2d((lo * 0.9..hi * 1.1).log_scale(), 0.0..1.0)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(plot_err)?;
     chart
         .configure_mesh()
         .x_desc("latency (µs, log scale)")
         .y_desc("share of operations done")
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(plot_err)?;
     for (i, (name, s)) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         chart
             .draw_series(LineSeries::new(cdf(s, 400), c.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+            .map_err(plot_err)?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            .legend(legend_mark(c));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(())
+    finish(&root, &mut chart, SeriesLabelPosition::LowerRight)
 }
 
 fn lines(
@@ -102,33 +120,25 @@ fn lines(
         y_hi = y_hi.max(y);
     }
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(42)
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..x_hi * 1.05, 0.0..y_hi * 1.1)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(plot_err)?;
+    chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(plot_err)?;
     for (i, (name, s)) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         chart
             .draw_series(LineSeries::new(s.iter().copied(), c.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+            .map_err(plot_err)?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart.draw_series(s.iter().map(|&p| Circle::new(p, 3, c.filled()))).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            .legend(legend_mark(c));
+        chart.draw_series(s.iter().map(|&p| Circle::new(p, 3, c.filled()))).map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(())
+    finish(&root, &mut chart, SeriesLabelPosition::UpperLeft)
 }
 
 #[cfg(test)]

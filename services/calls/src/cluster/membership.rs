@@ -221,35 +221,40 @@ impl Cluster {
                 }
             }
         } else if let Some(id) = rel.strip_prefix(CALLS) {
-            if v.calls.get(id).is_some_and(|(_, r)| *r >= rev) {
-                return;
-            }
-            v.calls_rev = v.calls_rev.max(rev);
-            match value.and_then(|b| serde_json::from_slice::<CallRec>(b).ok()) {
-                Some(rec) => {
-                    let old = v.calls.insert(id.to_string(), (rec.clone(), rev)).map(|(o, _)| o);
-                    if let Some(o) = &old {
-                        v.index_call(o, false);
-                    }
-                    v.index_call(&rec, true);
-                    // A call moving to another node changes nothing devices see.
-                    let moved_only =
-                        old.as_ref().is_some_and(|o| CallRec { home: rec.home.clone(), ..o.clone() } == rec);
-                    if !moved_only {
-                        v.push(old.as_ref(), &rec, rev);
-                    }
-                    crate::metrics::observe(&self.me, old.as_ref(), Some(&rec));
+            self.apply_call(v, id, value.and_then(|b| serde_json::from_slice::<CallRec>(b).ok()), rev);
+        }
+    }
+
+    /// Applies one stored change of a call (`rec` None: deleted) at `rev`:
+    /// from the watch, or from this node's own committed write.
+    pub(crate) fn apply_call(&self, v: &mut View, id: &str, rec: Option<CallRec>, rev: i64) {
+        if v.calls.get(id).is_some_and(|(_, r)| *r >= rev) {
+            return;
+        }
+        v.calls_rev = v.calls_rev.max(rev);
+        match rec {
+            Some(rec) => {
+                let old = v.calls.insert(id.to_string(), (rec.clone(), rev)).map(|(o, _)| o);
+                if let Some(o) = &old {
+                    v.index_call(o, false);
                 }
-                None => {
-                    let Some((mut old, _)) = v.calls.remove(id) else { return };
-                    v.index_call(&old, false);
-                    if old.state != State::Ended {
-                        // Lost with every node that could hold it.
-                        let before = old.clone();
-                        crate::machine::end(&mut old, crate::model::End::ServiceLost, self.clock.now_ms());
-                        v.push(Some(&before), &old, rev);
-                        crate::metrics::observe(&self.me, Some(&before), None);
-                    }
+                v.index_call(&rec, true);
+                // A call moving to another node changes nothing devices see.
+                let moved_only = old.as_ref().is_some_and(|o| CallRec { home: rec.home.clone(), ..o.clone() } == rec);
+                if !moved_only {
+                    v.push(old.as_ref(), &rec, rev);
+                }
+                crate::metrics::observe(&self.me, old.as_ref(), Some(&rec));
+            }
+            None => {
+                let Some((mut old, _)) = v.calls.remove(id) else { return };
+                v.index_call(&old, false);
+                if old.state != State::Ended {
+                    // Lost with every node that could hold it.
+                    let before = old.clone();
+                    crate::machine::end(&mut old, crate::model::End::ServiceLost, self.clock.now_ms());
+                    v.push(Some(&before), &old, rev);
+                    crate::metrics::observe(&self.me, Some(&before), None);
                 }
             }
         }
