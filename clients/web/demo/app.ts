@@ -32,7 +32,12 @@ interface Current {
   pc?: RTCPeerConnection;
   local?: MediaStream;
   remoteLeg: string;
+  /** Signals that came before this device's media was set up. */
   queued: calls.IncomingSignal[];
+  /** Media set up (tracks added, the caller's offer sent): signals are handled. */
+  ready: boolean;
+  /** Signals are handled one at a time, in the order they came. */
+  work: Promise<void>;
   remoteSet: boolean;
   pendingIce: RTCIceCandidateInit[];
   started: boolean;
@@ -44,7 +49,14 @@ const enc = new TextEncoder();
 const dec = new TextDecoder();
 
 // What tests (and curious people) can look at.
-const demo: { pc?: RTCPeerConnection; events?: string; current?: Current | undefined; ready: boolean } = {
+const demo: {
+  pc?: RTCPeerConnection;
+  events?: string;
+  current?: Current | undefined;
+  ready: boolean;
+  /** The last HangUp in flight (tests wait for it before closing a page). */
+  hangingUp?: Promise<unknown>;
+} = {
   ready: false,
 };
 (window as unknown as { demo: typeof demo }).demo = demo;
@@ -262,16 +274,24 @@ function callUi(spine: Spine, nameOf: (p: common.PeerRef | undefined) => string)
       await pc.setLocalDescription(await pc.createOffer());
       await send({ t: "offer", sdp: pc.localDescription!.sdp });
     }
-    for (const s of c.queued.splice(0)) await onSignal(s);
+    // Only now: an offer answered before the tracks were added would get
+    // an answer that sends nothing.
+    c.ready = true;
+    for (const s of c.queued.splice(0)) handleInOrder(c, s);
   };
 
-  const onSignal = async (s: calls.IncomingSignal) => {
+  const onSignal = (s: calls.IncomingSignal) => {
     const c = current;
     if (!c || s.callId !== c.callId) return;
-    if (!c.pc) {
-      c.queued.push(s);
-      return;
-    }
+    if (!c.ready) c.queued.push(s);
+    else handleInOrder(c, s);
+  };
+  const handleInOrder = (c: Current, s: calls.IncomingSignal) => {
+    c.work = c.work.then(() => (current === c ? handle(c, s) : undefined)).catch((e) => notice(`Signalling failed: ${e}`));
+  };
+
+  const handle = async (c: Current, s: calls.IncomingSignal) => {
+    if (!c.pc) return;
     const m = JSON.parse(dec.decode(s.payload));
     if (!c.remoteLeg) c.remoteLeg = s.fromLegId;
     if (m.t === "offer") {
@@ -292,7 +312,19 @@ function callUi(spine: Spine, nameOf: (p: common.PeerRef | undefined) => string)
   };
 
   const begin = (callId: string, role: Current["role"], peerName: string, video: boolean, remoteLeg: string) => {
-    const c: Current = { callId, role, peerName, video, remoteLeg, queued: [], remoteSet: false, pendingIce: [], started: false };
+    const c: Current = {
+      callId,
+      role,
+      peerName,
+      video,
+      remoteLeg,
+      queued: [],
+      ready: false,
+      work: Promise.resolve(),
+      remoteSet: false,
+      pendingIce: [],
+      started: false,
+    };
     demo.current = c;
     return c;
   };
@@ -363,7 +395,8 @@ function callUi(spine: Spine, nameOf: (p: common.PeerRef | undefined) => string)
     const c = current;
     if (!c) return;
     teardown("Call ended");
-    await spine.calls.hangUp({ callId: c.callId }).catch(() => undefined);
+    demo.hangingUp = spine.calls.hangUp({ callId: c.callId }).catch(() => undefined);
+    await demo.hangingUp;
   };
 
   for (const { entry, li } of contacts) {
@@ -404,7 +437,7 @@ function callUi(spine: Spine, nameOf: (p: common.PeerRef | undefined) => string)
       for (const c of live) if (current?.callId === c.callId) changed(c);
     },
     changed,
-    signal: (s: calls.IncomingSignal) => void onSignal(s).catch((e) => notice(`Signalling failed: ${e}`)),
+    signal: onSignal,
   };
 }
 

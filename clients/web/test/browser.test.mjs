@@ -50,7 +50,16 @@ async function open(product, who, context) {
   page.on("pageerror", (e) => errors.push(e));
   await page.goto(`${demo.urls[product]}?as=${who}`);
   await page.waitForFunction(() => window.demo?.ready === true, null, { timeout: 20_000 });
-  return { page, ctx, errors, close: () => ctx.close() };
+  // A test that fails midway must not leave its call live on the server:
+  // the next test's call between the same two people would meet it.
+  const close = async () => {
+    if (await page.locator("#hangup").isVisible().catch(() => false)) {
+      await page.locator("#hangup").click().catch(() => undefined);
+      await page.evaluate(() => window.demo.hangingUp).catch(() => undefined);
+    }
+    await ctx.close();
+  };
+  return { page, ctx, errors, close };
 }
 
 const contact = (page, name) => page.locator(`#contacts li[data-name="${name}"]`);
@@ -69,8 +78,12 @@ async function media(page) {
     let local = null;
     stats.forEach((r) => {
       if (r.type === "inbound-rtp") bytes += r.bytesReceived ?? 0;
-      if (r.type === "candidate-pair" && r.nominated && r.state === "succeeded") {
-        local = stats.get(r.localCandidateId)?.candidateType ?? null;
+      // The pair the transport selected. (A pair's own state is no guide:
+      // chromium shows the selected pair "in-progress" while a consent
+      // check on it is in flight.)
+      if (r.type === "transport" && r.selectedCandidatePairId) {
+        const pair = stats.get(r.selectedCandidatePairId);
+        local = stats.get(pair?.localCandidateId)?.candidateType ?? null;
       }
     });
     return { state: pc.connectionState, bytes, local, policy: pc.getConfiguration().iceTransportPolicy };
