@@ -14,6 +14,7 @@ pub mod config;
 mod data;
 pub mod error;
 mod in_call;
+mod review;
 mod ring;
 mod service;
 mod state;
@@ -34,9 +35,6 @@ pub use ring::owner_of;
 /// Longest announcement TTL; also how long a node that just took over an
 /// account waits for its devices before calling it offline.
 pub const MAX_TTL: Duration = Duration::from_secs(300);
-/// How often watchers' views are re-checked against settings, contacts and
-/// blocks.
-pub const REVIEW_EVERY: Duration = Duration::from_secs(10);
 
 pub(crate) struct Node {
     rt: Arc<Runtime>,
@@ -121,16 +119,9 @@ impl SpineService for Presence {
                 Ok::<(), String>(())
             },
         );
-        Runtime::spawn_upkeep(Arc::downgrade(&node), REVIEW_EVERY, "presence-review", |n: Arc<Node>| async move {
-            // One view per (watcher, target) pair, however many streams share it.
-            for ((watcher, account), ids) in n.owner.watchers() {
-                let view = visibility::view(&n.rt, &n.secrets, &watcher, &account).await.map_err(|e| e.to_string())?;
-                for id in ids {
-                    n.owner.set_view(&account, id, view);
-                }
-            }
-            Ok::<(), String>(())
-        });
+        // Views follow the records that decide them (settings, contacts,
+        // blocks, the account itself), re-checked as they change.
+        rt.spawn_follower(Arc::downgrade(&node), "presence-consent", review::follow);
         Ok(RingView(ring, node.owner.clone()))
     }
 }

@@ -330,6 +330,25 @@ struct Watch<'a> {
     local_only: bool,
 }
 
+/// One round's subscriptions at the local owner and forwarded watches to
+/// remote owners, ended when dropped.
+struct Subscriptions<'a> {
+    owner: &'a crate::state::Owner,
+    subs: Vec<(AccountKey, u64)>,
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Subscriptions<'_> {
+    fn drop(&mut self) {
+        for (k, id) in self.subs.drain(..) {
+            self.owner.unsubscribe(&k, id);
+        }
+        for f in self.forwarders.drain(..) {
+            f.abort();
+        }
+    }
+}
+
 /// Keeps a watch's subscriptions: each target subscribed where it is
 /// owned (locally, or through a forwarded watch to its owner), re-planned
 /// when the ring changes; ends on drain, overflow, the client leaving, or
@@ -355,16 +374,24 @@ async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), 
         } else {
             (None, None)
         };
-        let mut subs = Vec::new();
-        let mut forwarders = Vec::new();
+        // Dropped however this round ends (an error setting it up too).
+        let mut subs = Subscriptions { owner: &node.owner, subs: Vec::new(), forwarders: Vec::new() };
         for (owner, (addr, group)) in plan {
             if owner == node.ring.me || local_only {
                 for (i, k) in group {
                     // Boxed: the watch's task lives as long as the stream, and
                     // an idle one should not hold a store read's state inline.
-                    let view = Box::pin(visibility::view(&node.rt, &node.secrets, &me.account, &k)).await?;
+                    let epoch = node.owner.consent_epoch();
+                    let mut view = Box::pin(visibility::view(&node.rt, &node.secrets, &me.account, &k)).await?;
                     let id = node.owner.subscribe(k.clone(), me.account.clone(), i, view, outbox.clone());
-                    subs.push((k.clone(), id));
+                    subs.subs.push((k.clone(), id));
+                    if node.owner.consent_epoch() != epoch {
+                        // Consent changed while this view was read, and the
+                        // review may have run before this subscription was
+                        // there to find: read it again.
+                        view = Box::pin(visibility::view(&node.rt, &node.secrets, &me.account, &k)).await?;
+                        node.owner.set_view(&k, id, view);
+                    }
                     let warming = node.ring.recently_moved(&key_str(&k), MAX_TTL);
                     if let Some(s) = node.owner.current(&k, i, view, warming) {
                         let _ = outbox.tx.send(s).await;
@@ -377,7 +404,7 @@ async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), 
                 let channel = node.peer(&addr)?;
                 let request = forward(node, w.auth, WATCH, subset);
                 let (tx, err_tx) = (outbox.tx.clone(), err_tx.clone().expect("remote plan has an error channel"));
-                forwarders.push(tokio::spawn(async move {
+                subs.forwarders.push(tokio::spawn(async move {
                     let mut stream = match PresenceClient::new(channel).watch(request).await {
                         Ok(s) => s.into_inner(),
                         Err(e) => {
@@ -449,12 +476,7 @@ async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), 
                 }
             }
         };
-        for (k, id) in subs {
-            node.owner.unsubscribe(&k, id);
-        }
-        for f in forwarders {
-            f.abort();
-        }
+        drop(subs);
         match round? {
             Round::Done => return Ok(()),
             Round::Replan => continue,

@@ -119,10 +119,20 @@ pub fn render(target: u32, status: Option<Status>, last_online: i64, view: Optio
     s
 }
 
+/// Watch pairs: (watcher, target) -> the subscriptions sharing the pair.
+pub type Pairs = HashMap<(AccountKey, AccountKey), Vec<u64>>;
+
+fn add_pairs(out: &mut Pairs, target: &AccountKey, e: &Entry, watcher: Option<&AccountKey>) {
+    for (id, s) in e.subs.iter().filter(|(_, s)| watcher.is_none_or(|w| &s.watcher == w)) {
+        out.entry((s.watcher.clone(), target.clone())).or_default().push(*id);
+    }
+}
+
 /// The owner's state.
 pub struct Owner {
     accounts: Mutex<HashMap<AccountKey, Entry>>,
     next_sub: AtomicU64,
+    consent_epoch: AtomicU64,
     me: Weak<Owner>,
 }
 
@@ -131,6 +141,7 @@ impl Owner {
         Arc::new_cyclic(|me| Owner {
             accounts: Mutex::new(HashMap::new()),
             next_sub: AtomicU64::new(1),
+            consent_epoch: AtomicU64::new(0),
             me: me.clone(),
         })
     }
@@ -237,18 +248,46 @@ impl Owner {
         }
     }
 
-    /// Watchers to re-check (their view may have changed with settings,
-    /// contacts or blocks), by (watcher, target) pair: each pair's view is
-    /// computed once, whatever number of streams it has.
-    pub fn watchers(&self) -> HashMap<(AccountKey, AccountKey), Vec<u64>> {
+    /// Every watch pair, by (watcher, target): each pair's view is computed
+    /// once, whatever number of streams it has.
+    pub fn watchers(&self) -> Pairs {
         let map = self.accounts.lock().expect("presence lock");
-        let mut out: HashMap<(AccountKey, AccountKey), Vec<u64>> = HashMap::new();
+        let mut out = Pairs::new();
         for (k, e) in map.iter() {
-            for (id, s) in &e.subs {
-                out.entry((s.watcher.clone(), k.clone())).or_default().push(*id);
+            add_pairs(&mut out, k, e, None);
+        }
+        out
+    }
+
+    /// The watch pairs whose view may have changed because `changed`'s
+    /// consent data did: the pairs watching it, and, when its settings
+    /// changed (`as_watcher`), the pairs in which it watches (a reciprocal
+    /// rule reads the watcher's own settings). The second costs a pass over
+    /// this node's watches; settings change seldom.
+    pub fn pairs_of(&self, changed: &AccountKey, as_watcher: bool) -> Pairs {
+        let map = self.accounts.lock().expect("presence lock");
+        let mut out = Pairs::new();
+        if let Some(e) = map.get(changed) {
+            add_pairs(&mut out, changed, e, None);
+        }
+        if as_watcher {
+            for (k, e) in map.iter().filter(|(k, _)| *k != changed) {
+                add_pairs(&mut out, k, e, Some(changed));
             }
         }
         out
+    }
+
+    /// Counts a batch of consent changes about to be reviewed. A watch
+    /// that computed its view before such a batch and subscribed after
+    /// [`pairs_of`](Self::pairs_of) ran computes it again.
+    pub fn consent_changed(&self) {
+        self.consent_epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Batches of consent changes seen so far.
+    pub fn consent_epoch(&self) -> u64 {
+        self.consent_epoch.load(Ordering::SeqCst)
     }
 
     /// Accounts held in memory (for tests of the bookkeeping).

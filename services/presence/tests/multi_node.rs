@@ -117,3 +117,68 @@ async fn presence_moves_when_its_owner_leaves_without_a_false_offline() {
     let next = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap().states[0];
     assert_eq!(next.status, Status::Away as i32);
 }
+
+/// A block made through one node reaches a watch held on the other at once:
+/// the owner of the target (either node) re-checks the view on the change.
+/// The tenant exists before the second node starts (it finds the tenant in
+/// its first read) and another is created after (it follows the new one).
+#[tokio::test]
+async fn a_block_through_one_node_darkens_a_watch_on_the_other_at_once() {
+    use spine_proto::identity::v1 as ipb;
+    let (slot_a, slot_b): (Slot, Slot) = Default::default();
+    let a = spine_testing::start_with_services(Backend::Etcd, spine_testing::test_config(), installer(slot_a.clone()))
+        .await;
+    let early = a.tenant("early").await;
+    let store_b: Arc<dyn Store> = a.etcd.as_ref().unwrap().store().await;
+    let b = spine_testing::start_on_with(store_b, None, spine_testing::test_config(), installer(slot_b.clone())).await;
+    let members = |s: &Slot| s.lock().unwrap().as_ref().map(|r| r.members().len()).unwrap();
+    assert!(
+        spine_testing::eventually(Duration::from_secs(10), || async { members(&slot_a) == 2 && members(&slot_b) == 2 })
+            .await
+    );
+    let late = a.tenant("late").await;
+    let ring_b = slot_b.lock().unwrap().as_ref().map(|r| r.me().to_string()).unwrap();
+
+    for t in [&early, &late] {
+        // One target owned by each node, each watched through the other node.
+        let mut targets = Vec::new();
+        while targets.len() < 2 {
+            let d = a.device(t).await;
+            let owned_by_b = slot_a.lock().unwrap().as_ref().unwrap().owner(&t.id, &d.account) == ring_b;
+            if targets.iter().all(|(_, b)| *b != owned_by_b) {
+                targets.push((d, owned_by_b));
+            }
+        }
+        for (target, owned_by_b) in targets {
+            let watcher = a.device(t).await;
+            let watcher_peer = Some(PeerRef { peer: Some(peer_ref::Peer::AccountId(watcher.account.clone())) });
+            a.add_contact(&target.token, watcher_peer.clone()).await;
+            let (watch_on, block_on) = if owned_by_b { (&a, &b) } else { (&b, &a) };
+            let mut stream = PresenceClient::new(watch_on.channel.clone())
+                .watch(req(
+                    pb::WatchRequest {
+                        targets: vec![pb::Target {
+                            target: Some(pb::target::Target::AccountId(target.account.clone())),
+                        }],
+                    },
+                    &watcher.token,
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            let first = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap();
+            assert_eq!(first.states[0].status, Status::Offline as i32);
+            block_on
+                .identity()
+                .block(req(ipb::BlockRequest { account_id: String::new(), peer: watcher_peer }, &target.token))
+                .await
+                .unwrap();
+            let dark = tokio::time::timeout(Duration::from_secs(3), stream.next())
+                .await
+                .expect("no update within 3 s of the block")
+                .unwrap()
+                .unwrap();
+            assert_eq!(dark.states[0].status, Status::Unavailable as i32);
+        }
+    }
+}

@@ -244,8 +244,8 @@ async fn watchers_see_changes_and_lose_sight_when_settings_close() {
     assert_eq!(next(&mut stream).await.status, Status::Online as i32);
     announce(&env, &target.token, Status::Away).await;
     assert_eq!(next(&mut stream).await.status, Status::Away as i32);
-    // Presence closed to everyone: the open watch goes dark (within the
-    // review interval), as if the account did not exist.
+    // Presence closed to everyone: the open watch goes dark at once, as if
+    // the account did not exist.
     set(
         &env,
         &target.token,
@@ -258,6 +258,95 @@ async fn watchers_see_changes_and_lose_sight_when_settings_close() {
 
 async fn next(stream: &mut tonic::Streaming<pb::PresenceUpdate>) -> pb::PresenceState {
     tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("an update").unwrap().unwrap().states[0]
+}
+
+/// How soon a consent change reaches an open watch: the view follows the
+/// change itself, not a periodic re-check (which took up to 10 s).
+const PROMPTLY: Duration = Duration::from_secs(3);
+
+async fn next_within(stream: &mut tonic::Streaming<pb::PresenceUpdate>, what: &str) -> pb::PresenceState {
+    tokio::time::timeout(PROMPTLY, stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no update within {PROMPTLY:?}"))
+        .unwrap()
+        .unwrap()
+        .states[0]
+}
+
+#[tokio::test]
+async fn open_watches_follow_blocks_contacts_deletion_and_the_watchers_own_settings_at_once() {
+    let env = start().await;
+    let (a, b) = (env.tenant("a").await, env.tenant("b").await);
+    let target = env.device(&a).await;
+    let watcher = env.device(&a).await;
+    let x = env.device(&b).await; // another app's person
+    let mut id = env.identity();
+    env.add_contact(&target.token, peer(&watcher.account)).await;
+    let exact = ipb::PrivacySettings { last_seen: ipb::LastSeenGranularity::Exact as i32, ..Default::default() };
+    set(&env, &target.token, exact.clone(), &["last_seen"]).await;
+    set(&env, &watcher.token, exact.clone(), &["last_seen"]).await;
+    announce(&env, &target.token, Status::Online).await;
+    announce(&env, &target.token, Status::Offline).await;
+    tokio::time::sleep(Duration::from_millis(700)).await; // past the coalescing window
+    let mut stream = client(&env)
+        .watch(req(pb::WatchRequest { targets: vec![local(&target.account)] }, &watcher.token))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await;
+    assert_eq!((first.status, first.last_seen), (Status::Offline as i32, LastSeen::At as i32));
+
+    // Reciprocal last-seen reads the watcher's own settings: hiding its own
+    // hides the target's on its open watch.
+    let hidden = ipb::PrivacySettings { last_seen: ipb::LastSeenGranularity::Hidden as i32, ..Default::default() };
+    set(&env, &watcher.token, hidden, &["last_seen"]).await;
+    let s = next_within(&mut stream, "the watcher hid its own last-seen").await;
+    assert_eq!((s.status, s.last_seen), (Status::Offline as i32, LastSeen::Hidden as i32));
+    set(&env, &watcher.token, exact, &["last_seen"]).await;
+    assert_eq!(next_within(&mut stream, "the watcher showed it again").await.last_seen, LastSeen::At as i32);
+
+    // Blocked: dark at once, exactly as an account that does not exist.
+    let unknown = query(&env, &watcher.token, local(&spine_runtime::ids::new(spine_runtime::ids::Kind::Account))).await;
+    id.block(req(ipb::BlockRequest { account_id: String::new(), peer: peer(&watcher.account) }, &target.token))
+        .await
+        .unwrap();
+    let dark = next_within(&mut stream, "blocked").await;
+    assert_eq!((dark.status, dark.last_seen, dark.last_seen_at), (unknown.status, unknown.last_seen, None));
+    id.unblock(req(ipb::UnblockRequest { account_id: String::new(), peer: peer(&watcher.account) }, &target.token))
+        .await
+        .unwrap();
+    assert_eq!(next_within(&mut stream, "unblocked").await.status, Status::Offline as i32);
+    // No longer a contact (presence shown to contacts only): dark; again a
+    // contact: seen.
+    id.remove_contact(req(
+        ipb::RemoveContactRequest { account_id: String::new(), peer: peer(&watcher.account) },
+        &target.token,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_within(&mut stream, "contact removed").await.status, Status::Unavailable as i32);
+    env.add_contact(&target.token, peer(&watcher.account)).await;
+    assert_eq!(next_within(&mut stream, "contact added back").await.status, Status::Offline as i32);
+
+    // Another app's person, a contact through their handle, then blocked
+    // through it (the lists by person).
+    let xh = handle(&env, &x.token, &a).await;
+    let x_peer =
+        Some(PeerRef { peer: Some(peer_ref::Peer::Interop(InteropRef { tenant_id: b.id.clone(), handle: xh })) });
+    env.add_contact(&target.token, x_peer.clone()).await;
+    let th = handle(&env, &target.token, &b).await;
+    let mut x_stream = client(&env)
+        .watch(req(pb::WatchRequest { targets: vec![interop(&a.id, &th)] }, &x.token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut x_stream).await.status, Status::Offline as i32);
+    id.block(req(ipb::BlockRequest { account_id: String::new(), peer: x_peer }, &target.token)).await.unwrap();
+    assert_eq!(next_within(&mut x_stream, "blocked across apps").await.status, Status::Unavailable as i32);
+
+    // The target deletes its account: dark.
+    id.delete_account(req(ipb::DeleteAccountRequest { account_id: String::new() }, &target.token)).await.unwrap();
+    assert_eq!(next_within(&mut stream, "account deleted").await.status, Status::Unavailable as i32);
 }
 
 #[tokio::test]

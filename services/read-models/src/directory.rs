@@ -177,6 +177,35 @@ pub async fn lists(
     Ok(t.get(&key).await?.is_some())
 }
 
+/// The tenant-relative prefixes of everything [`consent`] reads about the
+/// account it guards: whether it exists, its settings, and its contact and
+/// block lists (`contacts` covers `contacts/` and `contacts-p/`, `blocks`
+/// likewise). A follower watching these sees every change that can change
+/// a consent answer.
+pub const CONSENT_PREFIXES: [&str; 4] = ["accounts/", "settings/", "contacts", "blocks"];
+
+/// A change to one of [`CONSENT_PREFIXES`], by the tenant-relative key it
+/// wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentChange {
+    /// The account whose consent answers may have changed.
+    pub account: String,
+    /// Its settings changed (rules that read the *asker's* settings, such
+    /// as reciprocal last-seen, may have changed too).
+    pub settings: bool,
+}
+
+/// What a tenant-relative key under [`CONSENT_PREFIXES`] changes, if
+/// anything.
+pub fn consent_change(rel: &str) -> Option<ConsentChange> {
+    let (family, rest) = rel.split_once('/')?;
+    if !matches!(family, "accounts" | "settings" | "contacts" | "contacts-p" | "blocks" | "blocks-p") {
+        return None;
+    }
+    let account = rest.split('/').next().filter(|a| !a.is_empty())?;
+    Some(ConsentChange { account: account.to_string(), settings: family == "settings" })
+}
+
 /// Who a rule lets through: everyone, contacts only, or nobody.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Who {
@@ -282,4 +311,29 @@ pub async fn resolve_handle(
         return Ok(None);
     }
     Ok(Some((target, idx.account_id)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consent_changes_name_the_account_whose_answers_change() {
+        let c = |rel: &str| consent_change(rel).map(|c| (c.account, c.settings));
+        assert_eq!(c(&settings_key("ac_1")), Some(("ac_1".into(), true)));
+        assert_eq!(c(&account_key("ac_1")), Some(("ac_1".into(), false)));
+        assert_eq!(c(&contact_key("ac_1", &peer_account("ac_2"))), Some(("ac_1".into(), false)));
+        assert_eq!(c(&block_key("ac_1", &peer_interop("tn_x", "ih_y"))), Some(("ac_1".into(), false)));
+        assert_eq!(c(&person_key("contacts", "ac_1", "h")), Some(("ac_1".into(), false)));
+        assert_eq!(c(&person_key("blocks", "ac_1", "h")), Some(("ac_1".into(), false)));
+        // Every prefix a follower watches starts the keys it parses.
+        for rel in [settings_key("a"), account_key("a"), contact_key("a", "p"), person_key("blocks", "a", "h")] {
+            assert!(CONSENT_PREFIXES.iter().any(|p| rel.starts_with(p)), "{rel}");
+        }
+        // Nothing else under the tenant counts, even where a prefix matches.
+        assert_eq!(c(&device_key("ac_1", "dv_1")), None);
+        assert_eq!(c("contactsx/ac_1"), None);
+        assert_eq!(c("settings/"), None);
+        assert_eq!(c("mbox/ac_1/dv_1/0"), None);
+    }
 }
