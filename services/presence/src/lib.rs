@@ -14,6 +14,7 @@ pub mod config;
 mod data;
 pub mod error;
 mod in_call;
+mod outbox;
 mod review;
 mod ring;
 mod service;

@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -19,7 +18,8 @@ use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
 
 use crate::error::{PresenceError, invalid};
-use crate::state::{Outbox, render};
+use crate::outbox::Outbox;
+use crate::state::render;
 use crate::visibility::{self, AccountKey, key_str};
 use crate::{MAX_TTL, Node};
 
@@ -222,15 +222,13 @@ impl Presence for PresenceApi {
         let principal = Caller::of(&req)?.principal().clone();
         let keys = resolve(self.node(), &me, &req.get_ref().targets).await?;
         let slot = WatchSlot::take(&self.0, &me)?;
-        let (outbox, rx) = Outbox::new(WATCH_BUFFER);
-        let failed = Arc::new(std::sync::Mutex::new(None));
+        let outbox = Outbox::new(WATCH_BUFFER);
         let node = self.0.clone();
         // Keep only what forwarding needs, not every request header.
         let auth = req.metadata().get("authorization").cloned();
         let local_only = forwarded(&node, req.metadata(), WATCH);
         let targets = req.into_inner().targets;
-        let fail = failed.clone();
-        let out = outbox;
+        let out = outbox.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let open = spine_runtime::telemetry::metrics();
@@ -246,14 +244,11 @@ impl Presence for PresenceApi {
             };
             let end = manage(&node, &watch, &out).await;
             open.open_streams.add(-1, &attrs);
-            if let Err(status) = end {
-                // Delivered at the stream's next poll, even if its buffer
-                // is full (a slow watcher); dropping `out` below (and the
-                // subscriptions `manage` removed) wakes the stream.
-                *fail.lock().expect("watch failure lock") = Some(status);
-            }
+            // Delivered at the stream's next poll, even if its queue is
+            // full (a slow watcher).
+            out.finish(end.err());
         });
-        Ok(Response::new(Box::pin(WatchOut { rx, failed, last: HashMap::new(), done: false })))
+        Ok(Response::new(Box::pin(WatchOut { out: outbox, last: HashMap::new(), done: false })))
     }
 }
 
@@ -261,10 +256,16 @@ impl Presence for PresenceApi {
 /// forwarder) pushes, drops repeats, and ends with the error that ended the
 /// watch, which takes precedence over anything still buffered.
 struct WatchOut {
-    rx: mpsc::Receiver<PresenceState>,
-    failed: Arc<std::sync::Mutex<Option<Status>>>,
+    out: Outbox,
     last: HashMap<u32, PresenceState>,
     done: bool,
+}
+
+impl Drop for WatchOut {
+    fn drop(&mut self) {
+        // The client left: the watch's manager ends it.
+        self.out.close();
+    }
 }
 
 impl Stream for WatchOut {
@@ -276,23 +277,21 @@ impl Stream for WatchOut {
             if self.done {
                 return Poll::Ready(None);
             }
-            let failure = self.failed.lock().expect("watch failure lock").take();
-            if let Some(status) = failure {
-                self.done = true;
-                return Poll::Ready(Some(Err(status)));
-            }
-            match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(s)) => {
+            match self.out.poll_next(cx) {
+                Poll::Ready(Some(Ok(s))) => {
                     if self.last.get(&s.target) == Some(&s) {
                         continue;
                     }
                     self.last.insert(s.target, s);
                     return Poll::Ready(Some(Ok(pb::PresenceUpdate { states: vec![s] })));
                 }
+                Poll::Ready(Some(Err(status))) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
                 Poll::Ready(None) => {
                     self.done = true;
-                    let failure = self.failed.lock().expect("watch failure lock").take();
-                    return Poll::Ready(failure.map(Err));
+                    return Poll::Ready(None);
                 }
                 Poll::Pending => return Poll::Pending,
             }
@@ -354,10 +353,10 @@ impl Drop for Subscriptions<'_> {
 /// when the ring changes; ends on drain, overflow, the client leaving, or
 /// its credential ending (token expiry, revocation, account deletion).
 async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), Status> {
-    let (me, keys, targets, local_only) = (w.me, w.keys, w.targets, w.local_only);
+    let (keys, local_only) = (w.keys, w.local_only);
     // What cannot be resolved is unavailable, once and for good.
     for (i, k) in keys.iter().enumerate() {
-        if k.is_none() && outbox.tx.send(unavailable(i as u32)).await.is_err() {
+        if k.is_none() && !outbox.push(unavailable(i as u32)) {
             return Ok(());
         }
     }
@@ -376,72 +375,10 @@ async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), 
         };
         // Dropped however this round ends (an error setting it up too).
         let mut subs = Subscriptions { owner: &node.owner, subs: Vec::new(), forwarders: Vec::new() };
-        for (owner, (addr, group)) in plan {
-            if owner == node.ring.me || local_only {
-                for (i, k) in group {
-                    // Boxed: the watch's task lives as long as the stream, and
-                    // an idle one should not hold a store read's state inline.
-                    let epoch = node.owner.consent_epoch();
-                    let mut view = Box::pin(visibility::view(&node.rt, &node.secrets, &me.account, &k)).await?;
-                    let id = node.owner.subscribe(k.clone(), me.account.clone(), i, view, outbox.clone());
-                    subs.subs.push((k.clone(), id));
-                    if node.owner.consent_epoch() != epoch {
-                        // Consent changed while this view was read, and the
-                        // review may have run before this subscription was
-                        // there to find: read it again.
-                        view = Box::pin(visibility::view(&node.rt, &node.secrets, &me.account, &k)).await?;
-                        node.owner.set_view(&k, id, view);
-                    }
-                    let warming = node.ring.recently_moved(&key_str(&k), MAX_TTL);
-                    if let Some(s) = node.owner.current(&k, i, view, warming) {
-                        let _ = outbox.tx.send(s).await;
-                    }
-                }
-            } else {
-                let subset =
-                    pb::WatchRequest { targets: group.iter().map(|(i, _)| targets[*i as usize].clone()).collect() };
-                let indices: Vec<u32> = group.iter().map(|(i, _)| *i).collect();
-                let channel = node.peer(&addr)?;
-                let request = forward(node, w.auth, WATCH, subset);
-                let (tx, err_tx) = (outbox.tx.clone(), err_tx.clone().expect("remote plan has an error channel"));
-                subs.forwarders.push(tokio::spawn(async move {
-                    let mut stream = match PresenceClient::new(channel).watch(request).await {
-                        Ok(s) => s.into_inner(),
-                        Err(e) => {
-                            let _ = err_tx.send(e).await;
-                            return;
-                        }
-                    };
-                    loop {
-                        match stream.next().await {
-                            Some(Ok(update)) => {
-                                for mut s in update.states {
-                                    let Some(i) = indices.get(s.target as usize) else { continue };
-                                    s.target = *i;
-                                    if tx.send(s).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                            Some(Err(e)) => {
-                                let _ = err_tx.send(e).await;
-                                return;
-                            }
-                            None => {
-                                let _ = err_tx
-                                    .send(spine_runtime::error::unavailable(
-                                        "owner stream ended: watch again",
-                                        "STREAM_INTERRUPTED",
-                                        spine_runtime::error::DRAIN_RETRY_AFTER,
-                                    ))
-                                    .await;
-                                return;
-                            }
-                        }
-                    }
-                }));
-            }
-        }
+        // Boxed: the watch's task lives as long as the stream, and an idle
+        // one should not hold a round's setup (store reads, peer calls)
+        // inline.
+        Box::pin(subscribe_round(node, w, outbox, plan, err_tx.as_ref(), &mut subs)).await?;
         drop(err_tx);
         let round = loop {
             tokio::select! {
@@ -449,13 +386,15 @@ async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), 
                     break Err(spine_runtime::error::draining("server draining: reconnect and watch again"));
                 }
                 status = node.rt.auth.stream_end(w.principal) => break Err(status),
-                _ = outbox.tx.closed() => break Ok(Round::Done),
                 changed = ring_changes.changed() => {
                     if changed.is_err() { break Ok(Round::Done) }
                     break Ok(Round::Replan);
                 }
-                _ = outbox.overflow.1.notified() => {
-                    if outbox.overflow.0.load(Ordering::Relaxed) {
+                _ = outbox.alarm() => {
+                    if outbox.gone() {
+                        break Ok(Round::Done);
+                    }
+                    if outbox.overflowed() {
                         break Err(PresenceError::TooSlow.into());
                     }
                 }
@@ -482,4 +421,83 @@ async fn manage(node: &Arc<Node>, w: &Watch<'_>, outbox: &Outbox) -> Result<(), 
             Round::Replan => continue,
         }
     }
+}
+
+/// Subscribes a watch's targets for one round: each where it is owned
+/// (locally, or through a watch forwarded to its owner, which reports how
+/// it ended on `err_tx`), sending each local target's current state.
+async fn subscribe_round<'a>(
+    node: &'a Arc<Node>,
+    w: &Watch<'_>,
+    outbox: &Outbox,
+    plan: Plan,
+    err_tx: Option<&mpsc::Sender<Status>>,
+    subs: &mut Subscriptions<'a>,
+) -> Result<(), Status> {
+    let (me, targets, local_only) = (w.me, w.targets, w.local_only);
+    for (owner, (addr, group)) in plan {
+        if owner == node.ring.me || local_only {
+            for (i, k) in group {
+                let epoch = node.owner.consent_epoch();
+                let mut view = visibility::view(&node.rt, &node.secrets, &me.account, &k).await?;
+                let id = node.owner.subscribe(k.clone(), me.account.clone(), i, view, outbox.clone());
+                subs.subs.push((k.clone(), id));
+                if node.owner.consent_epoch() != epoch {
+                    // Consent changed while this view was read, and the
+                    // review may have run before this subscription was
+                    // there to find: read it again.
+                    view = visibility::view(&node.rt, &node.secrets, &me.account, &k).await?;
+                    node.owner.set_view(&k, id, view);
+                }
+                let warming = node.ring.recently_moved(&key_str(&k), MAX_TTL);
+                if let Some(s) = node.owner.current(&k, i, view, warming) {
+                    outbox.push(s);
+                }
+            }
+        } else {
+            let subset =
+                pb::WatchRequest { targets: group.iter().map(|(i, _)| targets[*i as usize].clone()).collect() };
+            let indices: Vec<u32> = group.iter().map(|(i, _)| *i).collect();
+            let channel = node.peer(&addr)?;
+            let request = forward(node, w.auth, WATCH, subset);
+            let (tx, err_tx) = (outbox.clone(), err_tx.cloned().expect("remote plan has an error channel"));
+            subs.forwarders.push(tokio::spawn(async move {
+                let mut stream = match PresenceClient::new(channel).watch(request).await {
+                    Ok(s) => s.into_inner(),
+                    Err(e) => {
+                        let _ = err_tx.send(e).await;
+                        return;
+                    }
+                };
+                loop {
+                    match stream.next().await {
+                        Some(Ok(update)) => {
+                            for mut s in update.states {
+                                let Some(i) = indices.get(s.target as usize) else { continue };
+                                s.target = *i;
+                                if !tx.push(s) {
+                                    return;
+                                }
+                            }
+                        }
+                        Some(Err(e)) => {
+                            let _ = err_tx.send(e).await;
+                            return;
+                        }
+                        None => {
+                            let _ = err_tx
+                                .send(spine_runtime::error::unavailable(
+                                    "owner stream ended: watch again",
+                                    "STREAM_INTERRUPTED",
+                                    spine_runtime::error::DRAIN_RETRY_AFTER,
+                                ))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    Ok(())
 }

@@ -2,41 +2,18 @@
 //! account, the derived status, last-seen, and the watchers to tell.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use crate::outbox::Outbox;
+use crate::visibility::{AccountKey, View};
 use spine_proto::identity::v1::LastSeenGranularity;
 use spine_proto::presence::v1::{LastSeen, PresenceState, Status};
-use tokio::sync::{Notify, mpsc};
-
-use crate::visibility::{AccountKey, View};
 
 /// At most one published change per account per this interval: a flapping
 /// device cannot storm its watchers.
 pub const COALESCE: Duration = Duration::from_millis(500);
-
-/// Where one watch stream's states go. When the stream cannot keep up, the
-/// owner marks it overflowed instead of waiting for it.
-#[derive(Clone)]
-pub struct Outbox {
-    pub tx: mpsc::Sender<PresenceState>,
-    pub overflow: Arc<(AtomicBool, Notify)>,
-}
-
-impl Outbox {
-    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<PresenceState>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (Self { tx, overflow: Arc::new((AtomicBool::new(false), Notify::new())) }, rx)
-    }
-
-    fn push(&self, s: PresenceState) {
-        if self.tx.try_send(s).is_err() && !self.tx.is_closed() {
-            self.overflow.0.store(true, Ordering::Relaxed);
-            self.overflow.1.notify_one();
-        }
-    }
-}
 
 struct Sub {
     watcher: AccountKey,
