@@ -39,7 +39,7 @@ pub(crate) async fn follow(node: Arc<Node>) -> Result<(), StoreError> {
     let tenants_prefix = directory::tenant_key("");
     let mut watches: SelectAll<Tagged> = SelectAll::new();
     let list = node.rt.store.watch(sys.key(&tenants_prefix).as_str(), rev + 1).await?;
-    watches.push(list.map(|e| (None, e)).boxed());
+    watches.push(tagged(list, None));
     let mut watched = HashSet::new();
     for kv in sys.range_all(&tenants_prefix).await? {
         if let Some(t) = sys.relative(&kv.key).strip_prefix(&tenants_prefix).and_then(TenantId::parse) {
@@ -91,6 +91,19 @@ pub(crate) async fn follow(node: Arc<Node>) -> Result<(), StoreError> {
     Err(StoreError::Unavailable("consent watch ended".into()))
 }
 
+/// A watch's events tagged with what it watches. A watch that ends, even
+/// without an error, ends the follow (which then starts again): a merged
+/// stream would otherwise just drop it and miss that tenant's changes.
+fn tagged(events: spine_runtime::store::WatchStream, tag: Option<TenantId>) -> Tagged {
+    let end = tag.clone();
+    events
+        .map(move |e| (tag.clone(), e))
+        .chain(futures::stream::once(
+            async move { (end, Err(StoreError::Unavailable("a consent watch ended".into()))) },
+        ))
+        .boxed()
+}
+
 /// Watches the records that decide consent in one tenant's silo.
 async fn watch_tenant(
     node: &Node,
@@ -101,8 +114,7 @@ async fn watch_tenant(
     let t = node.rt.system_store().tenant(tenant);
     for prefix in CONSENT_PREFIXES {
         let events = node.rt.store.watch(t.key(prefix).as_str(), from).await?;
-        let tag = tenant.clone();
-        watches.push(events.map(move |e| (Some(tag.clone()), e)).boxed());
+        watches.push(tagged(events, Some(tenant.clone())));
     }
     Ok(())
 }
