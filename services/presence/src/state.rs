@@ -290,18 +290,16 @@ impl Owner {
     pub fn expire(&self) {
         let mut map = self.accounts.lock().expect("presence lock");
         let now = Instant::now();
-        let keys: Vec<AccountKey> = map.keys().cloned().collect();
-        for k in keys {
-            let e = map.get_mut(&k).expect("listed key");
+        // In place: this runs four times a second over every account held,
+        // most of them only watched, so it copies and hashes nothing.
+        map.retain(|k, e| {
             let before = e.devices.len();
             e.devices.retain(|_, (_, exp)| *exp > now);
             if e.devices.len() != before || e.published.is_some_and(|p| p != e.derived(now)) {
-                self.settle(&k, e);
+                self.settle(k, e);
             }
-            if e.is_empty() {
-                map.remove(&k);
-            }
-        }
+            !e.is_empty()
+        });
     }
 
     /// Publishes the derived status if it changed, at most once per

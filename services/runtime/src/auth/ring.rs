@@ -54,13 +54,19 @@ impl AuthError {
 #[derive(Default)]
 struct Mirror {
     keys: HashMap<String, VerifyingKey>,
-    revoked: HashSet<(String, String)>,
+    /// Revoked devices: device id -> the tenants it is revoked in (looked
+    /// up without building a key: every open stream is checked each second).
+    revoked: HashMap<String, HashSet<String>>,
     tenant_creds: HashMap<String, TenantCredential>,
     operators: HashMap<String, OperatorCredential>,
     media_creds: HashMap<String, MediaNodeCredential>,
 }
 
 impl Mirror {
+    fn is_revoked(&self, tenant: &str, device: &str) -> bool {
+        self.revoked.get(device).is_some_and(|tenants| tenants.contains(tenant))
+    }
+
     fn apply(&mut self, rel: &str, value: Option<&[u8]>) {
         if let Some(kid) = rel.strip_prefix(records::KEYS) {
             let key = value
@@ -74,11 +80,13 @@ impl Mirror {
             };
         } else if let Some(rest) = rel.strip_prefix(records::REVOKED) {
             if let Some((t, d)) = rest.split_once('/') {
-                let entry = (t.to_string(), d.to_string());
                 if value.is_some() {
-                    self.revoked.insert(entry);
-                } else {
-                    self.revoked.remove(&entry);
+                    self.revoked.entry(d.to_string()).or_default().insert(t.to_string());
+                } else if let Some(tenants) = self.revoked.get_mut(d) {
+                    tenants.remove(t);
+                    if tenants.is_empty() {
+                        self.revoked.remove(d);
+                    }
                 }
             }
         } else if let Some(id) = rel.strip_prefix(records::TENANT_CREDS) {
@@ -247,7 +255,7 @@ impl AuthRing {
             return Err(stream_ended(true));
         }
         let mirror = self.mirror.read().expect("auth mirror lock");
-        if mirror.revoked.contains(&(tenant.to_string(), device_id.clone())) || !mirror.keys.contains_key(key_id) {
+        if mirror.is_revoked(tenant.as_str(), device_id) || !mirror.keys.contains_key(key_id) {
             return Err(stream_ended(false));
         }
         Ok(())
@@ -277,7 +285,7 @@ impl AuthRing {
     /// Whether a device's tokens are revoked (the device was revoked or its
     /// account deleted), for long-lived streams that authenticated earlier.
     pub fn is_revoked(&self, tenant: &str, device: &str) -> bool {
-        self.mirror.read().expect("auth mirror lock").revoked.contains(&(tenant.to_string(), device.to_string()))
+        self.mirror.read().expect("auth mirror lock").is_revoked(tenant, device)
     }
 
     /// Reads the signing key a device token names from the store into the
@@ -359,7 +367,7 @@ impl AuthRing {
             if ids::parse(Kind::Account, &c.a).is_none() || ids::parse(Kind::Device, &c.d).is_none() {
                 return Err(AuthError::Malformed);
             }
-            if mirror.revoked.contains(&(c.t.clone(), c.d.clone())) {
+            if mirror.is_revoked(&c.t, &c.d) {
                 return Err(AuthError::Revoked);
             }
             let scopes = c.s.iter().map(|s| Scope::parse(s).ok_or(AuthError::Malformed)).collect::<Result<_, _>>()?;
