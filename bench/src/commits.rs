@@ -145,8 +145,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
         if w == 16 {
             let n = (w * per_worker) as f64;
             s.notes.push(format!(
-                "etcd requests per accepted commit (16 workers): {:.2} reads, {:.2} transactions",
+                "etcd requests per accepted commit (16 workers): {:.2} reads in {:.2} rounds, {:.2} transactions",
                 made.reads as f64 / n,
+                made.read_rounds as f64 / n,
                 made.txns as f64 / n
             ));
             s.aims.push(Aim::at_least("accepted commits / etcd CAS rate, 16 workers", row.ratio.unwrap_or(0.0), 0.5));

@@ -16,7 +16,14 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
     }
     let my_key = node.own_key(t, me).await?;
     for _ in 0..CAS_ATTEMPTS {
-        let Some(mut l) = load(node, &g).await? else { return Err(GroupsError::NotFound("group")) };
+        // The current GroupInfo (kept with the epoch this commit leaves)
+        // in the same round as the group: the transaction below compares
+        // its revision too, so a pair read across another commit fails
+        // and is read again.
+        let (loaded, old_info) = futures::try_join!(load(node, &g), async {
+            node.groups.get(&model::info_key(&g)).await.map_err(GroupsError::from)
+        })?;
+        let Some(mut l) = loaded else { return Err(GroupsError::NotFound("group")) };
         let is_member = l.meta.member(&me.tenant, &me.account, &me.device).is_some();
         let account_in_group =
             l.meta.roster.iter().any(|r| r.device.tenant == me.tenant && r.device.account == me.account);
@@ -127,11 +134,10 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
         let prev_op = if removes_gone {
             Op::delete(node.groups.key(&model::prev_key(&g)))
         } else {
-            let old_info = node.groups.get(&model::info_key(&g)).await?.map(|kv| kv.value).unwrap_or_default();
             let prev = model::PrevEpoch {
                 epoch: from_epoch,
                 state: model::b64(&l.state),
-                info: model::b64(&old_info),
+                info: model::b64(old_info.as_ref().map_or(&[][..], |kv| kv.value.as_slice())),
                 roster: old_roster.clone(),
                 committer_leaf: signer,
             };
@@ -139,6 +145,10 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
         };
         let mut txn = Txn::new()
             .when(Compare::ModRevision(l.meta_kv.stored_key(), l.meta_kv.mod_revision))
+            .when(Compare::ModRevision(
+                node.groups.key(&model::info_key(&g)),
+                old_info.as_ref().map_or(0, |kv| kv.mod_revision),
+            ))
             .then(Op::put(node.groups.key(&model::state_key(&g)), l.verifier.to_bytes()))
             .then(Op::put(node.groups.key(&model::info_key(&g)), req.group_info.clone()))
             .then(prev_op)
