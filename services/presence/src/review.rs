@@ -37,12 +37,14 @@ pub(crate) async fn follow(node: Arc<Node>) -> Result<(), StoreError> {
     let sys = node.rt.system_store();
     let rev = node.rt.store.revision().await?;
     let tenants_prefix = directory::tenant_key("");
+    // The tenant a control-plane key of the tenant list names.
+    let tenant_of = |key: &str| sys.relative(key).strip_prefix(tenants_prefix.as_str()).and_then(TenantId::parse);
     let mut watches: SelectAll<Tagged> = SelectAll::new();
     let list = node.rt.store.watch(sys.key(&tenants_prefix).as_str(), rev + 1).await?;
     watches.push(tagged(list, None));
     let mut watched = HashSet::new();
     for kv in sys.range_all(&tenants_prefix).await? {
-        if let Some(t) = sys.relative(&kv.key).strip_prefix(&tenants_prefix).and_then(TenantId::parse) {
+        if let Some(t) = tenant_of(&kv.key) {
             watch_tenant(&node, &t, rev + 1, &mut watches).await?;
             watched.insert(t);
         }
@@ -57,9 +59,8 @@ pub(crate) async fn follow(node: Arc<Node>) -> Result<(), StoreError> {
                 // A new tenant: its silo is watched from the revision that
                 // created it, so nothing written in it is missed.
                 None => {
-                    let rel = sys.relative(&event.key);
                     if event.kind == EventKind::Put
-                        && let Some(t) = rel.strip_prefix(&tenants_prefix).and_then(TenantId::parse)
+                        && let Some(t) = tenant_of(&event.key)
                         && !watched.contains(&t)
                     {
                         watch_tenant(&node, &t, event.revision, &mut watches).await?;

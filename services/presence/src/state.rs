@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::outbox::Outbox;
-use crate::visibility::{AccountKey, View};
 use spine_proto::identity::v1::LastSeenGranularity;
 use spine_proto::presence::v1::{LastSeen, PresenceState, Status};
+
+use crate::outbox::Outbox;
+use crate::visibility::{AccountKey, View};
 
 /// At most one published change per account per this interval: a flapping
 /// device cannot storm its watchers.
