@@ -163,11 +163,9 @@ async fn report(node: &Node, t: &TenantStore, account: &str) -> Result<DataRepor
                 meta.roster.len()
             ));
         }
-        if let Some(kv) = node.groups.get(&model::prev_key(g)).await? {
-            let prev: model::PrevEpoch = parse(&kv)?;
-            for r in prev.roster.iter().filter(|r| r.device.tenant == tenant && r.device.account == account) {
-                previous
-                    .push(format!("device {} in group {g}'s epoch {} at leaf {}", r.device.device, prev.epoch, r.leaf));
+        if let Some((epoch, roster)) = crate::delivery::previous_epoch(node, g).await? {
+            for r in roster.iter().filter(|r| r.device.tenant == tenant && r.device.account == account) {
+                previous.push(format!("device {} in group {g}'s epoch {epoch} at leaf {}", r.device.device, r.leaf));
             }
         }
         for kv in node.groups.range_all(&model::log_prefix(g)).await? {
@@ -255,15 +253,17 @@ async fn report(node: &Node, t: &TenantStore, account: &str) -> Result<DataRepor
         item(
             "group_membership",
             "Which MLS groups the account's devices are in: the membership index in its tenant, and in each group the roster (tenant, account and device ids and leaf index of every member), the public MLS state (ratchet tree with each member's credential and public keys, no secret) and the current GroupInfo, all naming its devices. A revoked or deleted device stays in them until a member commits its removal, which Spine proposes; a group that never does is deleted after 14 days.",
-            &format!("{root}gm/<account>/<device>/<group>, {gspace}/s/meta, {gspace}/s/state and {gspace}/info"),
+            &format!(
+                "{root}gm/<account>/<device>/<group>, {gspace}/s/meta and the current epoch's {gspace}/s/slot/<0|1> and {gspace}/info/<0|1>"
+            ),
             until_deleted(),
             memberships,
             "the account's devices; the group's member devices (roster, state and GroupInfo)",
         ),
         item(
             "previous_epoch",
-            "The epoch before the current one of each group the account's devices were in: its roster, public MLS state and GroupInfo, naming them, kept until the next commit so the group's members can have the current one voided (docs/api.md, \"A forked epoch\").",
-            &format!("{gspace}/prev"),
+            "The epoch before the current one of each group the account's devices were in: its public MLS state and GroupInfo (and so its roster), naming them, kept until the next commit, or until a member other than the committer writes in the current epoch, so the group's members can have the current one voided (docs/api.md, \"A forked epoch\").",
+            &format!("the other {gspace}/s/slot/<0|1> and {gspace}/info/<0|1>"),
             until_deleted(),
             previous,
             "Spine only, until a voiding makes it the group's state again",

@@ -51,9 +51,20 @@ pub(crate) struct Loaded {
     meta: GroupMeta,
     meta_kv: KeyValue,
     verifier: Verifier,
-    /// The stored state `verifier` was read from.
-    state: Vec<u8>,
+    /// The current epoch's slot (`verifier` is read from its state).
+    slot: model::Slot,
+    /// The epoch before, while its commit can still be voided.
+    prev: Option<model::Slot>,
     /// The fan-out cursor: last log entry delivered, and its revision.
+    fanout: (u64, i64),
+}
+
+/// A group's core records, read in one range: no verifier built.
+pub(crate) struct Core {
+    meta: GroupMeta,
+    meta_kv: KeyValue,
+    slot: model::Slot,
+    prev: Option<model::Slot>,
     fanout: (u64, i64),
 }
 
@@ -65,17 +76,85 @@ async fn load_meta(node: &Node, g: &str) -> Result<Option<(GroupMeta, KeyValue)>
 }
 
 /// Meta, state and fan-out cursor in one read.
+/// The group's core records (meta, the current slot and the one before,
+/// the fan-out cursor), in one read. A group written before slots is moved
+/// into them first.
+async fn load_core(node: &Node, g: &str) -> Result<Option<Core>> {
+    for _ in 0..CAS_ATTEMPTS {
+        let core = node.groups.range_all(&model::core_prefix(g)).await?;
+        let find = |k: String| core.iter().find(|kv| node.groups.relative(&kv.key) == k);
+        let Some(meta_kv) = find(model::meta_key(g)).cloned() else { return Ok(None) };
+        let meta: GroupMeta = parse(&meta_kv)?;
+        if let Some(legacy) = find(model::legacy_state_key(g)) {
+            into_slots(node, g, &meta, &meta_kv, legacy).await?;
+            continue;
+        }
+        let slot = find(model::slot_key(g, meta.epoch))
+            .map(|kv| model::Slot::from_bytes(&kv.value))
+            .transpose()?
+            .filter(|s| s.epoch == meta.epoch)
+            .ok_or_else(|| GroupsError::Internal("group without state for its epoch".into()))?;
+        let prev = match meta.epoch.checked_sub(1) {
+            Some(e) => find(model::slot_key(g, e))
+                .map(|kv| model::Slot::from_bytes(&kv.value))
+                .transpose()?
+                .filter(|s| s.epoch == e),
+            None => None,
+        };
+        let fanout = find(model::fanout_key(g)).map_or((0, 0), |kv| {
+            (serde_json::from_slice::<model::Counter>(&kv.value).map_or(0, |c| c.n), kv.mod_revision)
+        });
+        return Ok(Some(Core { meta, meta_kv, slot, prev, fanout }));
+    }
+    Err(GroupsError::Conflict)
+}
+
+/// Moves a group written before slots into them, in one transaction on
+/// its meta: the current state and GroupInfo into the current epoch's
+/// slot (and its GroupInfo beside it), the copied previous epoch (if it is
+/// the one before) into its own.
+async fn into_slots(node: &Node, g: &str, meta: &GroupMeta, meta_kv: &KeyValue, state: &KeyValue) -> Result<()> {
+    let (info, prev) = futures::try_join!(
+        async { node.groups.get(&model::legacy_info_key(g)).await.map_err(GroupsError::from) },
+        async { node.groups.get(&model::legacy_prev_key(g)).await.map_err(GroupsError::from) },
+    )?;
+    let prev = prev.map(|kv| parse::<model::LegacyPrev>(&kv)).transpose()?.filter(|p| p.epoch + 1 == meta.epoch);
+    let current = model::Slot {
+        epoch: meta.epoch,
+        committer_leaf: prev.as_ref().map_or(u32::MAX, |p| p.committer_leaf),
+        state: state.value.clone(),
+    };
+    let mut txn = Txn::new()
+        .when(Compare::ModRevision(meta_kv.stored_key(), meta_kv.mod_revision))
+        .when(Compare::ModRevision(state.stored_key(), state.mod_revision))
+        .then(Op::put(node.groups.key(&model::slot_key(g, meta.epoch)), current.to_bytes()))
+        .then(Op::put(node.groups.key(&model::info_key(g, meta.epoch)), info.map(|kv| kv.value).unwrap_or_default()))
+        .then(Op::delete(state.stored_key()))
+        .then(Op::delete(node.groups.key(&model::legacy_info_key(g))))
+        .then(Op::delete(node.groups.key(&model::legacy_prev_key(g))));
+    if let Some(p) = prev {
+        let before = model::Slot { epoch: p.epoch, committer_leaf: u32::MAX, state: model::unb64(&p.state)? };
+        txn = txn
+            .then(Op::put(node.groups.key(&model::slot_key(g, p.epoch)), before.to_bytes()))
+            .then(Op::put(node.groups.key(&model::info_key(g, p.epoch)), model::unb64(&p.info)?));
+    }
+    if node.groups.txn(txn).await?.succeeded {
+        tracing::info!(group = %node.rt.redact(g), "group moved into epoch slots");
+    }
+    Ok(())
+}
+
+/// The epoch before the current one and its roster, while it is kept.
+pub(crate) async fn previous_epoch(node: &Node, g: &str) -> Result<Option<(u64, Vec<RosterEntry>)>> {
+    let Some(prev) = load_core(node, g).await?.and_then(|c| c.prev) else { return Ok(None) };
+    Ok(Some((prev.epoch, epoch_roster(&prev)?)))
+}
+
 async fn load(node: &Node, g: &str) -> Result<Option<Loaded>> {
-    let core = node.groups.range_all(&model::core_prefix(g)).await?;
-    let find = |k: String| core.iter().find(|kv| node.groups.relative(&kv.key) == k);
-    let Some(meta_kv) = find(model::meta_key(g)).cloned() else { return Ok(None) };
-    let meta = parse(&meta_kv)?;
-    let state = find(model::state_key(g)).ok_or_else(|| GroupsError::Internal("group without state".into()))?;
+    let Some(c) = load_core(node, g).await? else { return Ok(None) };
     let verifier =
-        Verifier::from_bytes(&state.value).map_err(|e| GroupsError::Internal(format!("group state: {e}")))?;
-    let fanout = find(model::fanout_key(g))
-        .map_or((0, 0), |kv| (serde_json::from_slice::<model::Counter>(&kv.value).map_or(0, |c| c.n), kv.mod_revision));
-    Ok(Some(Loaded { meta, meta_kv, verifier, state: state.value.clone(), fanout }))
+        Verifier::from_bytes(&c.slot.state).map_err(|e| GroupsError::Internal(format!("group state: {e}")))?;
+    Ok(Some(Loaded { meta: c.meta, meta_kv: c.meta_kv, verifier, slot: c.slot, prev: c.prev, fanout: c.fanout }))
 }
 
 /// The group, if the calling device is a member. Non-members learn nothing
@@ -223,8 +302,11 @@ pub(crate) async fn create(
     let mut txn = Txn::new()
         .when(Compare::Absent(node.groups.key(&model::meta_key(&g))))
         .then(Op::put(node.groups.key(&model::meta_key(&g)), json(&meta)))
-        .then(Op::put(node.groups.key(&model::state_key(&g)), v.to_bytes()))
-        .then(Op::put(node.groups.key(&model::info_key(&g)), req.group_info.clone()));
+        .then(Op::put(
+            node.groups.key(&model::slot_key(&g, meta.epoch)),
+            model::Slot { epoch: meta.epoch, committer_leaf: u32::MAX, state: v.to_bytes() }.to_bytes(),
+        ))
+        .then(Op::put(node.groups.key(&model::info_key(&g, meta.epoch)), req.group_info.clone()));
     for r in &meta.roster {
         let ts = tenant_store(node, t, &r.device.tenant)?;
         txn = txn.then(Op::put(ts.key(&model::gm_key(&r.device.account, &r.device.device, &g)), b"{}".to_vec()));
@@ -274,16 +356,16 @@ pub(crate) async fn get(node: &Node, me: &Device, raw: &[u8]) -> Result<pb::Grou
 /// that has a device in the group (to join by external commit).
 pub(crate) async fn group_info(node: &Node, me: &Device, raw: &[u8]) -> Result<pb::GroupInfoResponse> {
     let g = group_id(raw)?;
-    let (meta, _) = load_meta(node, &g).await?.ok_or(GroupsError::NotFound("group"))?;
-    if !meta.roster.iter().any(|r| r.device.tenant == me.tenant && r.device.account == me.account) {
+    let c = load_core(node, &g).await?.ok_or(GroupsError::NotFound("group"))?;
+    if !c.meta.roster.iter().any(|r| r.device.tenant == me.tenant && r.device.account == me.account) {
         return Err(GroupsError::NotFound("group"));
     }
     let info = node
         .groups
-        .get(&model::info_key(&g))
+        .get(&model::info_key(&g, c.meta.epoch))
         .await?
         .ok_or_else(|| GroupsError::Internal("group without info".into()))?;
-    Ok(pb::GroupInfoResponse { epoch: meta.epoch, group_info: info.value })
+    Ok(pb::GroupInfoResponse { epoch: c.meta.epoch, group_info: info.value })
 }
 
 /// Accepts an application message from a member device, for fan-out.
@@ -322,7 +404,8 @@ pub(crate) async fn application(node: &Node, me: &Device, req: pb::SendApplicati
 
 /// Appends one entry to the group's log (and, with a proposal, the state
 /// that queues it) if the group is unchanged since `l` was read, then fans
-/// it out. `false` if another write came first: re-read and retry.
+/// it out. `false` if another write came first: re-read and retry. A
+/// confirmed epoch can no longer be voided: the one before it goes.
 async fn append(node: &Node, g: &str, l: &Loaded, entry: LogEntry, state: Option<Vec<u8>>) -> Result<bool> {
     let mut meta = l.meta.clone();
     let seq = meta.next_seq;
@@ -335,7 +418,13 @@ async fn append(node: &Node, g: &str, l: &Loaded, entry: LogEntry, state: Option
                 .then(Op::put(l.meta_kv.stored_key(), json(&meta)))
                 .then(Op::put_leased(node.groups.key(&model::log_key(g, seq)), json(&entry), lease));
             if let Some(s) = &state {
-                txn = txn.then(Op::put(node.groups.key(&model::state_key(g)), s.clone()));
+                let slot = model::Slot { state: s.clone(), ..l.slot.clone() };
+                txn = txn.then(Op::put(node.groups.key(&model::slot_key(g, meta.epoch)), slot.to_bytes()));
+            }
+            if let Some(p) = l.prev.as_ref().filter(|_| meta.confirmed) {
+                txn = txn
+                    .then(Op::delete(node.groups.key(&model::slot_key(g, p.epoch))))
+                    .then(Op::delete(node.groups.key(&model::info_key(g, p.epoch))));
             }
             txn
         })

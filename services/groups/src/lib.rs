@@ -17,7 +17,7 @@ pub mod error;
 mod keypackages;
 mod mailbox;
 mod metrics;
-mod model;
+pub mod model;
 mod service;
 
 use std::sync::Arc;

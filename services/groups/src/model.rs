@@ -4,14 +4,20 @@
 //! Group space (`/spine/g/<group id hex>/`), shared by the tenants a group's
 //! policy admits:
 //! - `s/meta`: epoch, roster (tenant, account, device, leaf), policy, sequence;
-//! - `s/state`: the verifier's public group state (no secret);
+//! - `s/slot/<epoch parity>` ([`Slot`]): an epoch's public group state (the
+//!   verifier's, no secret), and `info/<epoch parity>` its GroupInfo
+//!   (public, for external joins). The current epoch's, and the one before
+//!   it while its commit can still be voided: a commit writes the new epoch
+//!   into the other parity and leaves the epoch it ends where it is, so
+//!   nothing is copied. (Two keys, not one: each stays under the store's
+//!   value limit for as large a group as before.)
 //! - `s/fanout`: the last log entry delivered to every recipient;
-//! - `info`: the current GroupInfo (public, for external joins);
 //! - `log/<gseq>`: handshake and application messages awaiting fan-out;
 //! - `committers/<epoch>`, `disputes/<epoch>/<device>`: dispute records;
-//! - `prev`: the previous epoch's public state, GroupInfo and roster, kept
-//!   until the next commit so a disputed commit can be voided;
 //! - `voided/<epoch>`: commits voided (who committed, when).
+//!
+//! Groups written before the slots keep `s/state`, `info` and `prev`
+//! ([`LegacyPrev`]) until their first read moves them into slots.
 //!
 //! Each member's tenant (`/spine/t/<tenant>/`):
 //! - `kp/<account>/<device>/<ref>`, `kpl/<account>/<device>`: key packages;
@@ -35,10 +41,20 @@ pub fn core_prefix(g: &str) -> String {
 pub fn meta_key(g: &str) -> String {
     spine_read_models::roster::group_meta_key(g)
 }
-pub fn state_key(g: &str) -> String {
+/// The slot of `epoch`: its parity, so the next epoch goes to the other.
+pub fn slot_key(g: &str, epoch: u64) -> String {
+    format!("{g}/s/slot/{}", epoch % 2)
+}
+/// The GroupInfo of `epoch`, beside its slot.
+pub fn info_key(g: &str, epoch: u64) -> String {
+    format!("{g}/info/{}", epoch % 2)
+}
+/// Before slots: the current state (in the core range, so a read finds it).
+pub fn legacy_state_key(g: &str) -> String {
     format!("{g}/s/state")
 }
-pub fn info_key(g: &str) -> String {
+/// Before slots: the current GroupInfo.
+pub fn legacy_info_key(g: &str) -> String {
     format!("{g}/info")
 }
 pub fn log_prefix(g: &str) -> String {
@@ -56,7 +72,8 @@ pub fn committer_key(g: &str, epoch: u64) -> String {
 pub fn committers_prefix(g: &str) -> String {
     format!("{g}/committers/")
 }
-pub fn prev_key(g: &str) -> String {
+/// Before slots: the previous epoch, copied.
+pub fn legacy_prev_key(g: &str) -> String {
     format!("{g}/prev")
 }
 pub fn voided_prefix(g: &str) -> String {
@@ -174,9 +191,49 @@ pub struct GroupMeta {
     pub disputed_at: Option<i64>,
 }
 
-/// The epoch before the current one, kept to void a disputed commit.
+/// One epoch's public group state, as stored in its slot: version 1, then
+/// epoch (u64), committer leaf (u32; `u32::MAX` for none), big-endian, then
+/// the state. Bytes, not base64: a large group's state is most of what a
+/// commit writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub epoch: u64,
+    /// Leaf index, in this epoch, of the member whose commit created it.
+    pub committer_leaf: u32,
+    /// The verifier's state (`Verifier::to_bytes`).
+    pub state: Vec<u8>,
+}
+
+impl Slot {
+    const VERSION: u8 = 1;
+    const HEAD: usize = 1 + 8 + 4;
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::HEAD + self.state.len());
+        out.push(Self::VERSION);
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(&self.committer_leaf.to_be_bytes());
+        out.extend_from_slice(&self.state);
+        out
+    }
+
+    pub fn from_bytes(b: &[u8]) -> crate::error::Result<Self> {
+        let bad = |why: &str| crate::error::GroupsError::Internal(format!("stored group slot: {why}"));
+        if b.len() < Self::HEAD {
+            return Err(bad("truncated"));
+        }
+        if b[0] != Self::VERSION {
+            return Err(bad("unknown version"));
+        }
+        let epoch = u64::from_be_bytes(b[1..9].try_into().expect("8 bytes"));
+        let committer_leaf = u32::from_be_bytes(b[9..13].try_into().expect("4 bytes"));
+        Ok(Self { epoch, committer_leaf, state: b[Self::HEAD..].to_vec() })
+    }
+}
+
+/// Before slots: the epoch before the current one, copied into `prev`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PrevEpoch {
+pub struct LegacyPrev {
     pub epoch: u64,
     /// Base64 verifier state (public group state).
     pub state: String,
@@ -310,5 +367,24 @@ mod tests {
             serde_json::from_slice(&serde_json::to_vec(&meta).unwrap()).unwrap();
         assert_eq!(r.epoch, 7);
         assert_eq!(r.member("tn_x", "ac_y", "dv_z").map(|m| m.leaf), Some(2));
+    }
+
+    #[test]
+    fn a_slot_reads_back_and_refuses_damage() {
+        let s = Slot { epoch: 9, committer_leaf: 3, state: vec![1, 2, 3] };
+        let b = s.to_bytes();
+        assert_eq!(Slot::from_bytes(&b).unwrap(), s);
+        let empty = Slot { epoch: 0, committer_leaf: u32::MAX, state: vec![] };
+        assert_eq!(Slot::from_bytes(&empty.to_bytes()).unwrap(), empty);
+        for cut in 0..Slot::HEAD {
+            assert!(Slot::from_bytes(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut other = b;
+        other[0] = 2;
+        assert!(Slot::from_bytes(&other).is_err());
+        assert_eq!(slot_key("g", 4), "g/s/slot/0");
+        assert_eq!(slot_key("g", 5), "g/s/slot/1");
+        assert_eq!(info_key("g", 5), "g/info/1");
+        assert_ne!(info_key("g", 5), legacy_info_key("g"));
     }
 }

@@ -427,10 +427,13 @@ async fn upkeep_and_deletion_go_on_past_a_broken_group() {
         let add = alice.act(|c, g| c.add(g, &kps)).unwrap();
         alice.send_commit(&env, &add).await.unwrap();
     }
-    // The test breaks a stored group on purpose, reaching past every handle.
-    #[allow(clippy::disallowed_methods)]
-    let broken = spine_runtime::store::Key::unchecked(format!("/spine/g/{}/s/state", hex::encode(b"aaa")));
-    env.rt.store.put(&broken, b"broken".to_vec()).await.unwrap();
+    // The test breaks a stored group on purpose (both its epoch slots),
+    // reaching past every handle.
+    for slot in 0..2 {
+        #[allow(clippy::disallowed_methods)]
+        let broken = spine_runtime::store::Key::unchecked(format!("/spine/g/{}/s/slot/{slot}", hex::encode(b"aaa")));
+        env.rt.store.put(&broken, b"broken".to_vec()).await.unwrap();
+    }
     // Bob's device is revoked: the upkeep proposes its removal from "zzz"
     // although "aaa" fails on the way.
     #[allow(clippy::disallowed_methods)]

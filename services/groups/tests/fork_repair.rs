@@ -9,6 +9,7 @@
 
 mod support;
 
+use spine_groups::model::{self, Slot};
 use spine_mls::client::Incoming;
 use spine_proto::groups::v1 as pb;
 use spine_runtime::config::Backend;
@@ -31,6 +32,13 @@ async fn send(env: &spine_testing::Env, m: &mut Member, text: &str) {
         .send_application(req(pb::SendApplicationRequest { group_id: gid, message: bytes }, &m.token))
         .await
         .unwrap();
+}
+
+/// The group's stored slot for `epoch`, if it holds that epoch.
+async fn slot(env: &spine_testing::Env, gid: &[u8], epoch: u64) -> Option<Slot> {
+    let kv =
+        env.rt.store.get(&format!("/spine/g/{}{}", hex::encode(gid), model::slot_key("", epoch))).await.unwrap()?;
+    Some(Slot::from_bytes(&kv.value).unwrap()).filter(|s| s.epoch == epoch)
 }
 
 fn reason(s: &tonic::Status) -> String {
@@ -148,9 +156,13 @@ async fn a_commit_that_works_cannot_be_voided() {
     dispute(&env, &m[1], &gid, e0 + 1).await;
     assert!(get_group(&env, &m[0].token, &gid).await.commits_frozen_until.is_some());
     // Another member writes in the new epoch: the commit is confirmed, the
-    // freeze lifts, and a second liar cannot void it.
+    // freeze lifts, and a second liar cannot void it. The epoch before,
+    // kept only to void the commit, goes.
+    assert!(slot(&env, &gid, e0).await.is_some());
     send(&env, &mut m[3], "it works for me").await;
     assert!(get_group(&env, &m[0].token, &gid).await.commits_frozen_until.is_none());
+    assert!(slot(&env, &gid, e0).await.is_none(), "a confirmed epoch keeps no epoch before it");
+    assert_eq!(slot(&env, &gid, e0 + 1).await.map(|s| s.epoch), Some(e0 + 1));
     dispute(&env, &m[2], &gid, e0 + 1).await;
     let g = get_group(&env, &m[0].token, &gid).await;
     assert_eq!((g.epoch, g.voided.len()), (e0 + 1, 0));
@@ -193,4 +205,71 @@ async fn receive_marks_the_end_of_the_backlog() {
     send(&env, &mut m[0], "three").await;
     let e = s.next().await.unwrap().unwrap();
     assert_eq!((e.kind, e.seq), (pb::EntryKind::Application as i32, n + 2));
+}
+
+/// A group stored before epoch slots (current state at `s/state`, GroupInfo
+/// at `info`, the epoch before copied into `prev`) is moved into slots on
+/// first use, and goes on: its GroupInfo is served, and the commit the
+/// legacy `prev` kept can still be voided.
+#[tokio::test]
+async fn a_group_stored_before_epoch_slots_is_moved_into_them() {
+    let env = start(Backend::Embedded).await;
+    let gid = b"legacy".to_vec();
+    let (_, mut m) = group_of(&env, 3, &gid).await;
+    let e0 = m[0].g().epoch();
+    let up = m[0].act(|c, g| c.self_update(g)).unwrap();
+    assert_eq!(m[0].send_commit(&env, &up).await.unwrap(), e0 + 1);
+    m[0].act(|c, g| c.merge_pending(g)).unwrap();
+    let (now, before) = (slot(&env, &gid, e0 + 1).await.unwrap(), slot(&env, &gid, e0).await.unwrap());
+
+    // Rewrite it as the layout before slots wrote it, past every handle.
+    let space = format!("/spine/g/{}/", hex::encode(&gid));
+    let meta = env.rt.store.get(&format!("{space}s/meta")).await.unwrap().unwrap();
+    let roster: serde_json::Value = serde_json::from_slice::<serde_json::Value>(&meta.value).unwrap()["roster"].clone();
+    let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b);
+    let info_of = |e: u64| {
+        let k = format!("{space}info/{}", e % 2);
+        let store = env.rt.store.clone();
+        async move { store.get(&k).await.unwrap().map(|kv| kv.value) }
+    };
+    let (now_info, before_info) = (info_of(e0 + 1).await.unwrap(), info_of(e0).await.unwrap());
+    let prev = serde_json::json!({
+        "epoch": e0, "state": b64(&before.state), "info": b64(&before_info),
+        "roster": roster, "committer_leaf": now.committer_leaf,
+    });
+    #[allow(clippy::disallowed_methods)]
+    let key = |rel: &str| spine_runtime::store::Key::unchecked(format!("{space}{rel}"));
+    env.rt.store.put(&key("s/state"), now.state.clone()).await.unwrap();
+    env.rt.store.put(&key("info"), now_info.clone()).await.unwrap();
+    env.rt.store.put(&key("prev"), serde_json::to_vec(&prev).unwrap()).await.unwrap();
+    for p in 0..2 {
+        env.rt.store.delete(&key(&format!("s/slot/{p}"))).await.unwrap();
+        env.rt.store.delete(&key(&format!("info/{p}"))).await.unwrap();
+    }
+
+    // The first read moves it; the old records are gone.
+    let info = group_info(&env, &m[1].token, &gid).await;
+    assert_eq!((info.epoch, &info.group_info), (e0 + 1, &now_info));
+    for old in ["s/state", "info", "prev"] {
+        assert!(env.rt.store.get(&format!("{space}{old}")).await.unwrap().is_none(), "{old} left behind");
+    }
+    assert_eq!(slot(&env, &gid, e0 + 1).await.unwrap(), now);
+    assert_eq!(slot(&env, &gid, e0).await.unwrap(), Slot { committer_leaf: u32::MAX, ..before.clone() });
+    assert_eq!((info_of(e0 + 1).await.unwrap(), info_of(e0).await.unwrap()), (now_info.clone(), before_info.clone()));
+
+    // The epoch before is still there to void the commit: both other
+    // members dispute it, and the group is back at e0 with its GroupInfo
+    // and roster.
+    for x in &m[1..] {
+        dispute(&env, x, &gid, e0 + 1).await;
+    }
+    let g = get_group(&env, &m[2].token, &gid).await;
+    assert_eq!((g.epoch, g.members.len(), g.voided.len()), (e0, 3, 1));
+    assert_eq!(g.voided[0].committer_leaf_index, now.committer_leaf);
+    let info = group_info(&env, &m[0].token, &gid).await;
+    assert_eq!((info.epoch, &info.group_info), (e0, &before_info));
+    // And the group goes on from there: Alice rejoins by external commit.
+    let (rejoined, join) = m[0].client.join_external(&info.group_info).unwrap();
+    m[0].group = Some(rejoined);
+    assert_eq!(m[0].send_commit(&env, &join).await.unwrap(), e0 + 1);
 }

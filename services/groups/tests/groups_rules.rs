@@ -294,10 +294,17 @@ async fn deletion_external_join_dispute_and_report() {
         left.iter().all(|kv| !kv.key.contains(&victim.account) || kv.key.contains("/deleted/")),
         "groups data of a deleted account remains"
     );
-    // The next commit (any member's) includes the removal.
+    // The next commit (any member's) includes the removal. The epoch it
+    // ends names the deleted device: its state and GroupInfo are not kept.
     let commit = members[0].act(|c, g| c.self_update(g)).unwrap();
+    let ended = members[0].g().epoch();
     members[0].send_commit(&env, &commit).await.unwrap();
     members[0].act(|c, g| c.merge_pending(g)).unwrap();
+    let space = format!("/spine/g/{}/", hex::encode(&gid));
+    for rel in [format!("s/slot/{}", ended % 2), format!("info/{}", ended % 2)] {
+        assert!(env.rt.store.get(&format!("{space}{rel}")).await.unwrap().is_none(), "{rel} kept the deleted device");
+    }
+    assert!(env.rt.store.get(&format!("{space}s/slot/{}", (ended + 1) % 2)).await.unwrap().is_some());
     let e = members[1].receive(&env, 1).await.remove(0);
     members[1].act(|c, g| c.process(g, &e.message)).unwrap();
     let group = get_group(&env, &members[0].token, &gid).await;

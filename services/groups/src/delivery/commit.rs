@@ -1,6 +1,7 @@
 //! SendCommit: verify the commit against the group's public state, check
 //! Spine's rules (committer, added devices, policy, consent), and write the
-//! new state, GroupInfo and log entries in one compare-and-swap.
+//! new epoch's slot (state and GroupInfo) and log entries in one
+//! compare-and-swap.
 
 use super::*;
 
@@ -16,14 +17,7 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
     }
     let my_key = node.own_key(t, me).await?;
     for _ in 0..CAS_ATTEMPTS {
-        // The current GroupInfo (kept with the epoch this commit leaves)
-        // in the same round as the group: the transaction below compares
-        // its revision too, so a pair read across another commit fails
-        // and is read again.
-        let (loaded, old_info) = futures::try_join!(load(node, &g), async {
-            node.groups.get(&model::info_key(&g)).await.map_err(GroupsError::from)
-        })?;
-        let Some(mut l) = loaded else { return Err(GroupsError::NotFound("group")) };
+        let Some(mut l) = load(node, &g).await? else { return Err(GroupsError::NotFound("group")) };
         let is_member = l.meta.member(&me.tenant, &me.account, &me.device).is_some();
         let account_in_group =
             l.meta.roster.iter().any(|r| r.device.tenant == me.tenant && r.device.account == me.account);
@@ -117,11 +111,11 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
             .map(|m| Device::of(&m.name))
             .filter(|d| !meta.roster.iter().any(|r| &r.device == d))
             .collect();
-        // The epoch this commit leaves, kept until the next commit so the
-        // commit can be voided if its members dispute it; except when the
-        // commit removes a device that no longer exists: that epoch names a
-        // deleted account (or a revoked device) and must not be kept, nor
-        // brought back.
+        // The epoch this commit leaves stays in its slot (the new one goes
+        // to the other) until the next commit, so the commit can be voided
+        // if its members dispute it; except when the commit removes a device
+        // that no longer exists: that epoch names a deleted account (or a
+        // revoked device) and must not be kept, nor brought back.
         let mut removes_gone = false;
         for m in &removed {
             let d = Device::of(&m.name);
@@ -131,28 +125,22 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
                 break;
             }
         }
-        let prev_op = if removes_gone {
-            Op::delete(node.groups.key(&model::prev_key(&g)))
-        } else {
-            let prev = model::PrevEpoch {
-                epoch: from_epoch,
-                state: model::b64(&l.state),
-                info: model::b64(old_info.as_ref().map_or(&[][..], |kv| kv.value.as_slice())),
-                roster: old_roster.clone(),
-                committer_leaf: signer,
-            };
-            Op::put(node.groups.key(&model::prev_key(&g)), json(&prev))
-        };
+        if meta.epoch != from_epoch + 1 {
+            return Err(GroupsError::Internal(format!("a commit from epoch {from_epoch} made epoch {}", meta.epoch)));
+        }
+        let slot = model::Slot { epoch: meta.epoch, committer_leaf: signer, state: l.verifier.to_bytes() };
+        // The slot's revision need not be compared: every write to a slot
+        // or a GroupInfo writes the meta too.
         let mut txn = Txn::new()
             .when(Compare::ModRevision(l.meta_kv.stored_key(), l.meta_kv.mod_revision))
-            .when(Compare::ModRevision(
-                node.groups.key(&model::info_key(&g)),
-                old_info.as_ref().map_or(0, |kv| kv.mod_revision),
-            ))
-            .then(Op::put(node.groups.key(&model::state_key(&g)), l.verifier.to_bytes()))
-            .then(Op::put(node.groups.key(&model::info_key(&g)), req.group_info.clone()))
-            .then(prev_op)
+            .then(Op::put(node.groups.key(&model::slot_key(&g, meta.epoch)), slot.to_bytes()))
+            .then(Op::put(node.groups.key(&model::info_key(&g, meta.epoch)), req.group_info.clone()))
             .then(Op::put(node.groups.key(&model::committer_key(&g, meta.epoch)), signer.to_string().into_bytes()));
+        if removes_gone {
+            txn = txn
+                .then(Op::delete(node.groups.key(&model::slot_key(&g, from_epoch))))
+                .then(Op::delete(node.groups.key(&model::info_key(&g, from_epoch))));
+        }
         let mut log = vec![(seq, entry)];
         if !req.welcome.is_empty() {
             let mut w = LogEntry::new(

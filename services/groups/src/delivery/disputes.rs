@@ -53,12 +53,9 @@ pub(crate) async fn settle(node: &Node, g: &str) -> Result<()> {
         if l.meta.confirmed {
             return Ok(());
         }
-        let Some(prev_kv) = node.groups.get(&model::prev_key(g)).await? else { return Ok(()) };
-        let prev: model::PrevEpoch = parse(&prev_kv)?;
-        if prev.epoch + 1 != l.meta.epoch {
-            return Ok(());
-        }
-        let voters: Vec<&Device> = prev.roster.iter().map(|r| &r.device).filter(|d| **d != committer).collect();
+        let Some(prev) = &l.prev else { return Ok(()) };
+        let prev_roster = epoch_roster(prev)?;
+        let voters: Vec<&Device> = prev_roster.iter().map(|r| &r.device).filter(|d| **d != committer).collect();
         let disputed: std::collections::HashSet<String> = node
             .groups
             .range_all(&model::epoch_disputes_prefix(g, l.meta.epoch))
@@ -68,7 +65,7 @@ pub(crate) async fn settle(node: &Node, g: &str) -> Result<()> {
             .collect();
         let votes = voters.iter().filter(|d| disputed.contains(&model::gone_id(d))).count();
         if votes * 2 > voters.len() {
-            if void(node, g, &l, &prev, prev_kv.mod_revision).await? {
+            if void(node, g, &l, prev, prev_roster).await? {
                 return Ok(());
             }
             continue;
@@ -89,21 +86,34 @@ pub(crate) async fn settle(node: &Node, g: &str) -> Result<()> {
     Err(GroupsError::Conflict)
 }
 
-/// Voids the current epoch's commit: the group goes back to `prev` (state,
-/// GroupInfo, roster), the membership index follows, and every device of
-/// either roster is told by an ENTRY_KIND_EPOCH_VOIDED entry. `false` if the
-/// group changed meanwhile.
-pub(crate) async fn void(node: &Node, g: &str, l: &Loaded, prev: &model::PrevEpoch, prev_rev: i64) -> Result<bool> {
+/// The roster of an epoch kept in a slot, from its state.
+pub(crate) fn epoch_roster(slot: &model::Slot) -> Result<Vec<RosterEntry>> {
+    let v = Verifier::from_bytes(&slot.state).map_err(|e| GroupsError::Internal(format!("group state: {e}")))?;
+    roster(&v)
+}
+
+/// Voids the current epoch's commit: the group goes back to `prev` (its
+/// state and GroupInfo stay where they are; the roster comes from that state),
+/// the membership index follows, and every device of either roster is told
+/// by an ENTRY_KIND_EPOCH_VOIDED entry. `false` if the group changed
+/// meanwhile.
+pub(crate) async fn void(
+    node: &Node,
+    g: &str,
+    l: &Loaded,
+    prev: &model::Slot,
+    prev_roster: Vec<RosterEntry>,
+) -> Result<bool> {
     let voided_epoch = l.meta.epoch;
     let mut meta = l.meta.clone();
     meta.epoch = prev.epoch;
-    meta.roster = prev.roster.clone();
+    meta.roster = prev_roster;
     meta.committer = None;
     meta.confirmed = false;
     meta.disputed_at = None;
     let seq = meta.next_seq;
     meta.next_seq += 1;
-    let before: Vec<Device> = prev.roster.iter().map(|r| r.device.clone()).collect();
+    let before: Vec<Device> = meta.roster.iter().map(|r| r.device.clone()).collect();
     let after: Vec<Device> = l.meta.roster.iter().map(|r| r.device.clone()).collect();
     let mut recipients = before.clone();
     recipients.extend(after.iter().filter(|d| !before.contains(d)).cloned());
@@ -116,14 +126,12 @@ pub(crate) async fn void(node: &Node, g: &str, l: &Loaded, prev: &model::PrevEpo
     entry.removed = after.iter().filter(|d| !before.contains(d)).cloned().collect();
     let base = Txn::new()
         .when(Compare::ModRevision(l.meta_kv.stored_key(), l.meta_kv.mod_revision))
-        .when(Compare::ModRevision(node.groups.key(&model::prev_key(g)), prev_rev))
         .then(Op::put(l.meta_kv.stored_key(), json(&meta)))
-        .then(Op::put(node.groups.key(&model::state_key(g)), model::unb64(&prev.state)?))
-        .then(Op::put(node.groups.key(&model::info_key(g)), model::unb64(&prev.info)?))
-        .then(Op::delete(node.groups.key(&model::prev_key(g))))
+        .then(Op::delete(node.groups.key(&model::slot_key(g, voided_epoch))))
+        .then(Op::delete(node.groups.key(&model::info_key(g, voided_epoch))))
         .then(Op::delete(node.groups.key(&model::committer_key(g, voided_epoch))))
         .then(Op::delete_prefix(node.groups.key(&model::epoch_disputes_prefix(g, voided_epoch))));
-    let record = model::Voided { committer_leaf: prev.committer_leaf, at: now_secs() };
+    let record = model::Voided { committer_leaf: l.slot.committer_leaf, at: now_secs() };
     let out = node
         .mailbox_lease
         .txn(|lease| {

@@ -109,6 +109,10 @@ pub(crate) async fn sweep_group(node: &Node, g: &str, kv: &KeyValue) -> Result<(
     if now - oldest > GONE_RETENTION_SECS {
         return delete_group(node, g, kv, &meta, "a gone device's removal was never committed").await;
     }
+    if gone.is_empty() {
+        // Nothing to propose: the group's state need not be read.
+        return Ok(());
+    }
     let queued = match load(node, g).await? {
         Some(l) => l.verifier.queued_removals(),
         None => return Ok(()),
