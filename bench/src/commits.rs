@@ -27,14 +27,20 @@ async fn node_on(store: Arc<dyn Store>, etcd: Option<spine_testing::EtcdServer>)
 }
 
 /// Each of `workers` loops get + CAS on its own key for `d`: (latencies, rate).
-async fn etcd_cas(store: Arc<dyn Store>, workers: usize, d: Duration) -> (Vec<Duration>, f64) {
+async fn etcd_cas(
+    store: Arc<dyn Store>,
+    workers: usize,
+    d: Duration,
+    etcd_pid: Option<u32>,
+) -> (Vec<Duration>, f64, CpuUse) {
     // The raw baseline: etcd's own compare-and-swap, outside any silo.
     #[allow(clippy::disallowed_methods)]
     let key = |w: usize| spine_runtime::store::Key::unchecked(format!("/bench/cas/{w}"));
     for w in 0..workers {
         store.put(&key(w), b"0".to_vec()).await.unwrap();
     }
-    crate::closed_loop(workers, d, &format!("commits: etcd CAS x{workers}"), move |w, _| {
+    let cpu = CpuUse::start(etcd_pid);
+    let (lat, rate) = crate::closed_loop(workers, d, &format!("commits: etcd CAS x{workers}"), move |w, _| {
         let (s, key) = (store.clone(), key(w));
         async move {
             let kv = s.get(&key).await.unwrap().unwrap();
@@ -49,7 +55,8 @@ async fn etcd_cas(store: Arc<dyn Store>, workers: usize, d: Duration) -> (Vec<Du
             assert!(ok.succeeded);
         }
     })
-    .await
+    .await;
+    (lat, rate, cpu.stop(etcd_pid))
 }
 
 /// `workers` groups on `env`, each with a chain of `per_worker` commits
@@ -60,7 +67,8 @@ async fn send_commits(
     per_worker: usize,
     tag: &str,
     counts: Option<&crate::counting::Counts>,
-) -> anyhow::Result<(Vec<Duration>, f64, crate::counting::Snapshot)> {
+    etcd_pid: Option<u32>,
+) -> anyhow::Result<(Vec<Duration>, f64, crate::counting::Snapshot, CpuUse)> {
     let t = env.tenant(&format!("bench-{tag}")).await;
     let bar = crate::bar((workers * per_worker) as u64, &format!("commits: building x{workers}"));
     let mut senders = Vec::new();
@@ -84,6 +92,7 @@ async fn send_commits(
     bar.finish_and_clear();
     let sending = crate::bar((workers * per_worker) as u64, &format!("commits: SendCommit x{workers}"));
     let before = counts.map(|c| c.snapshot()).unwrap_or_default();
+    let cpu = CpuUse::start(etcd_pid);
     let start = Instant::now();
     let tasks: Vec<_> = senders
         .into_iter()
@@ -106,10 +115,33 @@ async fn send_commits(
         lat.extend(t.await??);
     }
     let elapsed = start.elapsed();
+    let cpu = cpu.stop(etcd_pid);
     let made = counts.map(|c| c.snapshot()).unwrap_or_default() - before;
     sending.finish_and_clear();
     let rate = lat.len() as f64 / elapsed.as_secs_f64();
-    Ok((lat, rate, made))
+    Ok((lat, rate, made, cpu))
+}
+
+/// CPU time used during a phase by this process (node and load generator)
+/// and by etcd.
+#[derive(Debug, Clone, Copy)]
+struct CpuUse {
+    here: Duration,
+    etcd: Duration,
+}
+
+impl CpuUse {
+    fn start(etcd_pid: Option<u32>) -> Self {
+        Self { here: crate::cpu_time(None), etcd: etcd_pid.map_or(Duration::ZERO, |p| crate::cpu_time(Some(p))) }
+    }
+    fn stop(self, etcd_pid: Option<u32>) -> Self {
+        let now = Self::start(etcd_pid);
+        Self { here: now.here.saturating_sub(self.here), etcd: now.etcd.saturating_sub(self.etcd) }
+    }
+    /// Microseconds per operation: (here, etcd).
+    fn per(self, ops: f64) -> (f64, f64) {
+        (self.here.as_secs_f64() * 1e6 / ops, self.etcd.as_secs_f64() * 1e6 / ops)
+    }
 }
 
 pub async fn run(opts: &Options) -> anyhow::Result<Section> {
@@ -129,14 +161,16 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
     );
     let etcd = spine_testing::EtcdServer::start().await;
     let etcd_store = etcd.store().await;
+    let etcd_pid = etcd.pid();
     let counting = crate::counting::Counting::new(etcd_store.clone());
     let counts = counting.counts.clone();
     let env = node_on(Arc::new(counting), Some(etcd)).await;
     let (mut cas_curve, mut commit_curve) = (vec![], vec![]);
     let mut plot = vec![];
     for (i, &w) in levels.iter().enumerate() {
-        let (mut cas_lat, cas_rate) = etcd_cas(etcd_store.clone(), w, cas_for).await;
-        let (mut lat, rate, made) = send_commits(&env, w, per_worker, &format!("etcd-{i}"), Some(&counts)).await?;
+        let (mut cas_lat, cas_rate, cas_cpu) = etcd_cas(etcd_store.clone(), w, cas_for, etcd_pid).await;
+        let (mut lat, rate, made, cpu) =
+            send_commits(&env, w, per_worker, &format!("etcd-{i}"), Some(&counts), etcd_pid).await?;
         let base =
             Row::baseline(format!("etcd CAS, {w} workers")).latency(Latency::of(&mut cas_lat)).rate(cas_rate, "CAS/s");
         let row = Row::new(format!("SendCommit on etcd, {w} workers"))
@@ -150,14 +184,21 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
             // requests overlap nothing else's: the first (fewest) workers.
             let n = (w * per_worker) as f64;
             s.notes.push(format!(
-                "etcd requests per accepted commit ({w} worker{}): {:.2} reads in {:.2} rounds, {:.2} transactions",
+                "etcd requests per accepted commit ({w} worker{}): {:.2} reads in {:.2} rounds, {:.2} transactions \
+                 writing {:.0} bytes of keys and values",
                 if w == 1 { "" } else { "s" },
                 made.reads as f64 / n,
                 made.read_rounds as f64 / n,
-                made.txns as f64 / n
+                made.txns as f64 / n,
+                made.written as f64 / n
             ));
         }
         if w == 16 {
+            let ((cas_here, cas_etcd), (here, etcd)) = (cas_cpu.per(cas_lat.len() as f64), cpu.per(lat.len() as f64));
+            s.notes.push(format!(
+                "CPU per operation, 16 workers: a CAS {cas_etcd:.0} µs in etcd + {cas_here:.0} µs in its client; \
+                 an accepted commit {etcd:.0} µs in etcd + {here:.0} µs in the node and load generator"
+            ));
             s.aims.push(Aim::at_least("accepted commits / etcd CAS rate, 16 workers", row.ratio.unwrap_or(0.0), 0.5));
             let us = |d: &[Duration]| d.iter().map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>();
             plot = vec![("etcd CAS (get + txn)".to_string(), us(&cas_lat)), ("SendCommit".to_string(), us(&lat))];
@@ -166,7 +207,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
     }
     drop(env);
     let embedded = node_on(Arc::new(spine_runtime::store::EmbeddedStore::in_memory()), None).await;
-    let (mut lat, rate, _) = send_commits(&embedded, 16, per_worker, "embedded", None).await?;
+    let (mut lat, rate, _, _) = send_commits(&embedded, 16, per_worker, "embedded", None, None).await?;
     s.rows.push(
         Row::new("SendCommit on the embedded store, 16 workers").latency(Latency::of(&mut lat)).rate(rate, "commits/s"),
     );

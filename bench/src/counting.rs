@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use spine_runtime::store::KeyValue;
-use spine_runtime::store::{LeaseId, RangePage, Store, StoreError, Txn, TxnOutcome, WatchStream};
+use spine_runtime::store::{LeaseId, Op, RangePage, Store, StoreError, Txn, TxnOutcome, WatchStream};
 
 /// Round trips by kind. A *round* is a round trip that started while no
 /// other was in flight: requests sent together (a parallel read of
@@ -19,6 +19,8 @@ pub struct Counts {
     pub leases: AtomicU64,
     pub read_rounds: AtomicU64,
     pub txn_rounds: AtomicU64,
+    /// Bytes of keys and values written by transactions.
+    pub written: AtomicU64,
     in_flight: AtomicU64,
 }
 
@@ -29,6 +31,7 @@ pub struct Snapshot {
     pub txns: u64,
     pub read_rounds: u64,
     pub txn_rounds: u64,
+    pub written: u64,
 }
 
 impl std::ops::Add for Snapshot {
@@ -39,6 +42,7 @@ impl std::ops::Add for Snapshot {
             txns: self.txns + o.txns,
             read_rounds: self.read_rounds + o.read_rounds,
             txn_rounds: self.txn_rounds + o.txn_rounds,
+            written: self.written + o.written,
         }
     }
 }
@@ -51,6 +55,7 @@ impl std::ops::Sub for Snapshot {
             txns: self.txns - o.txns,
             read_rounds: self.read_rounds - o.read_rounds,
             txn_rounds: self.txn_rounds - o.txn_rounds,
+            written: self.written - o.written,
         }
     }
 }
@@ -62,6 +67,7 @@ impl Counts {
             txns: self.txns.load(Ordering::Relaxed),
             read_rounds: self.read_rounds.load(Ordering::Relaxed),
             txn_rounds: self.txn_rounds.load(Ordering::Relaxed),
+            written: self.written.load(Ordering::Relaxed),
         }
     }
 
@@ -111,6 +117,15 @@ impl Store for Counting {
     }
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
         let _f = self.counts.start(true);
+        let written: usize = txn
+            .success
+            .iter()
+            .map(|op| match op {
+                Op::Put { key, value, .. } => key.len() + value.len(),
+                Op::Delete(k) | Op::DeletePrefix(k) => k.len(),
+            })
+            .sum();
+        self.counts.written.fetch_add(written as u64, Ordering::Relaxed);
         self.inner.txn(txn).await
     }
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {

@@ -168,7 +168,12 @@ fn measure(quick: bool) -> anyhow::Result<Section> {
             ];
         }
         s.rows.extend([base, v, w]);
-        s.notes.push(format!("{name}: state {} bytes, commit {} bytes", c.state.len(), c.commit.commit.len()));
+        s.notes.push(format!(
+            "{name}: state {} bytes, commit {} bytes, GroupInfo {} bytes",
+            c.state.len(),
+            c.commit.commit.len(),
+            c.commit.group_info.len()
+        ));
         bar.inc(1);
     }
     bar.finish_and_clear();
