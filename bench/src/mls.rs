@@ -168,9 +168,11 @@ fn measure(quick: bool) -> anyhow::Result<Section> {
             ];
         }
         s.rows.extend([base, v, w]);
+        let stored = spine_groups::model::Slot { epoch: 0, committer_leaf: 0, state: c.state.clone() }.to_bytes();
         s.notes.push(format!(
-            "{name}: state {} bytes, commit {} bytes, GroupInfo {} bytes",
+            "{name}: state {} bytes ({} stored), commit {} bytes, GroupInfo {} bytes",
             c.state.len(),
+            stored.len(),
             c.commit.commit.len(),
             c.commit.group_info.len()
         ));

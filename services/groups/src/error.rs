@@ -121,9 +121,11 @@ impl From<GroupsError> for Status {
                     details,
                 )
             }
-            GroupsError::Store(StoreError::TooLarge) => {
-                wire::with_reason(Code::ResourceExhausted, "group state too large for the store", "GROUP_TOO_LARGE")
-            }
+            GroupsError::Store(StoreError::TooLarge) => wire::with_reason(
+                Code::ResourceExhausted,
+                "the commit is too large for the store (group state, GroupInfo and log entries); add fewer devices per commit",
+                "GROUP_TOO_LARGE",
+            ),
             GroupsError::Store(s) => wire::store(s),
             GroupsError::Internal(detail) => wire::internal(&detail),
         }

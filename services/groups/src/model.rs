@@ -191,10 +191,13 @@ pub struct GroupMeta {
     pub disputed_at: Option<i64>,
 }
 
-/// One epoch's public group state, as stored in its slot: version 1, then
+/// One epoch's public group state, as stored in its slot: a version byte,
 /// epoch (u64), committer leaf (u32; `u32::MAX` for none), big-endian, then
-/// the state. Bytes, not base64: a large group's state is most of what a
-/// commit writes.
+/// the state: as is (version 1), or, from [`Slot::COMPRESS_FROM`] bytes,
+/// its length (u32) and a zstd frame of it (version 2). Bytes, not base64,
+/// and compressed: a group's state is most of what its commits write and
+/// read (openmls keeps it as JSON, a fifth of that size compressed at a
+/// hundred members), and a large group's must fit one store value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slot {
     pub epoch: u64,
@@ -205,15 +208,30 @@ pub struct Slot {
 }
 
 impl Slot {
-    const VERSION: u8 = 1;
+    const RAW: u8 = 1;
+    const ZSTD: u8 = 2;
     const HEAD: usize = 1 + 8 + 4;
+    /// States from this size are compressed.
+    pub const COMPRESS_FROM: usize = 1024;
+    /// Largest state a slot may unpack to (well past the store's value
+    /// limit, which binds first).
+    const MAX_STATE: usize = 64 << 20;
 
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::HEAD + self.state.len());
-        out.push(Self::VERSION);
+        let mut out = Vec::with_capacity(Self::HEAD + 4 + self.state.len() / 3);
+        let packed = (self.state.len() >= Self::COMPRESS_FROM && self.state.len() <= Self::MAX_STATE)
+            .then(|| zstd::bulk::compress(&self.state, 1).ok())
+            .flatten();
+        out.push(if packed.is_some() { Self::ZSTD } else { Self::RAW });
         out.extend_from_slice(&self.epoch.to_be_bytes());
         out.extend_from_slice(&self.committer_leaf.to_be_bytes());
-        out.extend_from_slice(&self.state);
+        match packed {
+            Some(z) => {
+                out.extend_from_slice(&(self.state.len() as u32).to_be_bytes());
+                out.extend_from_slice(&z);
+            }
+            None => out.extend_from_slice(&self.state),
+        }
         out
     }
 
@@ -222,12 +240,26 @@ impl Slot {
         if b.len() < Self::HEAD {
             return Err(bad("truncated"));
         }
-        if b[0] != Self::VERSION {
-            return Err(bad("unknown version"));
-        }
         let epoch = u64::from_be_bytes(b[1..9].try_into().expect("8 bytes"));
         let committer_leaf = u32::from_be_bytes(b[9..13].try_into().expect("4 bytes"));
-        Ok(Self { epoch, committer_leaf, state: b[Self::HEAD..].to_vec() })
+        let rest = &b[Self::HEAD..];
+        let state = match b[0] {
+            Self::RAW => rest.to_vec(),
+            Self::ZSTD => {
+                let (n, z) = rest.split_at_checked(4).ok_or_else(|| bad("truncated"))?;
+                let n = u32::from_be_bytes(n.try_into().expect("4 bytes")) as usize;
+                if n > Self::MAX_STATE {
+                    return Err(bad("state too large"));
+                }
+                let state = zstd::bulk::decompress(z, n).map_err(|e| bad(&format!("zstd: {e}")))?;
+                if state.len() != n {
+                    return Err(bad("state shorter than recorded"));
+                }
+                state
+            }
+            _ => return Err(bad("unknown version")),
+        };
+        Ok(Self { epoch, committer_leaf, state })
     }
 }
 
@@ -371,17 +403,35 @@ mod tests {
 
     #[test]
     fn a_slot_reads_back_and_refuses_damage() {
-        let s = Slot { epoch: 9, committer_leaf: 3, state: vec![1, 2, 3] };
-        let b = s.to_bytes();
-        assert_eq!(Slot::from_bytes(&b).unwrap(), s);
+        let small = Slot { epoch: 9, committer_leaf: 3, state: vec![1, 2, 3] };
+        // A state past the threshold, as repetitive as openmls's JSON.
+        let big = Slot {
+            epoch: 10,
+            committer_leaf: u32::MAX,
+            state: (0..5000u32).flat_map(|i| format!("{},", i % 256).into_bytes()).collect(),
+        };
         let empty = Slot { epoch: 0, committer_leaf: u32::MAX, state: vec![] };
-        assert_eq!(Slot::from_bytes(&empty.to_bytes()).unwrap(), empty);
+        for s in [&small, &big, &empty] {
+            assert_eq!(&Slot::from_bytes(&s.to_bytes()).unwrap(), s);
+        }
+        let (b, packed) = (small.to_bytes(), big.to_bytes());
+        assert_eq!((b[0], packed[0]), (Slot::RAW, Slot::ZSTD));
+        assert!(packed.len() * 3 < big.state.len(), "{} of {}", packed.len(), big.state.len());
         for cut in 0..Slot::HEAD {
             assert!(Slot::from_bytes(&b[..cut]).is_err(), "cut at {cut}");
         }
+        for cut in Slot::HEAD..packed.len() {
+            assert!(Slot::from_bytes(&packed[..cut]).is_err(), "compressed, cut at {cut}");
+        }
         let mut other = b;
-        other[0] = 2;
+        other[0] = 3;
         assert!(Slot::from_bytes(&other).is_err());
+        // A recorded length that lies, either way, is refused.
+        for n in [big.state.len() as u32 - 1, big.state.len() as u32 + 1, u32::MAX] {
+            let mut lying = packed.clone();
+            lying[Slot::HEAD..Slot::HEAD + 4].copy_from_slice(&n.to_be_bytes());
+            assert!(Slot::from_bytes(&lying).is_err(), "length {n}");
+        }
         assert_eq!(slot_key("g", 4), "g/s/slot/0");
         assert_eq!(slot_key("g", 5), "g/s/slot/1");
         assert_eq!(info_key("g", 5), "g/info/1");
