@@ -220,7 +220,7 @@ impl Slot {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::HEAD + 4 + self.state.len() / 3);
         let packed = (self.state.len() >= Self::COMPRESS_FROM && self.state.len() <= Self::MAX_STATE)
-            .then(|| zstd::bulk::compress(&self.state, 1).ok())
+            .then(|| zstd_pack(&self.state))
             .flatten();
         out.push(if packed.is_some() { Self::ZSTD } else { Self::RAW });
         out.extend_from_slice(&self.epoch.to_be_bytes());
@@ -251,7 +251,7 @@ impl Slot {
                 if n > Self::MAX_STATE {
                     return Err(bad("state too large"));
                 }
-                let state = zstd::bulk::decompress(z, n).map_err(|e| bad(&format!("zstd: {e}")))?;
+                let state = zstd_unpack(z, n).map_err(|e| bad(&format!("zstd: {e}")))?;
                 if state.len() != n {
                     return Err(bad("state shorter than recorded"));
                 }
@@ -261,6 +261,32 @@ impl Slot {
         };
         Ok(Self { epoch, committer_leaf, state })
     }
+}
+
+thread_local! {
+    // zstd contexts, kept per thread: making one costs more than packing
+    // a small group's state.
+    static PACK: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    static UNPACK: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn zstd_pack(data: &[u8]) -> Option<Vec<u8>> {
+    PACK.with_borrow_mut(|c| {
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(1).ok();
+        }
+        c.as_mut()?.compress(data).ok()
+    })
+}
+
+fn zstd_unpack(data: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
+    UNPACK.with_borrow_mut(|d| {
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut().expect("made above").decompress(data, len)
+    })
 }
 
 /// Before slots: the epoch before the current one, copied into `prev`.
