@@ -13,6 +13,8 @@
 
 mod env;
 pub use env::*;
+mod faults;
+pub use faults::WatchFaults;
 mod janus;
 pub use janus::JanusServer;
 

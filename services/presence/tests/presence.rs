@@ -16,18 +16,18 @@ use spine_testing::{Env, Tenant, req};
 use tonic::Code;
 
 async fn start() -> Env {
-    spine_testing::start_with_services(
-        Backend::Embedded,
-        spine_testing::test_config(),
-        |rt, mut routes, addr| async move {
-            let (names, _) =
-                spine_runtime::service::install::<spine_presence::Presence>(&rt, &mut routes, addr.to_string())
-                    .await
-                    .expect("presence");
-            (routes, names)
-        },
-    )
-    .await
+    spine_testing::start_with_services(Backend::Embedded, spine_testing::test_config(), with_presence).await
+}
+
+async fn with_presence(
+    rt: Arc<spine_runtime::Runtime>,
+    mut routes: tonic::service::RoutesBuilder,
+    addr: std::net::SocketAddr,
+) -> (tonic::service::RoutesBuilder, Vec<&'static str>) {
+    let (names, _) = spine_runtime::service::install::<spine_presence::Presence>(&rt, &mut routes, addr.to_string())
+        .await
+        .expect("presence");
+    (routes, names)
 }
 
 fn client(env: &Env) -> PresenceClient<tonic::transport::Channel> {
@@ -271,6 +271,41 @@ async fn next_within(stream: &mut tonic::Streaming<pb::PresenceUpdate>, what: &s
         .unwrap()
         .unwrap()
         .states[0]
+}
+
+/// The consent follow starts again when its store watches end (a broken
+/// connection to etcd, a compacted revision), and its first review catches
+/// what changed while it heard nothing: a block made then darkens the open
+/// watch once the follow is back.
+#[tokio::test]
+async fn a_block_the_consent_follow_missed_darkens_the_watch_once_it_starts_again() {
+    let faults = spine_testing::WatchFaults::new(Arc::new(spine_runtime::store::EmbeddedStore::in_memory()));
+    let env = spine_testing::start_on_with(faults.clone(), None, spine_testing::test_config(), with_presence).await;
+    let a = env.tenant("a").await;
+    let (target, watcher) = (env.device(&a).await, env.device(&a).await);
+    env.add_contact(&target.token, peer(&watcher.account)).await;
+    announce(&env, &target.token, Status::Online).await;
+    let mut stream = client(&env)
+        .watch(req(pb::WatchRequest { targets: vec![local(&target.account)] }, &watcher.token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut stream).await.status, Status::Online as i32);
+    let unknown = query(&env, &watcher.token, local(&spine_runtime::ids::new(spine_runtime::ids::Kind::Account))).await;
+
+    // Every store watch now loses what it sees: the block is stored, but
+    // the follow does not hear of it, and the open watch stays lit.
+    faults.deafen();
+    env.identity()
+        .block(req(ipb::BlockRequest { account_id: String::new(), peer: peer(&watcher.account) }, &target.token))
+        .await
+        .unwrap();
+    let missed = tokio::time::timeout(Duration::from_millis(1500), stream.next()).await;
+    assert!(missed.is_err(), "the watch changed although the follow heard nothing: {missed:?}");
+    // The watches end; the follow starts again and reviews every pair.
+    faults.cut();
+    let dark = next_within(&mut stream, "blocked while the follow was deaf").await;
+    assert_eq!((dark.status, dark.last_seen, dark.last_seen_at), (unknown.status, unknown.last_seen, None));
 }
 
 #[tokio::test]
