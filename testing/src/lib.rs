@@ -13,8 +13,8 @@
 
 mod env;
 pub use env::*;
-mod faults;
-pub use faults::WatchFaults;
+mod tap;
+pub use tap::StoreTap;
 mod janus;
 pub use janus::JanusServer;
 

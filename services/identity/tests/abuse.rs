@@ -5,64 +5,20 @@
 //! bidirectional formatting; times out of range are refused.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use spine_proto::identity::v1 as pb;
 use spine_runtime::config::Backend;
-use spine_runtime::store::{
-    EmbeddedStore, KeyValue, LeaseId, RangePage, Store, StoreError, Txn, TxnOutcome, WatchStream,
-};
+use spine_runtime::store::EmbeddedStore;
 use spine_testing::{assert_code, req, start, start_on, start_with, test_config};
 use tokio::io::AsyncReadExt;
 use tonic::Code;
 
-/// The embedded store, counting reads of signing keys.
-#[derive(Debug)]
-struct Counting {
-    inner: EmbeddedStore,
-    key_reads: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl Store for Counting {
-    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        if key.starts_with("/spine/sys/auth/keys/") {
-            self.key_reads.fetch_add(1, Ordering::SeqCst);
-        }
-        self.inner.get(key).await
-    }
-    async fn range(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<RangePage, StoreError> {
-        self.inner.range(prefix, after, limit).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        self.inner.txn(txn).await
-    }
-    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        self.inner.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.revoke_lease(lease).await
-    }
-    async fn watch(&self, prefix: &str, from: i64) -> Result<WatchStream, StoreError> {
-        self.inner.watch(prefix, from).await
-    }
-    async fn revision(&self) -> Result<i64, StoreError> {
-        self.inner.revision().await
-    }
-    async fn count(&self, prefix: &str) -> Result<u64, StoreError> {
-        self.inner.count(prefix).await
-    }
-}
-
 #[tokio::test]
 async fn made_up_signing_key_ids_cost_a_bounded_number_of_store_reads() {
-    let reads = Arc::new(AtomicUsize::new(0));
-    let store = Arc::new(Counting { inner: EmbeddedStore::in_memory(), key_reads: reads.clone() });
+    let store = spine_testing::StoreTap::new(Arc::new(EmbeddedStore::in_memory()));
+    let reads = store.count_gets("/spine/sys/auth/keys/");
     let env = start_on(store, None, test_config()).await;
     let mut id = env.identity();
     let forged = |kid: &str| format!("sdt1.{kid}.eyJ4IjoxfQ.AAAA");

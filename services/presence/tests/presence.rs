@@ -279,7 +279,7 @@ async fn next_within(stream: &mut tonic::Streaming<pb::PresenceUpdate>, what: &s
 /// watch once the follow is back.
 #[tokio::test]
 async fn a_block_the_consent_follow_missed_darkens_the_watch_once_it_starts_again() {
-    let faults = spine_testing::WatchFaults::new(Arc::new(spine_runtime::store::EmbeddedStore::in_memory()));
+    let faults = spine_testing::StoreTap::new(Arc::new(spine_runtime::store::EmbeddedStore::in_memory()));
     let env = spine_testing::start_on_with(faults.clone(), None, spine_testing::test_config(), with_presence).await;
     let a = env.tenant("a").await;
     let (target, watcher) = (env.device(&a).await, env.device(&a).await);

@@ -1,26 +1,42 @@
-//! [`WatchFaults`]: a store whose watches can lose events and then end, as
-//! a broken connection to etcd (or a compacted revision) makes them, for
-//! tests of what follows the store.
+//! [`StoreTap`]: a store for tests that watch what a node asks of its store
+//! or break it: it counts reads under a prefix, and its watches can lose
+//! events and then end, as a broken connection to etcd (or a compacted
+//! revision) makes them.
 
-use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use spine_runtime::store::{KeyValue, LeaseId, RangePage, Store, StoreError, Txn, TxnOutcome, WatchStream};
 
-/// Wraps a store; everything but its watches passes through unchanged.
+/// Wraps a store; what it is not told to count or break passes through
+/// unchanged.
 #[derive(Debug)]
-pub struct WatchFaults {
+pub struct StoreTap {
     inner: Arc<dyn Store>,
+    counted_gets: Mutex<Vec<(String, Arc<AtomicUsize>)>>,
     deaf: Arc<AtomicBool>,
     cuts: tokio::sync::watch::Sender<u64>,
 }
 
-impl WatchFaults {
+impl StoreTap {
     pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Self { inner, deaf: Arc::default(), cuts: tokio::sync::watch::Sender::new(0) })
+        Arc::new(Self {
+            inner,
+            counted_gets: Mutex::default(),
+            deaf: Arc::default(),
+            cuts: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// Counts, from now on, the gets of keys under `prefix`.
+    pub fn count_gets(&self, prefix: &str) -> Arc<AtomicUsize> {
+        let n = Arc::new(AtomicUsize::new(0));
+        self.counted_gets.lock().expect("counted gets lock").push((prefix.to_string(), n.clone()));
+        n
     }
 
     /// From now on every watch, open or new, drops what it sees.
@@ -37,8 +53,13 @@ impl WatchFaults {
 }
 
 #[async_trait]
-impl Store for WatchFaults {
+impl Store for StoreTap {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        for (prefix, n) in self.counted_gets.lock().expect("counted gets lock").iter() {
+            if key.starts_with(prefix.as_str()) {
+                n.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         self.inner.get(key).await
     }
     async fn range(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<RangePage, StoreError> {
