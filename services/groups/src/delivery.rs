@@ -75,7 +75,6 @@ async fn load_meta(node: &Node, g: &str) -> Result<Option<(GroupMeta, KeyValue)>
     }
 }
 
-/// Meta, state and fan-out cursor in one read.
 /// The group's core records (meta, the current slot and the one before,
 /// the fan-out cursor), in one read. A group written before slots is moved
 /// into them first.
@@ -89,16 +88,16 @@ async fn load_core(node: &Node, g: &str) -> Result<Option<Core>> {
             into_slots(node, g, &meta, &meta_kv, legacy).await?;
             continue;
         }
-        let slot = find(model::slot_key(g, meta.epoch))
-            .map(|kv| model::Slot::from_bytes(&kv.value))
-            .transpose()?
-            .filter(|s| s.epoch == meta.epoch)
-            .ok_or_else(|| GroupsError::Internal("group without state for its epoch".into()))?;
+        // An epoch's slot, if it holds that epoch (the other parity may
+        // hold an older one, or nothing).
+        let slot_of = |e: u64| -> Result<Option<model::Slot>> {
+            let kv = find(model::slot_key(g, e));
+            Ok(kv.map(|kv| model::Slot::from_bytes(&kv.value)).transpose()?.filter(|s| s.epoch == e))
+        };
+        let slot =
+            slot_of(meta.epoch)?.ok_or_else(|| GroupsError::Internal("group without state for its epoch".into()))?;
         let prev = match meta.epoch.checked_sub(1) {
-            Some(e) => find(model::slot_key(g, e))
-                .map(|kv| model::Slot::from_bytes(&kv.value))
-                .transpose()?
-                .filter(|s| s.epoch == e),
+            Some(e) => slot_of(e)?,
             None => None,
         };
         let fanout = find(model::fanout_key(g)).map_or((0, 0), |kv| {

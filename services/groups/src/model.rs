@@ -33,7 +33,8 @@ pub fn gid_hex(group_id: &[u8]) -> String {
     hex::encode(group_id)
 }
 
-/// The group's core records (`meta`, `state`, `fanout`), read in one range.
+/// The group's core records (`meta`, the epoch slots, `fanout`), read in one
+/// range.
 pub fn core_prefix(g: &str) -> String {
     format!("{g}/s/")
 }
