@@ -49,6 +49,29 @@ pub struct ApplicationFraming {
     pub epoch: u64,
 }
 
+/// Checks an application message's clear framing for the group
+/// `group_id`: a PrivateMessage, for that group, carrying application data.
+/// Its content is end-to-end encrypted, so nothing else can be checked, and
+/// no group state is needed: the delivery service spares restoring it for
+/// every message.
+pub fn check_application(group_id: &[u8], bytes: &[u8]) -> Result<ApplicationFraming> {
+    match decode(bytes)?.extract() {
+        MlsMessageBodyIn::PrivateMessage(pm) => {
+            if pm.group_id().as_slice() != group_id {
+                return Err(MlsError::refused(Refusal::WrongGroup, "message is for another group"));
+            }
+            if pm.content_type() != ContentType::Application {
+                return Err(MlsError::refused(
+                    Refusal::NotAllowed,
+                    "a PrivateMessage must carry application data only",
+                ));
+            }
+            Ok(ApplicationFraming { epoch: pm.epoch().as_u64() })
+        }
+        _ => Err(MlsError::refused(Refusal::NotAllowed, "application messages must be PrivateMessage")),
+    }
+}
+
 /// A group's public state.
 pub struct Verifier {
     group: PublicGroup,
@@ -196,26 +219,10 @@ impl Verifier {
         })
     }
 
-    /// Classifies a message without changing anything: a handshake message
-    /// (PublicMessage) is verified; an application message (PrivateMessage)
-    /// has only its clear framing checked (group, content type), since its
-    /// content is end-to-end encrypted.
+    /// An application message's clear framing, for this group: see
+    /// [`check_application`].
     pub fn check_application(&self, bytes: &[u8]) -> Result<ApplicationFraming> {
-        match decode(bytes)?.extract() {
-            MlsMessageBodyIn::PrivateMessage(pm) => {
-                if pm.group_id() != self.group.group_id() {
-                    return Err(MlsError::refused(Refusal::WrongGroup, "message is for another group"));
-                }
-                if pm.content_type() != ContentType::Application {
-                    return Err(MlsError::refused(
-                        Refusal::NotAllowed,
-                        "a PrivateMessage must carry application data only",
-                    ));
-                }
-                Ok(ApplicationFraming { epoch: pm.epoch().as_u64() })
-            }
-            _ => Err(MlsError::refused(Refusal::NotAllowed, "application messages must be PrivateMessage")),
-        }
+        check_application(self.group.group_id().as_slice(), bytes)
     }
 
     /// Verifies a handshake message (a PublicMessage commit or proposal) for

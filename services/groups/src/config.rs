@@ -17,6 +17,11 @@ pub struct GroupsConfig {
     /// How often each node sweeps the groups (unfinished fan-outs, removals
     /// of devices that no longer exist), in seconds.
     pub upkeep_secs: u64,
+    /// Memory each node may spend keeping groups' public state between
+    /// requests, in MiB, so a group's next commit on the same node need not
+    /// restore it from the store (0: none kept). A state over a quarter of
+    /// it is never kept.
+    pub verifier_cache_mib: u64,
     /// Rate limits per account and per tenant, per node (`[groups.rates]`).
     pub rates: GroupsRates,
 }
@@ -100,6 +105,7 @@ impl Default for GroupsConfig {
             mailbox_max_entries: 5000,
             mailbox_max_bytes: 16 * 1024 * 1024,
             upkeep_secs: 15,
+            verifier_cache_mib: 64,
             rates: GroupsRates::default(),
         }
     }

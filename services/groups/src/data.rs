@@ -178,11 +178,23 @@ async fn report(node: &Node, t: &TenantStore, account: &str) -> Result<DataRepor
                 log_entries.push(format!("group {g} entry {seq} (epoch {}, kind {})", e.epoch, e.kind));
             }
         }
-        for kv in node.groups.range_all(&model::committers_prefix(g)).await? {
-            let leaf: u32 = String::from_utf8_lossy(&kv.value).parse().unwrap_or(u32::MAX);
+        // Who committed an epoch is kept in its slot (the current epoch and
+        // the one before), in disputes of it, and, for groups committed to
+        // before disputes named it, in the legacy committers keys.
+        let mut committers = crate::delivery::epoch_committers(node, g).await?;
+        for kv in node.groups.range_all(&model::disputes_prefix(g)).await? {
+            let epoch = node.groups.relative(&kv.key).split('/').nth(2).and_then(|e| e.parse::<u64>().ok());
+            let leaf = serde_json::from_slice::<model::DisputeRecord>(&kv.value).map_or(u32::MAX, |r| r.committer_leaf);
+            committers.extend(epoch.map(|e| (e, leaf)));
+        }
+        for kv in node.groups.range_all(&model::legacy_committers_prefix(g)).await? {
+            let epoch = node.groups.relative(&kv.key).rsplit('/').next().and_then(|e| e.parse::<u64>().ok());
+            committers.extend(epoch.map(|e| (e, String::from_utf8_lossy(&kv.value).parse().unwrap_or(u32::MAX))));
+        }
+        committers.sort_unstable();
+        committers.dedup();
+        for (epoch, leaf) in committers {
             if mine.iter().any(|r| r.leaf == leaf) {
-                let epoch =
-                    node.groups.relative(&kv.key).rsplit('/').next().unwrap_or_default().trim_start_matches('0');
                 committed.push(format!("group {g} epoch {epoch} committed by leaf {leaf}"));
             }
         }
@@ -278,15 +290,15 @@ async fn report(node: &Node, t: &TenantStore, account: &str) -> Result<DataRepor
         ),
         item(
             "committed_epoch",
-            "For each epoch of a group a commit started, the leaf index of the member that committed it: these are the epochs the account's devices committed (from the leaf each holds now), and the commits of theirs the group's members had voided.",
-            &format!("{gspace}/committers/<epoch> and {gspace}/voided/<epoch>"),
+            "The leaf index of the member that committed an epoch, kept for the group's current epoch and the one before (in their slots), for an epoch a member disputed (in the dispute: see `dispute`), and for a voided commit: these are the epochs the account's devices committed (from the leaf each holds now), and the commits of theirs the group's members had voided. Groups committed to before disputes named the committer may still hold every epoch's committer until upkeep deletes them.",
+            &format!("{gspace}/s/slot/<parity> and {gspace}/voided/<epoch> (before: {gspace}/committers/<epoch>)"),
             until_deleted(),
             committed,
             "the group's member devices (GetGroup, with disputes)",
         ),
         item(
             "dispute",
-            "Commits the account's devices reported as unprocessable (ReportDispute): group, epoch and the reporting device.",
+            "Commits the account's devices reported as unprocessable (ReportDispute): group, epoch, the reporting device, and the leaf that committed the epoch when Spine still kept it.",
             &format!("{gspace}/disputes/<epoch>/<tenant>.<device>"),
             until_deleted(),
             disputes,

@@ -17,6 +17,7 @@ use spine_mls::Refusal;
 mod commit;
 mod disputes;
 mod upkeep;
+pub(crate) mod verifiers;
 
 pub(crate) use commit::*;
 pub(crate) use disputes::*;
@@ -51,20 +52,21 @@ pub(crate) struct Loaded {
     meta: GroupMeta,
     meta_kv: KeyValue,
     verifier: Verifier,
-    /// The current epoch's slot (`verifier` is read from its state).
-    slot: model::Slot,
+    /// The current epoch's slot (`verifier` holds its state).
+    slot: model::StoredSlot,
     /// The epoch before, while its commit can still be voided.
-    prev: Option<model::Slot>,
+    prev: Option<model::StoredSlot>,
     /// The fan-out cursor: last log entry delivered, and its revision.
     fanout: (u64, i64),
 }
 
-/// A group's core records, read in one range: no verifier built.
+/// A group's core records, read in one range: no verifier built, no state
+/// unpacked.
 pub(crate) struct Core {
     meta: GroupMeta,
     meta_kv: KeyValue,
-    slot: model::Slot,
-    prev: Option<model::Slot>,
+    slot: model::StoredSlot,
+    prev: Option<model::StoredSlot>,
     fanout: (u64, i64),
 }
 
@@ -90,9 +92,9 @@ async fn load_core(node: &Node, g: &str) -> Result<Option<Core>> {
         }
         // An epoch's slot, if it holds that epoch (the other parity may
         // hold an older one, or nothing).
-        let slot_of = |e: u64| -> Result<Option<model::Slot>> {
+        let slot_of = |e: u64| -> Result<Option<model::StoredSlot>> {
             let kv = find(model::slot_key(g, e));
-            Ok(kv.map(|kv| model::Slot::from_bytes(&kv.value)).transpose()?.filter(|s| s.epoch == e))
+            Ok(kv.map(|kv| model::StoredSlot::read(kv.value.clone())).transpose()?.filter(|s| s.epoch == e))
         };
         let slot =
             slot_of(meta.epoch)?.ok_or_else(|| GroupsError::Internal("group without state for its epoch".into()))?;
@@ -149,21 +151,48 @@ pub(crate) async fn previous_epoch(node: &Node, g: &str) -> Result<Option<(u64, 
     Ok(Some((prev.epoch, epoch_roster(&prev)?)))
 }
 
+/// The committing leaf of each epoch the group keeps a slot of (the
+/// current one and the one before), where known.
+pub(crate) async fn epoch_committers(node: &Node, g: &str) -> Result<Vec<(u64, u32)>> {
+    let Some(c) = load_core(node, g).await? else { return Ok(vec![]) };
+    Ok([Some(c.slot), c.prev]
+        .into_iter()
+        .flatten()
+        .filter(|s| s.committer_leaf != u32::MAX)
+        .map(|s| (s.epoch, s.committer_leaf))
+        .collect())
+}
+
+/// The group with its verifier: the one this node kept for the stored
+/// slot if it did (see [`verifiers`]), else restored from the slot.
 async fn load(node: &Node, g: &str) -> Result<Option<Loaded>> {
     let Some(c) = load_core(node, g).await? else { return Ok(None) };
-    let verifier =
-        Verifier::from_bytes(&c.slot.state).map_err(|e| GroupsError::Internal(format!("group state: {e}")))?;
+    let verifier = match node.verifiers.take(g, &c.slot.bytes) {
+        Some(v) => {
+            crate::metrics::state("kept");
+            v
+        }
+        None => {
+            crate::metrics::state("store");
+            Verifier::from_bytes(&c.slot.unpack()?.state)
+                .map_err(|e| GroupsError::Internal(format!("group state: {e}")))?
+        }
+    };
     Ok(Some(Loaded { meta: c.meta, meta_kv: c.meta_kv, verifier, slot: c.slot, prev: c.prev, fanout: c.fanout }))
 }
 
-/// The group, if the calling device is a member. Non-members learn nothing
-/// (NOT_FOUND), not even that the group exists.
-async fn load_for_member(node: &Node, g: &str, me: &Device) -> Result<Loaded> {
-    let l = load(node, g).await?.ok_or(GroupsError::NotFound("group"))?;
-    if l.meta.member(&me.tenant, &me.account, &me.device).is_none() {
-        return Err(GroupsError::NotFound("group"));
-    }
-    Ok(l)
+/// Writes `state` as the current epoch's slot in `txn`, and returns what
+/// the node keeps once the write succeeds (with [`keep_verifier`]).
+fn put_state(node: &Node, g: &str, slot: model::Slot, txn: Txn) -> (Txn, (Vec<u8>, usize)) {
+    let bytes = slot.to_bytes();
+    let txn = txn.then(Op::put(node.groups.key(&model::slot_key(g, slot.epoch)), bytes.clone()));
+    (txn, (bytes, slot.state.len()))
+}
+
+/// Keeps the verifier whose state a write that succeeded stored (see
+/// [`put_state`]), for the group's next request on this node.
+fn keep_verifier(node: &Node, g: &str, verifier: Verifier, (stored, state_len): (Vec<u8>, usize)) {
+    node.verifiers.keep(g, stored, verifier, state_len);
 }
 
 fn tenant_store(node: &Node, caller: &TenantStore, tenant: &str) -> Result<TenantStore> {
@@ -323,19 +352,27 @@ pub(crate) async fn get(node: &Node, me: &Device, raw: &[u8]) -> Result<pb::Grou
     if meta.member(&me.tenant, &me.account, &me.device).is_none() {
         return Err(GroupsError::NotFound("group"));
     }
-    let mut by_epoch: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
+    // Per disputed epoch: how many reports, and the committing leaf they
+    // name (records from before they named it: the legacy committers key).
+    let mut by_epoch: std::collections::BTreeMap<u64, (u32, u32)> = std::collections::BTreeMap::new();
     for kv in node.groups.range_all(&model::disputes_prefix(&g)).await? {
         let rel = node.groups.relative(&kv.key);
         if let Some(e) = rel.split('/').nth(2).and_then(|e| e.parse::<u64>().ok()) {
-            *by_epoch.entry(e).or_default() += 1;
+            let leaf = serde_json::from_slice::<model::DisputeRecord>(&kv.value).map_or(u32::MAX, |r| r.committer_leaf);
+            let (reports, committer) = by_epoch.entry(e).or_insert((0, u32::MAX));
+            *reports += 1;
+            if *committer == u32::MAX {
+                *committer = leaf;
+            }
         }
     }
     let mut disputes = Vec::new();
-    for (epoch, reports) in by_epoch {
-        let committer = match node.groups.get(&model::committer_key(&g, epoch)).await? {
-            Some(kv) => String::from_utf8_lossy(&kv.value).parse().unwrap_or(u32::MAX),
-            None => u32::MAX,
-        };
+    for (epoch, (reports, mut committer)) in by_epoch {
+        if committer == u32::MAX
+            && let Some(kv) = node.groups.get(&model::legacy_committer_key(&g, epoch)).await?
+        {
+            committer = String::from_utf8_lossy(&kv.value).parse().unwrap_or(u32::MAX);
+        }
         disputes.push(pb::Dispute { epoch, committer_leaf_index: committer, reports });
     }
     let mut voided = Vec::new();
@@ -379,57 +416,76 @@ pub(crate) async fn application(node: &Node, me: &Device, req: pb::SendApplicati
         req.message.len() as f64,
     )?;
     for _ in 0..CAS_ATTEMPTS {
-        let mut l = load_for_member(node, &g, me).await?;
-        let framing = l.verifier.check_application(&req.message).map_err(mls("message"))?;
-        if framing.epoch > l.meta.epoch || framing.epoch + APPLICATION_EPOCH_WINDOW < l.meta.epoch {
+        // Non-members learn nothing (NOT_FOUND), not even that the group
+        // exists.
+        let (mut meta, meta_kv) = load_meta(node, &g).await?.ok_or(GroupsError::NotFound("group"))?;
+        if meta.member(&me.tenant, &me.account, &me.device).is_none() {
+            return Err(GroupsError::NotFound("group"));
+        }
+        // Its clear framing is all that can be checked: no group state
+        // needed.
+        let framing = spine_mls::verifier::check_application(&req.group_id, &req.message).map_err(mls("message"))?;
+        if framing.epoch > meta.epoch || framing.epoch + APPLICATION_EPOCH_WINDOW < meta.epoch {
             return Err(invalid(
                 "message",
-                format!("epoch {} is outside the accepted window (group at {})", framing.epoch, l.meta.epoch),
+                format!("epoch {} is outside the accepted window (group at {})", framing.epoch, meta.epoch),
             ));
         }
         // A member other than the committer writing in the new epoch has
         // processed its commit: the commit works, and can no longer be voided.
-        if framing.epoch == l.meta.epoch && l.meta.committer.as_ref().is_some_and(|c| c != me) {
-            l.meta.confirmed = true;
-        }
-        let recipients = l.meta.roster.iter().map(|r| r.device.clone()).filter(|d| d != me).collect();
+        let confirms =
+            !meta.confirmed && framing.epoch == meta.epoch && meta.committer.as_ref().is_some_and(|c| c != me);
+        meta.confirmed |= confirms;
+        let recipients = meta.roster.iter().map(|r| r.device.clone()).filter(|d| d != me).collect();
         let entry = LogEntry::new(EntryKind::Application, &req.message, framing.epoch, recipients);
-        if append(node, &g, &l, entry, None).await? {
+        if append(node, &g, &meta_kv, meta, entry, None, confirms).await? {
             return Ok(());
         }
     }
     Err(GroupsError::Conflict)
 }
 
-/// Appends one entry to the group's log (and, with a proposal, the state
-/// that queues it) if the group is unchanged since `l` was read, then fans
-/// it out. `false` if another write came first: re-read and retry. A
-/// confirmed epoch can no longer be voided: the one before it goes.
-async fn append(node: &Node, g: &str, l: &Loaded, entry: LogEntry, state: Option<Vec<u8>>) -> Result<bool> {
-    let mut meta = l.meta.clone();
+/// Appends one entry to the group's log as `meta` (read as `meta_kv`, its
+/// sequence not yet taken), with a proposal the state that queues it, if
+/// the group is unchanged since it was read; then fans it out. `false` if
+/// another write came first (re-read and retry); the verifier that holds
+/// the state is kept once it is stored. `confirms`: the entry confirms the
+/// current epoch, which can then no longer be voided: the epoch before
+/// goes (its slot and GroupInfo, at the other parity).
+async fn append(
+    node: &Node,
+    g: &str,
+    meta_kv: &KeyValue,
+    mut meta: GroupMeta,
+    entry: LogEntry,
+    state: Option<(model::Slot, Verifier)>,
+    confirms: bool,
+) -> Result<bool> {
     let seq = meta.next_seq;
     meta.next_seq += 1;
+    let mut txn = Txn::new()
+        .when(Compare::ModRevision(meta_kv.stored_key(), meta_kv.mod_revision))
+        .then(Op::put(meta_kv.stored_key(), json(&meta)));
+    let mut kept = None;
+    if let Some((slot, verifier)) = state {
+        let (t, stored) = put_state(node, g, slot, txn);
+        (txn, kept) = (t, Some((verifier, stored)));
+    }
+    if let Some(before) = meta.epoch.checked_sub(1).filter(|_| confirms) {
+        txn = txn
+            .then(Op::delete(node.groups.key(&model::slot_key(g, before))))
+            .then(Op::delete(node.groups.key(&model::info_key(g, before))));
+    }
     let out = node
         .mailbox_lease
-        .txn(|lease| {
-            let mut txn = Txn::new()
-                .when(Compare::ModRevision(l.meta_kv.stored_key(), l.meta_kv.mod_revision))
-                .then(Op::put(l.meta_kv.stored_key(), json(&meta)))
-                .then(Op::put_leased(node.groups.key(&model::log_key(g, seq)), json(&entry), lease));
-            if let Some(s) = &state {
-                let slot = model::Slot { state: s.clone(), ..l.slot.clone() };
-                txn = txn.then(Op::put(node.groups.key(&model::slot_key(g, meta.epoch)), slot.to_bytes()));
-            }
-            if let Some(p) = l.prev.as_ref().filter(|_| meta.confirmed) {
-                txn = txn
-                    .then(Op::delete(node.groups.key(&model::slot_key(g, p.epoch))))
-                    .then(Op::delete(node.groups.key(&model::info_key(g, p.epoch))));
-            }
-            txn
-        })
+        .txn(|lease| txn.clone().then(Op::put_leased(node.groups.key(&model::log_key(g, seq)), json(&entry), lease)))
         .await?;
-    if out.succeeded {
-        spawn_fanout(node, g.to_string());
+    if !out.succeeded {
+        return Ok(false);
     }
-    Ok(out.succeeded)
+    if let Some((verifier, stored)) = kept {
+        keep_verifier(node, g, verifier, stored);
+    }
+    spawn_fanout(node, g.to_string());
+    Ok(true)
 }

@@ -58,6 +58,8 @@ pub(crate) struct Node {
     /// own key can be cached; other devices' keys are always read (a
     /// deleted device must not be admitted).
     own_keys: std::sync::Mutex<std::collections::HashMap<(String, String, String), Vec<u8>>>,
+    /// Groups' verifiers kept between requests (`verifier_cache_mib`).
+    verifiers: delivery::verifiers::Verifiers,
 }
 
 impl Node {
@@ -144,6 +146,9 @@ impl SpineService for Groups {
             quota: mailbox::Quota { entries: config.mailbox_max_entries, bytes: config.mailbox_max_bytes },
             limits: config.rates.limiter(),
             own_keys: Default::default(),
+            verifiers: delivery::verifiers::Verifiers::new(
+                (config.verifier_cache_mib as usize).saturating_mul(1 << 20),
+            ),
         });
         rt.register_account_data(Arc::new(data::GroupsData(Arc::downgrade(&node))));
         spine_runtime::add_service!(at, GroupsServer::new(service::GroupsApi(node.clone())));

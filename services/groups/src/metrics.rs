@@ -26,6 +26,9 @@ pub(crate) struct GroupsMetrics {
     pub disputes: Counter<u64>,
     /// Commits voided after disputes.
     pub voided: Counter<u64>,
+    /// Group states a request needed, by where they came from: `kept` (the
+    /// node's verifier cache) or `store` (restored from the stored slot).
+    pub states: Counter<u64>,
 }
 
 pub(crate) fn metrics() -> &'static GroupsMetrics {
@@ -58,12 +61,20 @@ pub(crate) fn metrics() -> &'static GroupsMetrics {
                 .build(),
             disputes: m.u64_counter("spine.groups.disputes").with_description("Disputes reported").build(),
             voided: m.u64_counter("spine.groups.voided").with_description("Commits voided after disputes").build(),
+            states: m
+                .u64_counter("spine.groups.states")
+                .with_description("Group states a request needed, kept by the node or restored from the store")
+                .build(),
         }
     })
 }
 
 pub(crate) fn commit(result: &'static str) {
     metrics().commits.add(1, &[KeyValue::new("result", result)]);
+}
+
+pub(crate) fn state(from: &'static str) {
+    metrics().states.add(1, &[KeyValue::new("from", from)]);
 }
 
 pub(crate) fn dropped() {

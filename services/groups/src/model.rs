@@ -13,11 +13,15 @@
 //!   value limit for as large a group as before.)
 //! - `s/fanout`: the last log entry delivered to every recipient;
 //! - `log/<gseq>`: handshake and application messages awaiting fan-out;
-//! - `committers/<epoch>`, `disputes/<epoch>/<device>`: dispute records;
+//! - `disputes/<epoch>/<device>` ([`DisputeRecord`]): dispute records, each
+//!   with the leaf that committed the disputed epoch;
 //! - `voided/<epoch>`: commits voided (who committed, when).
 //!
 //! Groups written before the slots keep `s/state`, `info` and `prev`
-//! ([`LegacyPrev`]) until their first read moves them into slots.
+//! ([`LegacyPrev`]) until their first read moves them into slots. Groups
+//! committed to before dispute records named the committer have
+//! `committers/<epoch>` (the committing leaf of every epoch) until upkeep
+//! deletes them.
 //!
 //! Each member's tenant (`/spine/t/<tenant>/`):
 //! - `kp/<account>/<device>/<ref>`, `kpl/<account>/<device>`: key packages;
@@ -67,10 +71,12 @@ pub fn log_key(g: &str, gseq: u64) -> String {
 pub fn fanout_key(g: &str) -> String {
     format!("{g}/s/fanout")
 }
-pub fn committer_key(g: &str, epoch: u64) -> String {
+/// Before dispute records named the committer: every epoch's committing
+/// leaf (read for disputes and account data until upkeep deletes it).
+pub fn legacy_committer_key(g: &str, epoch: u64) -> String {
     format!("{g}/committers/{epoch:020}")
 }
-pub fn committers_prefix(g: &str) -> String {
+pub fn legacy_committers_prefix(g: &str) -> String {
     format!("{g}/committers/")
 }
 /// Before slots: the previous epoch, copied.
@@ -264,6 +270,30 @@ impl Slot {
     }
 }
 
+/// A slot as read from the store: its head, and its bytes as stored (the
+/// state is unpacked only when it is needed, see `delivery::verifiers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSlot {
+    pub epoch: u64,
+    pub committer_leaf: u32,
+    pub bytes: Vec<u8>,
+}
+
+impl StoredSlot {
+    pub fn read(bytes: Vec<u8>) -> crate::error::Result<Self> {
+        if bytes.len() < Slot::HEAD {
+            return Err(crate::error::GroupsError::Internal("stored group slot: truncated".into()));
+        }
+        let epoch = u64::from_be_bytes(bytes[1..9].try_into().expect("8 bytes"));
+        let committer_leaf = u32::from_be_bytes(bytes[9..13].try_into().expect("4 bytes"));
+        Ok(Self { epoch, committer_leaf, bytes })
+    }
+
+    pub fn unpack(&self) -> crate::error::Result<Slot> {
+        Slot::from_bytes(&self.bytes)
+    }
+}
+
 thread_local! {
     // zstd contexts, kept per thread: making one costs more than packing
     // a small group's state.
@@ -301,6 +331,21 @@ pub struct LegacyPrev {
     pub roster: Vec<RosterEntry>,
     /// Leaf index of the commit's sender in the new epoch.
     pub committer_leaf: u32,
+}
+
+/// A member's report that it cannot process an epoch's commit. Records
+/// written before it named the committer are `{}` (`committer_leaf`
+/// `u32::MAX`: see the legacy `committers/<epoch>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DisputeRecord {
+    /// Leaf index of the member whose commit made the disputed epoch
+    /// (`u32::MAX`: not known).
+    #[serde(default = "no_leaf")]
+    pub committer_leaf: u32,
+}
+
+fn no_leaf() -> u32 {
+    u32::MAX
 }
 
 /// A voided commit.

@@ -77,6 +77,7 @@ async fn a_corrupted_commit_is_disputed_voided_and_the_group_heals() {
     dispute(&env, &m[1], &gid, e0 + 1).await;
     let g = get_group(&env, &m[2].token, &gid).await;
     assert_eq!((g.epoch, g.disputes.len(), g.disputes[0].reports), (e0 + 1, 1, 1));
+    assert_eq!(g.disputes[0].committer_leaf_index, m[0].g().own_index(), "the dispute names the committer");
     assert!(g.commits_frozen_until.is_some(), "a disputed epoch freezes commits on top of it");
     let on_top = m[0].act(|c, g| c.self_update(g)).unwrap();
     let frozen = m[0].send_commit(&env, &on_top).await.unwrap_err();
@@ -272,4 +273,56 @@ async fn a_group_stored_before_epoch_slots_is_moved_into_them() {
     let (rejoined, join) = m[0].client.join_external(&info.group_info).unwrap();
     m[0].group = Some(rejoined);
     assert_eq!(m[0].send_commit(&env, &join).await.unwrap(), e0 + 1);
+}
+
+/// Who committed an epoch is kept only while the epoch is (its slot), and
+/// in disputes of it. Groups committed to before kept every epoch's
+/// committer under `committers/<epoch>`: GetGroup still reads it for a
+/// dispute that names none, and upkeep deletes every one of them.
+#[tokio::test]
+async fn every_epochs_committer_is_no_longer_kept() {
+    let mut config = spine_testing::test_config();
+    config.edit_section(|s: &mut spine_groups::GroupsConfig| s.upkeep_secs = 1);
+    let env = start_with(Backend::Embedded, config).await;
+    let gid = b"committers".to_vec();
+    let (t, mut m) = group_of(&env, 3, &gid).await;
+    let e0 = m[0].g().epoch();
+    for _ in 0..2 {
+        let up = m[0].act(|c, g| c.self_update(g)).unwrap();
+        m[0].send_commit(&env, &up).await.unwrap();
+        m[0].act(|c, g| c.merge_pending(g)).unwrap();
+    }
+    let space = format!("/spine/g/{}/", hex::encode(&gid));
+    let left = |prefix: &'static str| {
+        let (store, space) = (env.rt.store.clone(), space.clone());
+        async move { store.range_all(&format!("{space}{prefix}")).await.unwrap().len() }
+    };
+    assert_eq!(left("committers/").await, 0, "commits write no per-epoch committer");
+
+    // As the layout before wrote them: a committer for every epoch, and a
+    // dispute record that names none. Past every handle.
+    let me = m[0].g().own_index();
+    #[allow(clippy::disallowed_methods)]
+    let key = |rel: String| spine_runtime::store::Key::unchecked(format!("{space}{rel}"));
+    for e in 1..=e0 + 2 {
+        env.rt.store.put(&key(format!("committers/{e:020}")), me.to_string().into_bytes()).await.unwrap();
+    }
+    env.rt.store.put(&key(format!("disputes/{e0:020}/{}.{}", t.id, m[1].device)), b"{}".to_vec()).await.unwrap();
+    let g = get_group(&env, &m[2].token, &gid).await;
+    assert_eq!((g.disputes.len(), g.disputes[0].epoch, g.disputes[0].committer_leaf_index), (1, e0, me));
+
+    // Upkeep deletes them all; the old dispute then names no committer.
+    let swept =
+        spine_testing::eventually(std::time::Duration::from_secs(10), || async { left("committers/").await == 0 })
+            .await;
+    assert!(swept, "upkeep left the per-epoch committers");
+    let g = get_group(&env, &m[2].token, &gid).await;
+    assert_eq!(g.disputes[0].committer_leaf_index, u32::MAX);
+
+    // A dispute of an epoch the group keeps names its committer, from the
+    // slot: the current epoch and the one before.
+    dispute(&env, &m[1], &gid, e0 + 1).await;
+    let g = get_group(&env, &m[2].token, &gid).await;
+    let named: Vec<(u64, u32)> = g.disputes.iter().map(|d| (d.epoch, d.committer_leaf_index)).collect();
+    assert_eq!(named, vec![(e0, u32::MAX), (e0 + 1, me)]);
 }

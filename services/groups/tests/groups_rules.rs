@@ -19,6 +19,92 @@ async fn snapshot(env: &Env) -> BTreeMap<String, Vec<u8>> {
     env.rt.store.range_all("/spine/").await.unwrap().into_iter().map(|kv| (kv.key, kv.value)).collect()
 }
 
+/// A node keeps the verifier of the last commit it accepted, but uses it
+/// only while the store holds exactly the slot it wrote: once a commit on
+/// another node moved the group on, a commit from the epoch the first node
+/// remembers loses (WRONG_EPOCH), and the group goes on from the store's
+/// epoch on either node.
+#[tokio::test]
+async fn a_verifier_kept_by_one_node_stands_only_for_its_own_slot() {
+    let env = start(Backend::Etcd).await;
+    let node2 = start_on(env.etcd.as_ref().unwrap().store().await, None, spine_testing::test_config()).await;
+    let gid = b"two-nodes".to_vec();
+    let (_, mut m) = group_of(&env, 2, &gid).await;
+    let send_on = |env: &Env, m: &Member, b: &spine_mls::client::CommitBundle| {
+        let mut client = m.groups(env);
+        let r = pb::SendCommitRequest {
+            group_id: gid.clone(),
+            commit: b.commit.clone(),
+            welcome: vec![],
+            group_info: b.group_info.clone(),
+        };
+        let token = m.token.clone();
+        async move { client.send_commit(req(r, &token)).await.map(|r| r.into_inner().epoch) }
+    };
+    // Alice commits on node 1, which keeps the new epoch's verifier.
+    let e0 = m[0].g().epoch();
+    let up = m[0].act(|c, g| c.self_update(g)).unwrap();
+    assert_eq!(send_on(&env, &m[0], &up).await.unwrap(), e0 + 1);
+    m[0].act(|c, g| c.merge_pending(g)).unwrap();
+    // Bob follows, and commits on node 2.
+    assert_eq!(m[1].act(|c, g| c.process(g, &up.commit)).unwrap(), Incoming::Commit { epoch: e0 + 1 });
+    let bob = m[1].act(|c, g| c.self_update(g)).unwrap();
+    assert_eq!(send_on(&node2, &m[1], &bob).await.unwrap(), e0 + 2);
+    m[1].act(|c, g| c.merge_pending(g)).unwrap();
+    // Alice, not having seen it, commits from e0 + 1 on node 1: node 1's
+    // verifier is at e0 + 1 and would verify it; the store says e0 + 2.
+    let stale = m[0].act(|c, g| c.self_update(g)).unwrap();
+    let lost = send_on(&env, &m[0], &stale).await.unwrap_err();
+    assert_eq!(wrong_epoch(&lost), Some(e0 + 2), "{lost:?}");
+    m[0].act(|c, g| c.discard_pending(g)).unwrap();
+    // She catches up and commits on node 1, then Bob on node 2, then she
+    // commits twice in a row on node 1 (the second from what it kept).
+    assert_eq!(m[0].act(|c, g| c.process(g, &bob.commit)).unwrap(), Incoming::Commit { epoch: e0 + 2 });
+    for (i, node, epoch) in [(0, &env, e0 + 3), (1, &node2, e0 + 4), (0, &env, e0 + 5), (0, &env, e0 + 6)] {
+        let b = m[i].act(|c, g| c.self_update(g)).unwrap();
+        assert_eq!(send_on(node, &m[i], &b).await.unwrap(), epoch);
+        m[i].act(|c, g| c.merge_pending(g)).unwrap();
+        let other = 1 - i;
+        assert_eq!(m[other].act(|c, g| c.process(g, &b.commit)).unwrap(), Incoming::Commit { epoch });
+    }
+    let info = group_info(&node2, &m[1].token, &gid).await;
+    assert_eq!(info.epoch, e0 + 6);
+}
+
+/// A commit that reaches no one (a one-member group) stores no log entry:
+/// the fan-out cursor moves past it in the same transaction. Once the group
+/// has another member, its commits are logged and delivered as always.
+#[tokio::test]
+async fn a_commit_that_reaches_no_one_is_not_logged() {
+    let env = start(Backend::Embedded).await;
+    let t = env.tenant("t").await;
+    let (a, b) = (env.account(&t).await, env.account(&t).await);
+    let mut alice = member(&env, &t, &a).await;
+    let mut bob = member(&env, &t, &b).await;
+    let_anyone_add(&env, &t, &b).await;
+    bob.upload(&env, 1).await;
+    let gid = b"alone".to_vec();
+    create_group(&env, &mut alice, &gid, vec![t.id.clone()]).await;
+    let log = format!("/spine/g/{}/log/", hex::encode(&gid));
+    for _ in 0..3 {
+        let up = alice.act(|c, g| c.self_update(g)).unwrap();
+        alice.send_commit(&env, &up).await.unwrap();
+        alice.act(|c, g| c.merge_pending(g)).unwrap();
+    }
+    assert!(env.rt.store.range_all(&log).await.unwrap().is_empty(), "entries no one can receive were stored");
+    // Bob joins: the add and the next commit reach him.
+    let kps = claim(&env, &alice.token, vec![by_account(&b)]).await;
+    let add = alice.act(|c, g| c.add(g, &kps)).unwrap();
+    alice.send_commit(&env, &add).await.unwrap();
+    alice.act(|c, g| c.merge_pending(g)).unwrap();
+    let welcome = bob.receive(&env, 1).await.remove(0);
+    bob.group = Some(bob.client.join(&welcome.message).unwrap());
+    let up = alice.act(|c, g| c.self_update(g)).unwrap();
+    alice.send_commit(&env, &up).await.unwrap();
+    let e = bob.receive(&env, 1).await.remove(0);
+    assert_eq!((e.kind, &e.message), (pb::EntryKind::Commit as i32, &up.commit));
+}
+
 /// 20 members commit against the same epoch at once, on etcd, ten rounds:
 /// each round exactly one wins, every loser gets WRONG_EPOCH with the new
 /// epoch, and the group's state is the winner's.

@@ -131,11 +131,13 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
         let slot = model::Slot { epoch: meta.epoch, committer_leaf: signer, state: l.verifier.to_bytes() };
         // The slot's revision need not be compared: every write to a slot
         // or a GroupInfo writes the meta too.
-        let mut txn = Txn::new()
-            .when(Compare::ModRevision(l.meta_kv.stored_key(), l.meta_kv.mod_revision))
-            .then(Op::put(node.groups.key(&model::slot_key(&g, meta.epoch)), slot.to_bytes()))
-            .then(Op::put(node.groups.key(&model::info_key(&g, meta.epoch)), req.group_info.clone()))
-            .then(Op::put(node.groups.key(&model::committer_key(&g, meta.epoch)), signer.to_string().into_bytes()));
+        let (mut txn, stored) = put_state(
+            node,
+            &g,
+            slot,
+            Txn::new().when(Compare::ModRevision(l.meta_kv.stored_key(), l.meta_kv.mod_revision)),
+        );
+        txn = txn.then(Op::put(node.groups.key(&model::info_key(&g, meta.epoch)), req.group_info.clone()));
         if removes_gone {
             txn = txn
                 .then(Op::delete(node.groups.key(&model::slot_key(&g, from_epoch))))
@@ -160,7 +162,8 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
         txn = txn.then(Op::put(l.meta_kv.stored_key(), json(&meta)));
         // Nothing to deliver (a one-member group, or only the committer
         // left) and nothing pending: the commit advances the fan-out cursor
-        // itself, sparing a fan-out pass.
+        // itself, sparing a fan-out pass, and writes no log entry: it would
+        // reach no one, and stay until its lease ran out.
         let nothing_to_deliver =
             l.fanout.0 + 1 == seq && log.iter().all(|(_, e)| e.recipients.is_empty() && e.removed.is_empty());
         if nothing_to_deliver {
@@ -169,18 +172,22 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
                 .when(Compare::ModRevision(cursor.clone(), l.fanout.1))
                 .then(Op::put(cursor, json(&model::Counter { n: meta.next_seq - 1 })));
         }
-        let out = node
-            .mailbox_lease
-            .txn(|lease| {
-                let mut txn = txn.clone();
-                for (s, e) in &log {
-                    txn = txn.then(Op::put_leased(node.groups.key(&model::log_key(&g, *s)), json(e), lease));
-                }
-                txn
-            })
-            .await?;
+        let out = if nothing_to_deliver {
+            node.groups.txn(txn).await?
+        } else {
+            node.mailbox_lease
+                .txn(|lease| {
+                    let mut txn = txn.clone();
+                    for (s, e) in &log {
+                        txn = txn.then(Op::put_leased(node.groups.key(&model::log_key(&g, *s)), json(e), lease));
+                    }
+                    txn
+                })
+                .await?
+        };
         if out.succeeded {
             tracing::info!(group = %node.rt.redact(&g), epoch = meta.epoch, added = added.len(), removed = removed.len(), "commit accepted");
+            keep_verifier(node, &g, l.verifier, stored);
             if !nothing_to_deliver {
                 spawn_fanout(node, g.clone());
             }

@@ -10,7 +10,8 @@ pub(crate) const MAX_DISPUTES: usize = 256;
 
 pub(crate) async fn dispute(node: &Node, me: &Device, req: pb::ReportDisputeRequest) -> Result<()> {
     let g = group_id(&req.group_id)?;
-    let (meta, _) = load_meta(node, &g).await?.ok_or(GroupsError::NotFound("group"))?;
+    let c = load_core(node, &g).await?.ok_or(GroupsError::NotFound("group"))?;
+    let meta = &c.meta;
     if meta.member(&me.tenant, &me.account, &me.device).is_none() {
         return Err(GroupsError::NotFound("group"));
     }
@@ -18,6 +19,14 @@ pub(crate) async fn dispute(node: &Node, me: &Device, req: pb::ReportDisputeRequ
         return Err(invalid("epoch", format!("must name an epoch a commit created (1 to {})", meta.epoch)));
     }
     node.limits.check(crate::config::GroupsRate::Disputes, &me.tenant, &me.account, 1.0)?;
+    // The record names the leaf whose commit made the epoch, from its slot
+    // while the group keeps it (the current epoch and the one before).
+    let committer_leaf = [Some(&c.slot), c.prev.as_ref()]
+        .into_iter()
+        .flatten()
+        .find(|s| s.epoch == req.epoch)
+        .map_or(u32::MAX, |s| s.committer_leaf);
+    let record = json(&model::DisputeRecord { committer_leaf });
     // Kept like the group's messages (14 to 15 days, under the mailbox
     // lease), and at most MAX_DISPUTES per group: the oldest go first.
     let existing = node.groups.range_all(&model::disputes_prefix(&g)).await?;
@@ -27,7 +36,7 @@ pub(crate) async fn dispute(node: &Node, me: &Device, req: pb::ReportDisputeRequ
             Txn::new().then_all(existing.iter().take(excess).map(|kv| Op::delete(kv.stored_key()))).then(
                 Op::put_leased(
                     node.groups.key(&model::dispute_key(&g, req.epoch, &me.tenant, &me.device)),
-                    b"{}".to_vec(),
+                    record.clone(),
                     lease,
                 ),
             )
@@ -87,8 +96,9 @@ pub(crate) async fn settle(node: &Node, g: &str) -> Result<()> {
 }
 
 /// The roster of an epoch kept in a slot, from its state.
-pub(crate) fn epoch_roster(slot: &model::Slot) -> Result<Vec<RosterEntry>> {
-    let v = Verifier::from_bytes(&slot.state).map_err(|e| GroupsError::Internal(format!("group state: {e}")))?;
+pub(crate) fn epoch_roster(slot: &model::StoredSlot) -> Result<Vec<RosterEntry>> {
+    let v =
+        Verifier::from_bytes(&slot.unpack()?.state).map_err(|e| GroupsError::Internal(format!("group state: {e}")))?;
     roster(&v)
 }
 
@@ -101,7 +111,7 @@ pub(crate) async fn void(
     node: &Node,
     g: &str,
     l: &Loaded,
-    prev: &model::Slot,
+    prev: &model::StoredSlot,
     prev_roster: Vec<RosterEntry>,
 ) -> Result<bool> {
     let voided_epoch = l.meta.epoch;
@@ -129,7 +139,7 @@ pub(crate) async fn void(
         .then(Op::put(l.meta_kv.stored_key(), json(&meta)))
         .then(Op::delete(node.groups.key(&model::slot_key(g, voided_epoch))))
         .then(Op::delete(node.groups.key(&model::info_key(g, voided_epoch))))
-        .then(Op::delete(node.groups.key(&model::committer_key(g, voided_epoch))))
+        .then(Op::delete(node.groups.key(&model::legacy_committer_key(g, voided_epoch))))
         .then(Op::delete_prefix(node.groups.key(&model::epoch_disputes_prefix(g, voided_epoch))));
     let record = model::Voided { committer_leaf: l.slot.committer_leaf, at: now_secs() };
     let out = node

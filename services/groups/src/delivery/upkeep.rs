@@ -16,8 +16,9 @@ pub(crate) async fn propose_removal(node: &Node, g: &str, d: &Device) -> Result<
         let recipients = l.meta.roster.iter().map(|r| r.device.clone()).filter(|x| x != d).collect();
         let mut log = LogEntry::new(EntryKind::Proposal, &proposal, l.meta.epoch, recipients);
         log.removed = vec![d.clone()];
-        let state = l.verifier.to_bytes();
-        if append(node, g, &l, log, Some(state)).await? {
+        let slot =
+            model::Slot { epoch: l.slot.epoch, committer_leaf: l.slot.committer_leaf, state: l.verifier.to_bytes() };
+        if append(node, g, &l.meta_kv, l.meta.clone(), log, Some((slot, l.verifier)), false).await? {
             tracing::info!(group = %node.rt.redact(g), device = %node.rt.redact(&d.device), "removal proposed for a deleted device");
             return Ok(true);
         }
@@ -51,6 +52,16 @@ pub const GONE_RETENTION_SECS: i64 = 14 * 86_400;
 /// the others go on.
 pub(crate) async fn sweep(node: &Node) -> Result<()> {
     let metas = node.groups.range_all("").await?;
+    // Every epoch's committer, written before disputes named it: no longer
+    // kept (docs/privacy.md).
+    let legacy: Vec<Op> = metas
+        .iter()
+        .filter(|kv| node.groups.relative(&kv.key).split('/').nth(1) == Some("committers"))
+        .map(|kv| Op::delete(kv.stored_key()))
+        .collect();
+    for chunk in legacy.chunks(spine_runtime::store::MAX_TXN_OPS) {
+        node.groups.txn(Txn::new().then_all(chunk.to_vec())).await?;
+    }
     let mut failed = 0;
     for kv in metas.iter().filter(|kv| kv.key.ends_with("/s/meta")) {
         let g = node.groups.relative(&kv.key).trim_end_matches("/s/meta").to_string();
@@ -138,6 +149,7 @@ pub(crate) async fn delete_group(node: &Node, g: &str, kv: &KeyValue, meta: &Gro
         txn = txn.then(Op::delete(t.key(&model::gm_key(&r.device.account, &r.device.device, g))));
     }
     if node.groups.txn(txn).await?.succeeded {
+        node.verifiers.forget(g);
         tracing::info!(group = %node.rt.redact(g), reason = why, "group deleted");
         crate::metrics::group_deleted(why);
     }

@@ -434,7 +434,10 @@ export type Dispute = Message<"spine.groups.v1.Dispute"> & {
   epoch: bigint;
 
   /**
-   * The leaf index of the committer.
+   * The leaf index of the committer, or 4294967295 when Spine no longer
+   * knows it: it keeps who committed an epoch only while it keeps that
+   * epoch (the current one and the one before), so a dispute filed against
+   * an older epoch names no committer.
    *
    * @generated from field: uint32 committer_leaf_index = 2;
    */
