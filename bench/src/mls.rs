@@ -5,7 +5,10 @@
 //!   checks, roster diff, merge);
 //! - service MLS work: the verifier plus the GroupInfo check, and the
 //!   state read from its stored slot (unpacked) and written back (packed):
-//!   all MLS work of one SendCommit.
+//!   all MLS work of one SendCommit on a node that does not hold the group;
+//! - service MLS work, state kept: the same on a node that kept the group's
+//!   verifier from its last commit (`groups.verifier_cache_mib`): nothing
+//!   read, the new state still packed.
 
 use std::time::{Duration, Instant};
 
@@ -162,9 +165,23 @@ fn measure(quick: bool) -> anyhow::Result<Section> {
                 std::hint::black_box(Slot { epoch: 1, committer_leaf: 0, state: v.to_bytes() }.to_bytes());
             },
         );
+        let mut kept = sample(
+            samples,
+            budget,
+            || Verifier::from_bytes(&c.state).unwrap(),
+            |mut v| {
+                v.verify(&c.commit.commit).unwrap();
+                v.apply().unwrap();
+                v.check_group_info(&c.commit.group_info, c.signer).unwrap();
+                std::hint::black_box(Slot { epoch: 1, committer_leaf: 0, state: v.to_bytes() }.to_bytes());
+            },
+        );
         let base = Row::baseline(format!("{name}: raw openmls")).latency(Latency::of(&mut raw));
         let v = Row::new(format!("{name}: verifier")).latency(Latency::of(&mut verifier)).against(&base, "p50");
         let w = Row::new(format!("{name}: service MLS work")).latency(Latency::of(&mut service)).against(&base, "p50");
+        let k = Row::new(format!("{name}: service MLS work, state kept"))
+            .latency(Latency::of(&mut kept))
+            .against(&base, "p50");
         s.aims.push(Aim::at_most(format!("verifier / raw openmls, {name}"), v.ratio.unwrap_or(f64::NAN), 1.2));
         if members == 10 && adds == 0 {
             let us = |d: &[Duration]| d.iter().map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>();
@@ -172,9 +189,10 @@ fn measure(quick: bool) -> anyhow::Result<Section> {
                 ("raw openmls".to_string(), us(&raw)),
                 ("verifier".to_string(), us(&verifier)),
                 ("service MLS work".to_string(), us(&service)),
+                ("service MLS work, state kept".to_string(), us(&kept)),
             ];
         }
-        s.rows.extend([base, v, w]);
+        s.rows.extend([base, v, w, k]);
         s.notes.push(format!(
             "{name}: state {} bytes ({} stored), commit {} bytes, GroupInfo {} bytes",
             c.state.len(),
