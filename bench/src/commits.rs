@@ -8,6 +8,11 @@
 //!   clock started, so the load generator's own MLS work is outside the
 //!   measured path: what is timed is the server (auth, verification,
 //!   compare-and-swap, log, fan-out) and the round trip.
+//!
+//! At each worker count the two alternate in short rounds (CAS, then a
+//! part of every chain, then CAS again...), and each rate is pooled over
+//! its rounds: on a shared machine whose speed drifts over seconds, both
+//! sides then see the same drift.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,19 +64,15 @@ async fn etcd_cas(
     (lat, rate, cpu.stop(etcd_pid))
 }
 
+/// A worker's group member and the chain of commits it built ahead.
+type Chain = (support::Member, Vec<CommitBundle>);
+
 /// `workers` groups on `env`, each with a chain of `per_worker` commits
-/// built ahead; then every chain sent at once: (latencies, commits/s).
-async fn send_commits(
-    env: &Env,
-    workers: usize,
-    per_worker: usize,
-    tag: &str,
-    counts: Option<&crate::counting::Counts>,
-    etcd_pid: Option<u32>,
-) -> anyhow::Result<(Vec<Duration>, f64, crate::counting::Snapshot, CpuUse)> {
+/// built ahead (outside any timing).
+async fn build_chains(env: &Env, workers: usize, per_worker: usize, tag: &str) -> anyhow::Result<Vec<Chain>> {
     let t = env.tenant(&format!("bench-{tag}")).await;
     let bar = crate::bar((workers * per_worker) as u64, &format!("commits: building x{workers}"));
-    let mut senders = Vec::new();
+    let mut chains = Vec::new();
     for w in 0..workers {
         let a = env.account(&t).await;
         let mut m = support::member(env, &t, &a).await;
@@ -87,39 +88,103 @@ async fn send_commits(
                 })
                 .collect::<anyhow::Result<_>>()
         })?;
-        senders.push((m, chain));
+        chains.push((m, chain));
     }
     bar.finish_and_clear();
-    let sending = crate::bar((workers * per_worker) as u64, &format!("commits: SendCommit x{workers}"));
-    let before = counts.map(|c| c.snapshot()).unwrap_or_default();
-    let cpu = CpuUse::start(etcd_pid);
+    Ok(chains)
+}
+
+/// Sends commits `from..to` of every chain at once: (latencies, time taken,
+/// the chains back).
+async fn send_commits(
+    chains: Vec<Chain>,
+    from: usize,
+    to: usize,
+) -> anyhow::Result<(Vec<Duration>, Duration, Vec<Chain>)> {
     let start = Instant::now();
-    let tasks: Vec<_> = senders
+    let tasks: Vec<_> = chains
         .into_iter()
         .map(|(m, chain)| {
-            let sending = sending.clone();
             tokio::spawn(async move {
-                let mut lat = Vec::with_capacity(chain.len());
-                for b in &chain {
+                let mut lat = Vec::with_capacity(to - from);
+                for b in &chain[from..to] {
                     let t = Instant::now();
                     m.send_commit_raw(b).await.map_err(|s| anyhow::anyhow!("SendCommit: {s}"))?;
                     lat.push(t.elapsed());
-                    sending.inc(1);
                 }
-                anyhow::Ok(lat)
+                anyhow::Ok((lat, (m, chain)))
             })
         })
         .collect();
-    let mut lat = Vec::new();
+    let (mut lat, mut back) = (Vec::new(), Vec::new());
     for t in tasks {
-        lat.extend(t.await??);
+        let (l, c) = t.await??;
+        lat.extend(l);
+        back.push(c);
     }
-    let elapsed = start.elapsed();
-    let cpu = cpu.stop(etcd_pid);
-    let made = counts.map(|c| c.snapshot()).unwrap_or_default() - before;
-    sending.finish_and_clear();
-    let rate = lat.len() as f64 / elapsed.as_secs_f64();
-    Ok((lat, rate, made, cpu))
+    Ok((lat, start.elapsed(), back))
+}
+
+/// One worker count, measured in `rounds` alternating rounds: etcd CAS for
+/// `cas_for / rounds`, then the next part of every chain.
+struct Level {
+    cas_lat: Vec<Duration>,
+    cas_rate: f64,
+    cas_cpu: CpuUse,
+    lat: Vec<Duration>,
+    rate: f64,
+    cpu: CpuUse,
+    made: crate::counting::Snapshot,
+    /// Each round's commit rate over its CAS rate.
+    round_ratios: Vec<f64>,
+}
+
+async fn level(
+    cas_store: Option<Arc<dyn Store>>,
+    chains: Vec<Chain>,
+    rounds: usize,
+    cas_for: Duration,
+    counts: Option<&crate::counting::Counts>,
+    etcd_pid: Option<u32>,
+) -> anyhow::Result<Level> {
+    let (workers, per_worker) = (chains.len(), chains.first().map_or(0, |c| c.1.len()));
+    let mut out = Level {
+        cas_lat: vec![],
+        cas_rate: 0.0,
+        cas_cpu: CpuUse::zero(),
+        lat: vec![],
+        rate: 0.0,
+        cpu: CpuUse::zero(),
+        made: Default::default(),
+        round_ratios: vec![],
+    };
+    let (mut cas_time, mut commit_time) = (Duration::ZERO, Duration::ZERO);
+    let mut chains = chains;
+    for r in 0..rounds {
+        let mut cas_rate = None;
+        if let Some(store) = &cas_store {
+            let (lat, rate, cpu) = etcd_cas(store.clone(), workers, cas_for / rounds as u32, etcd_pid).await;
+            cas_time += Duration::from_secs_f64(lat.len() as f64 / rate);
+            out.cas_lat.extend(lat);
+            out.cas_cpu = out.cas_cpu.plus(cpu);
+            cas_rate = Some(rate);
+        }
+        let (from, to) = (per_worker * r / rounds, per_worker * (r + 1) / rounds);
+        let before = counts.map(|c| c.snapshot()).unwrap_or_default();
+        let cpu = CpuUse::start(etcd_pid);
+        let (lat, took, back) = send_commits(chains, from, to).await?;
+        out.cpu = out.cpu.plus(cpu.stop(etcd_pid));
+        out.made = out.made + (counts.map(|c| c.snapshot()).unwrap_or_default() - before);
+        chains = back;
+        commit_time += took;
+        if let Some(cas) = cas_rate {
+            out.round_ratios.push(lat.len() as f64 / took.as_secs_f64() / cas);
+        }
+        out.lat.extend(lat);
+    }
+    out.rate = out.lat.len() as f64 / commit_time.as_secs_f64();
+    out.cas_rate = out.cas_lat.len() as f64 / cas_time.as_secs_f64().max(f64::MIN_POSITIVE);
+    Ok(out)
 }
 
 /// CPU time used during a phase by this process (node and load generator)
@@ -131,6 +196,12 @@ struct CpuUse {
 }
 
 impl CpuUse {
+    fn zero() -> Self {
+        Self { here: Duration::ZERO, etcd: Duration::ZERO }
+    }
+    fn plus(self, other: Self) -> Self {
+        Self { here: self.here + other.here, etcd: self.etcd + other.etcd }
+    }
     fn start(etcd_pid: Option<u32>) -> Self {
         Self { here: crate::cpu_time(None), etcd: etcd_pid.map_or(Duration::ZERO, |p| crate::cpu_time(Some(p))) }
     }
@@ -145,17 +216,18 @@ impl CpuUse {
 }
 
 pub async fn run(opts: &Options) -> anyhow::Result<Section> {
-    let (levels, per_worker, cas_for): (&[usize], usize, Duration) = if opts.quick {
-        (&[1, 16], 40, Duration::from_secs(2))
+    let (levels, per_worker, cas_for, rounds): (&[usize], usize, Duration, usize) = if opts.quick {
+        (&[1, 16], 40, Duration::from_secs(2), 2)
     } else {
-        (&[1, 4, 16, 32], 200, Duration::from_secs(4))
+        (&[1, 4, 16, 32], 200, Duration::from_secs(4), 4)
     };
     let mut s = Section::new(
         "commits",
         "Accepted MLS commits per second on etcd, beside etcd's compare-and-swap",
         format!(
             "One node and one etcd on this machine. Each worker owns a one-member group and sends {per_worker} \
-             self-update commits built beforehand; etcd CAS loops get + compare-and-swap for {} s per worker count.",
+             self-update commits built beforehand; etcd CAS loops get + compare-and-swap for {} s per worker count. \
+             The two alternate in {rounds} rounds per worker count; each rate is pooled over its rounds.",
             cas_for.as_secs()
         ),
     );
@@ -168,21 +240,22 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
     let (mut cas_curve, mut commit_curve) = (vec![], vec![]);
     let mut plot = vec![];
     for (i, &w) in levels.iter().enumerate() {
-        let (mut cas_lat, cas_rate, cas_cpu) = etcd_cas(etcd_store.clone(), w, cas_for, etcd_pid).await;
-        let (mut lat, rate, made, cpu) =
-            send_commits(&env, w, per_worker, &format!("etcd-{i}"), Some(&counts), etcd_pid).await?;
-        let base =
-            Row::baseline(format!("etcd CAS, {w} workers")).latency(Latency::of(&mut cas_lat)).rate(cas_rate, "CAS/s");
+        let chains = build_chains(&env, w, per_worker, &format!("etcd-{i}")).await?;
+        let mut l = level(Some(etcd_store.clone()), chains, rounds, cas_for, Some(&counts), etcd_pid).await?;
+        let base = Row::baseline(format!("etcd CAS, {w} workers"))
+            .latency(Latency::of(&mut l.cas_lat))
+            .rate(l.cas_rate, "CAS/s");
         let row = Row::new(format!("SendCommit on etcd, {w} workers"))
-            .latency(Latency::of(&mut lat))
-            .rate(rate, "commits/s")
+            .latency(Latency::of(&mut l.lat))
+            .rate(l.rate, "commits/s")
             .against(&base, "rate");
-        cas_curve.push((w as f64, cas_rate));
-        commit_curve.push((w as f64, rate));
+        cas_curve.push((w as f64, l.cas_rate));
+        commit_curve.push((w as f64, l.rate));
         if i == 0 {
             // Rounds are counted by overlap, so only where one commit's
             // requests overlap nothing else's: the first (fewest) workers.
             let n = (w * per_worker) as f64;
+            let made = l.made;
             s.notes.push(format!(
                 "etcd requests per accepted commit ({w} worker{}): {:.2} reads in {:.2} rounds, {:.2} transactions \
                  writing {:.0} bytes of keys and values",
@@ -194,20 +267,25 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
             ));
         }
         if w == 16 {
-            let ((cas_here, cas_etcd), (here, etcd)) = (cas_cpu.per(cas_lat.len() as f64), cpu.per(lat.len() as f64));
+            let ((cas_here, cas_etcd), (here, etcd)) =
+                (l.cas_cpu.per(l.cas_lat.len() as f64), l.cpu.per(l.lat.len() as f64));
             s.notes.push(format!(
                 "CPU per operation, 16 workers: a CAS {cas_etcd:.0} µs in etcd + {cas_here:.0} µs in its client; \
                  an accepted commit {etcd:.0} µs in etcd + {here:.0} µs in the node and load generator"
             ));
+            let each: Vec<String> = l.round_ratios.iter().map(|r| format!("{r:.2}")).collect();
+            s.notes.push(format!("16 workers, each round's commit rate / CAS rate: {}", each.join(", ")));
             s.aims.push(Aim::at_least("accepted commits / etcd CAS rate, 16 workers", row.ratio.unwrap_or(0.0), 0.5));
             let us = |d: &[Duration]| d.iter().map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>();
-            plot = vec![("etcd CAS (get + txn)".to_string(), us(&cas_lat)), ("SendCommit".to_string(), us(&lat))];
+            plot = vec![("etcd CAS (get + txn)".to_string(), us(&l.cas_lat)), ("SendCommit".to_string(), us(&l.lat))];
         }
         s.rows.extend([base, row]);
     }
     drop(env);
     let embedded = node_on(Arc::new(spine_runtime::store::EmbeddedStore::in_memory()), None).await;
-    let (mut lat, rate, _, _) = send_commits(&embedded, 16, per_worker, "embedded", None, None).await?;
+    let chains = build_chains(&embedded, 16, per_worker, "embedded").await?;
+    let mut e = level(None, chains, 1, Duration::ZERO, None, None).await?;
+    let (mut lat, rate) = (std::mem::take(&mut e.lat), e.rate);
     s.rows.push(
         Row::new("SendCommit on the embedded store, 16 workers").latency(Latency::of(&mut lat)).rate(rate, "commits/s"),
     );

@@ -327,14 +327,15 @@ pub(crate) async fn create(
         confirmed: false,
         disputed_at: None,
     };
-    let mut txn = Txn::new()
-        .when(Compare::Absent(node.groups.key(&model::meta_key(&g))))
-        .then(Op::put(node.groups.key(&model::meta_key(&g)), json(&meta)))
-        .then(Op::put(
-            node.groups.key(&model::slot_key(&g, meta.epoch)),
-            model::Slot { epoch: meta.epoch, committer_leaf: u32::MAX, state: v.to_bytes() }.to_bytes(),
-        ))
-        .then(Op::put(node.groups.key(&model::info_key(&g, meta.epoch)), req.group_info.clone()));
+    let (txn, stored) = put_state(
+        node,
+        &g,
+        model::Slot { epoch: meta.epoch, committer_leaf: u32::MAX, state: v.to_bytes() },
+        Txn::new()
+            .when(Compare::Absent(node.groups.key(&model::meta_key(&g))))
+            .then(Op::put(node.groups.key(&model::meta_key(&g)), json(&meta))),
+    );
+    let mut txn = txn.then(Op::put(node.groups.key(&model::info_key(&g, meta.epoch)), req.group_info.clone()));
     for r in &meta.roster {
         let ts = tenant_store(node, t, &r.device.tenant)?;
         txn = txn.then(Op::put(ts.key(&model::gm_key(&r.device.account, &r.device.device, &g)), b"{}".to_vec()));
@@ -342,6 +343,7 @@ pub(crate) async fn create(
     if !node.groups.txn(txn).await?.succeeded {
         return Err(GroupsError::AlreadyExists);
     }
+    keep_verifier(node, &g, v, stored);
     tracing::info!(group = %node.rt.redact(&g), members = meta.roster.len(), "group created");
     Ok(to_proto(&g_raw, &meta, vec![], vec![]))
 }
