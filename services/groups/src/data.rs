@@ -184,7 +184,7 @@ async fn report(node: &Node, t: &TenantStore, account: &str) -> Result<DataRepor
         let mut committers = crate::delivery::epoch_committers(node, g).await?;
         for kv in node.groups.range_all(&model::disputes_prefix(g)).await? {
             let epoch = node.groups.relative(&kv.key).split('/').nth(2).and_then(|e| e.parse::<u64>().ok());
-            let leaf = serde_json::from_slice::<model::DisputeRecord>(&kv.value).map_or(u32::MAX, |r| r.committer_leaf);
+            let leaf = model::DisputeRecord::committer_of(&kv.value);
             committers.extend(epoch.map(|e| (e, leaf)));
         }
         for kv in node.groups.range_all(&model::legacy_committers_prefix(g)).await? {

@@ -154,13 +154,18 @@ pub(crate) async fn previous_epoch(node: &Node, g: &str) -> Result<Option<(u64, 
 /// The committing leaf of each epoch the group keeps a slot of (the
 /// current one and the one before), where known.
 pub(crate) async fn epoch_committers(node: &Node, g: &str) -> Result<Vec<(u64, u32)>> {
-    let Some(c) = load_core(node, g).await? else { return Ok(vec![]) };
-    Ok([Some(c.slot), c.prev]
-        .into_iter()
-        .flatten()
-        .filter(|s| s.committer_leaf != u32::MAX)
-        .map(|s| (s.epoch, s.committer_leaf))
-        .collect())
+    Ok(load_core(node, g).await?.map_or(vec![], |c| c.committers().collect()))
+}
+
+impl Core {
+    /// The committing leaf of each epoch kept in a slot, where known.
+    fn committers(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        [Some(&self.slot), self.prev.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter(|s| s.committer_leaf != u32::MAX)
+            .map(|s| (s.epoch, s.committer_leaf))
+    }
 }
 
 /// The group with its verifier: the one this node kept for the stored
@@ -182,17 +187,11 @@ async fn load(node: &Node, g: &str) -> Result<Option<Loaded>> {
 }
 
 /// Writes `state` as the current epoch's slot in `txn`, and returns what
-/// the node keeps once the write succeeds (with [`keep_verifier`]).
+/// the node keeps once the write succeeds (`node.verifiers.keep`).
 fn put_state(node: &Node, g: &str, slot: model::Slot, txn: Txn) -> (Txn, (Vec<u8>, usize)) {
     let bytes = slot.to_bytes();
     let txn = txn.then(Op::put(node.groups.key(&model::slot_key(g, slot.epoch)), bytes.clone()));
     (txn, (bytes, slot.state.len()))
-}
-
-/// Keeps the verifier whose state a write that succeeded stored (see
-/// [`put_state`]), for the group's next request on this node.
-fn keep_verifier(node: &Node, g: &str, verifier: Verifier, (stored, state_len): (Vec<u8>, usize)) {
-    node.verifiers.keep(g, stored, verifier, state_len);
 }
 
 fn tenant_store(node: &Node, caller: &TenantStore, tenant: &str) -> Result<TenantStore> {
@@ -343,7 +342,7 @@ pub(crate) async fn create(
     if !node.groups.txn(txn).await?.succeeded {
         return Err(GroupsError::AlreadyExists);
     }
-    keep_verifier(node, &g, v, stored);
+    node.verifiers.keep(&g, v, stored);
     tracing::info!(group = %node.rt.redact(&g), members = meta.roster.len(), "group created");
     Ok(to_proto(&g_raw, &meta, vec![], vec![]))
 }
@@ -360,7 +359,7 @@ pub(crate) async fn get(node: &Node, me: &Device, raw: &[u8]) -> Result<pb::Grou
     for kv in node.groups.range_all(&model::disputes_prefix(&g)).await? {
         let rel = node.groups.relative(&kv.key);
         if let Some(e) = rel.split('/').nth(2).and_then(|e| e.parse::<u64>().ok()) {
-            let leaf = serde_json::from_slice::<model::DisputeRecord>(&kv.value).map_or(u32::MAX, |r| r.committer_leaf);
+            let leaf = model::DisputeRecord::committer_of(&kv.value);
             let (reports, committer) = by_epoch.entry(e).or_insert((0, u32::MAX));
             *reports += 1;
             if *committer == u32::MAX {
@@ -486,7 +485,7 @@ async fn append(
         return Ok(false);
     }
     if let Some((verifier, stored)) = kept {
-        keep_verifier(node, g, verifier, stored);
+        node.verifiers.keep(g, verifier, stored);
     }
     spawn_fanout(node, g.to_string());
     Ok(true)

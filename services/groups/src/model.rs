@@ -348,6 +348,13 @@ fn no_leaf() -> u32 {
     u32::MAX
 }
 
+impl DisputeRecord {
+    /// The committing leaf a stored dispute record names (`u32::MAX`: none).
+    pub fn committer_of(value: &[u8]) -> u32 {
+        serde_json::from_slice::<Self>(value).map_or(u32::MAX, |r| r.committer_leaf)
+    }
+}
+
 /// A voided commit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Voided {

@@ -187,7 +187,7 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
         };
         if out.succeeded {
             tracing::info!(group = %node.rt.redact(&g), epoch = meta.epoch, added = added.len(), removed = removed.len(), "commit accepted");
-            keep_verifier(node, &g, l.verifier, stored);
+            node.verifiers.keep(&g, l.verifier, stored);
             if !nothing_to_deliver {
                 spawn_fanout(node, g.clone());
             }

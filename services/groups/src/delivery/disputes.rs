@@ -21,11 +21,7 @@ pub(crate) async fn dispute(node: &Node, me: &Device, req: pb::ReportDisputeRequ
     node.limits.check(crate::config::GroupsRate::Disputes, &me.tenant, &me.account, 1.0)?;
     // The record names the leaf whose commit made the epoch, from its slot
     // while the group keeps it (the current epoch and the one before).
-    let committer_leaf = [Some(&c.slot), c.prev.as_ref()]
-        .into_iter()
-        .flatten()
-        .find(|s| s.epoch == req.epoch)
-        .map_or(u32::MAX, |s| s.committer_leaf);
+    let committer_leaf = c.committers().find(|(e, _)| *e == req.epoch).map_or(u32::MAX, |(_, leaf)| leaf);
     let record = json(&model::DisputeRecord { committer_leaf });
     // Kept like the group's messages (14 to 15 days, under the mailbox
     // lease), and at most MAX_DISPUTES per group: the oldest go first.

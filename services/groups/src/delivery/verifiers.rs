@@ -51,7 +51,7 @@ impl Verifiers {
 
     /// Keeps `verifier` as the state of group `g`'s slot stored as
     /// `stored`; `state_len` (the unpacked state's length) weighs it.
-    pub(crate) fn keep(&self, g: &str, stored: Vec<u8>, verifier: Verifier, state_len: usize) {
+    pub(crate) fn keep(&self, g: &str, verifier: Verifier, (stored, state_len): (Vec<u8>, usize)) {
         let weight = stored.len() + state_len;
         if weight > self.budget / 4 {
             return;
@@ -104,7 +104,7 @@ mod tests {
     fn entries_match_their_bytes_only_and_stay_in_budget() {
         let (v, n) = verifier();
         let cache = Verifiers::new(4 * (n + 3) + 8);
-        cache.keep("g1", vec![1, 2, 3], v, n);
+        cache.keep("g1", v, (vec![1, 2, 3], n));
         assert!(cache.take("g1", &[1, 2, 4]).is_none(), "other bytes: another state");
         assert!(cache.take("g2", &[1, 2, 3]).is_none(), "another group");
         assert!(cache.take("g1", &[1, 2, 3]).is_some());
@@ -112,7 +112,7 @@ mod tests {
         assert_eq!(cache.weight(), (0, 0));
 
         for g in ["a", "b", "c", "d", "e"] {
-            cache.keep(g, vec![9, 9, 9], verifier().0, n);
+            cache.keep(g, verifier().0, (vec![9, 9, 9], n));
         }
         assert_eq!(cache.weight(), (4, 4 * (n + 3)), "the oldest went past the budget");
         assert!(cache.take("a", &[9, 9, 9]).is_none());
@@ -120,11 +120,11 @@ mod tests {
         cache.forget("d");
         assert_eq!(cache.weight(), (2, 2 * (n + 3)));
         // A state heavier than a quarter of the budget is not kept at all.
-        cache.keep("big", vec![0; 2 * n], verifier().0, n);
+        cache.keep("big", verifier().0, (vec![0; 2 * n], n));
         assert!(cache.take("big", &vec![0; 2 * n]).is_none());
         // Nothing kept with no budget.
         let none = Verifiers::new(0);
-        none.keep("g", vec![1], verifier().0, n);
+        none.keep("g", verifier().0, (vec![1], n));
         assert_eq!(none.weight(), (0, 0));
     }
 }
