@@ -7,7 +7,12 @@
 //!   chain of self-update commits it built, merged and signed before the
 //!   clock started, so the load generator's own MLS work is outside the
 //!   measured path: what is timed is the server (auth, verification,
-//!   compare-and-swap, log, fan-out) and the round trip.
+//!   compare-and-swap, log, fan-out) and the round trip. The node keeps
+//!   each group's state between its commits, so a commit on top of its own
+//!   last one makes one transaction and no read;
+//! - SendCommit with no state kept (`groups.verifier_cache_mib = 0`, on a
+//!   second node): each commit reads the group and restores its state, as
+//!   on a node that did not make the epoch before.
 //!
 //! At each worker count the two alternate in short rounds (CAS, then a
 //! part of every chain, then CAS again...), and each rate is pooled over
@@ -26,9 +31,20 @@ use crate::{Aim, Latency, Options, Plot, Row, Section};
 #[path = "../../services/groups/tests/support/mod.rs"]
 mod support;
 
-/// One node (identity and groups) on `store`.
-async fn node_on(store: Arc<dyn Store>, etcd: Option<spine_testing::EtcdServer>) -> Env {
-    support::start_on(store, etcd, spine_testing::test_config()).await
+/// One node (identity and groups) on `store`; `verifier_cache_mib` if
+/// given, else the default.
+async fn node_on(
+    store: Arc<dyn Store>,
+    etcd: Option<spine_testing::EtcdServer>,
+    verifier_cache_mib: Option<u64>,
+) -> Env {
+    let mut config = spine_testing::test_config();
+    if let (Some(mib), Some(groups)) =
+        (verifier_cache_mib, config.sections.get_mut("groups").and_then(|g| g.as_object_mut()))
+    {
+        groups.insert("verifier_cache_mib".into(), mib.into());
+    }
+    support::start_on(store, etcd, config).await
 }
 
 /// Each of `workers` loops get + CAS on its own key for `d`: (latencies, rate).
@@ -227,7 +243,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
         format!(
             "One node and one etcd on this machine. Each worker owns a one-member group and sends {per_worker} \
              self-update commits built beforehand; etcd CAS loops get + compare-and-swap for {} s per worker count. \
-             The two alternate in {rounds} rounds per worker count; each rate is pooled over its rounds.",
+             The two alternate in {rounds} rounds per worker count; each rate is pooled over its rounds. \
+             The node keeps each group's state between its commits, so a commit on top of its own last one \
+             makes one etcd transaction and no read; the 'no state kept' row is a second node with \
+             groups.verifier_cache_mib = 0, where every commit reads the group and restores its state.",
             cas_for.as_secs()
         ),
     );
@@ -236,7 +255,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
     let etcd_pid = etcd.pid();
     let counting = crate::counting::Counting::new(etcd_store.clone());
     let counts = counting.counts.clone();
-    let env = node_on(Arc::new(counting), Some(etcd)).await;
+    let env = node_on(Arc::new(counting), Some(etcd), None).await;
     let (mut cas_curve, mut commit_curve) = (vec![], vec![]);
     let mut plot = vec![];
     for (i, &w) in levels.iter().enumerate() {
@@ -281,8 +300,28 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
         }
         s.rows.extend([base, row]);
     }
+    // The same at 16 workers on a node that keeps no state: every commit
+    // reads the group from etcd and restores it, as a node does for a
+    // group whose last epoch another node made.
+    let cold = node_on(etcd_store.clone(), None, Some(0)).await;
+    let chains = build_chains(&cold, 16, per_worker, "cold").await?;
+    let mut l = level(Some(etcd_store.clone()), chains, rounds, cas_for, None, etcd_pid).await?;
+    let base = Row::baseline("etcd CAS, 16 workers (beside the next row)")
+        .latency(Latency::of(&mut l.cas_lat))
+        .rate(l.cas_rate, "CAS/s");
+    let row = Row::new("SendCommit on etcd, 16 workers, no state kept")
+        .latency(Latency::of(&mut l.lat))
+        .rate(l.rate, "commits/s")
+        .against(&base, "rate");
+    let ((cas_here, cas_etcd), (here, etcd)) = (l.cas_cpu.per(l.cas_lat.len() as f64), l.cpu.per(l.lat.len() as f64));
+    s.notes.push(format!(
+        "no state kept, 16 workers: a CAS {cas_etcd:.0} µs in etcd + {cas_here:.0} µs in its client; an accepted \
+         commit {etcd:.0} µs in etcd + {here:.0} µs in the node and load generator"
+    ));
+    s.rows.extend([base, row]);
+    drop(cold);
     drop(env);
-    let embedded = node_on(Arc::new(spine_runtime::store::EmbeddedStore::in_memory()), None).await;
+    let embedded = node_on(Arc::new(spine_runtime::store::EmbeddedStore::in_memory()), None, None).await;
     let chains = build_chains(&embedded, 16, per_worker, "embedded").await?;
     let mut e = level(None, chains, 1, Duration::ZERO, None, None).await?;
     let (mut lat, rate) = (std::mem::take(&mut e.lat), e.rate);

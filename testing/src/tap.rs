@@ -17,7 +17,8 @@ use spine_runtime::store::{KeyValue, LeaseId, RangePage, Store, StoreError, Txn,
 #[derive(Debug)]
 pub struct StoreTap {
     inner: Arc<dyn Store>,
-    counted_gets: Mutex<Vec<(String, Arc<AtomicUsize>)>>,
+    /// Counters of reads under a prefix: gets, and ranges too if `true`.
+    counted: Mutex<Vec<(String, bool, Arc<AtomicUsize>)>>,
     deaf: Arc<AtomicBool>,
     cuts: tokio::sync::watch::Sender<u64>,
 }
@@ -26,7 +27,7 @@ impl StoreTap {
     pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
         Arc::new(Self {
             inner,
-            counted_gets: Mutex::default(),
+            counted: Mutex::default(),
             deaf: Arc::default(),
             cuts: tokio::sync::watch::Sender::new(0),
         })
@@ -34,9 +35,27 @@ impl StoreTap {
 
     /// Counts, from now on, the gets of keys under `prefix`.
     pub fn count_gets(&self, prefix: &str) -> Arc<AtomicUsize> {
+        self.counter(prefix, false)
+    }
+
+    /// Counts, from now on, the reads of keys under `prefix`: gets of such
+    /// keys, and ranges within it.
+    pub fn count_reads(&self, prefix: &str) -> Arc<AtomicUsize> {
+        self.counter(prefix, true)
+    }
+
+    fn counter(&self, prefix: &str, ranges: bool) -> Arc<AtomicUsize> {
         let n = Arc::new(AtomicUsize::new(0));
-        self.counted_gets.lock().expect("counted gets lock").push((prefix.to_string(), n.clone()));
+        self.counted.lock().expect("counted reads lock").push((prefix.to_string(), ranges, n.clone()));
         n
+    }
+
+    fn read(&self, key: &str, range: bool) {
+        for (prefix, ranges, n) in self.counted.lock().expect("counted reads lock").iter() {
+            if key.starts_with(prefix.as_str()) && (*ranges || !range) {
+                n.fetch_add(1, Ordering::SeqCst);
+            }
+        }
     }
 
     /// From now on every watch, open or new, drops what it sees.
@@ -55,14 +74,11 @@ impl StoreTap {
 #[async_trait]
 impl Store for StoreTap {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        for (prefix, n) in self.counted_gets.lock().expect("counted gets lock").iter() {
-            if key.starts_with(prefix.as_str()) {
-                n.fetch_add(1, Ordering::SeqCst);
-            }
-        }
+        self.read(key, false);
         self.inner.get(key).await
     }
     async fn range(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<RangePage, StoreError> {
+        self.read(prefix, true);
         self.inner.range(prefix, start_after, limit).await
     }
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {

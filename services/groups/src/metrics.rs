@@ -26,8 +26,10 @@ pub(crate) struct GroupsMetrics {
     pub disputes: Counter<u64>,
     /// Commits voided after disputes.
     pub voided: Counter<u64>,
-    /// Group states a request needed, by where they came from: `kept` (the
-    /// node's verifier cache) or `store` (restored from the stored slot).
+    /// Group states a request needed, by where they came from: `written`
+    /// (what the node's last commit to the group wrote, with no read),
+    /// `kept` (the node's verifier cache, for the slot it read) or `store`
+    /// (restored from the stored slot).
     pub states: Counter<u64>,
 }
 
@@ -63,7 +65,9 @@ pub(crate) fn metrics() -> &'static GroupsMetrics {
             voided: m.u64_counter("spine.groups.voided").with_description("Commits voided after disputes").build(),
             states: m
                 .u64_counter("spine.groups.states")
-                .with_description("Group states a request needed, kept by the node or restored from the store")
+                .with_description(
+                    "Group states a request needed: written by the node, kept by it, or restored from the store",
+                )
                 .build(),
         }
     })

@@ -71,6 +71,57 @@ async fn a_verifier_kept_by_one_node_stands_only_for_its_own_slot() {
     assert_eq!(info.epoch, e0 + 6);
 }
 
+/// A node's commit on top of its own last commit to the group reads
+/// nothing of the group: one transaction, conditional on the meta it wrote.
+/// Once another node has written to the group, the next commit on the first
+/// node is tried on what the store holds (and accepted); the one after it
+/// again reads nothing.
+#[tokio::test]
+async fn a_commit_on_the_nodes_own_last_epoch_reads_nothing() {
+    let etcd = spine_testing::EtcdServer::start().await;
+    let store = etcd.store().await;
+    let tap = spine_testing::StoreTap::new(store.clone());
+    // No upkeep pass during the test: it reads every group.
+    let mut config = spine_testing::test_config();
+    config.sections.get_mut("groups").unwrap()["upkeep_secs"] = 3600.into();
+    let env = start_on(tap.clone(), Some(etcd), config).await;
+    let node2 = start_on(store, None, spine_testing::test_config()).await;
+    let t = env.tenant("t").await;
+    let a = env.account(&t).await;
+    let mut alice = member(&env, &t, &a).await;
+    let gid = b"own-epoch".to_vec();
+    create_group(&env, &mut alice, &gid, vec![t.id.clone()]).await;
+    let commit_on = |env: &Env, m: &mut Member| {
+        let b = m.act(|c, g| c.self_update(g)).unwrap();
+        let mut client = m.groups(env);
+        let r = pb::SendCommitRequest {
+            group_id: gid.clone(),
+            commit: b.commit,
+            welcome: vec![],
+            group_info: b.group_info,
+        };
+        let token = m.token.clone();
+        async move { client.send_commit(req(r, &token)).await.map(|r| r.into_inner().epoch) }
+    };
+    let reads = tap.count_reads(&format!("/spine/g/{}/", hex::encode(&gid)));
+    let e0 = alice.g().epoch();
+    for i in 1..=3 {
+        assert_eq!(commit_on(&env, &mut alice).await.unwrap(), e0 + i);
+        alice.act(|c, g| c.merge_pending(g)).unwrap();
+    }
+    assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 0, "commits on the node's own epochs read the group");
+    // Node 2 moves the group on; node 1's kept epoch is now behind.
+    assert_eq!(commit_on(&node2, &mut alice).await.unwrap(), e0 + 4);
+    alice.act(|c, g| c.merge_pending(g)).unwrap();
+    assert_eq!(commit_on(&env, &mut alice).await.unwrap(), e0 + 5);
+    alice.act(|c, g| c.merge_pending(g)).unwrap();
+    let after = reads.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(after > 0, "a commit on top of another node's epoch must read the group");
+    assert_eq!(commit_on(&env, &mut alice).await.unwrap(), e0 + 6);
+    assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), after);
+    assert_eq!(group_info(&node2, &alice.token, &gid).await.epoch, e0 + 6);
+}
+
 /// A commit that reaches no one (a one-member group) stores no log entry:
 /// the fan-out cursor moves past it in the same transaction. Once the group
 /// has another member, its commits are logged and delivered as always.
