@@ -186,28 +186,6 @@ async fn load(node: &Node, g: &str) -> Result<Option<Loaded>> {
     Ok(Some(Loaded { meta: c.meta, meta_kv: c.meta_kv, verifier, slot: c.slot, prev: c.prev, fanout: c.fanout }))
 }
 
-/// A meta as a successful transaction at `revision` stored it (`before`:
-/// the record it replaced, if any), with the fan-out cursor the node knows:
-/// what a commit on top of it needs instead of a read.
-fn written(
-    key: &spine_runtime::store::Key,
-    before: Option<&KeyValue>,
-    meta: GroupMeta,
-    value: Vec<u8>,
-    revision: i64,
-    fanout: (u64, i64),
-) -> verifiers::Written {
-    let meta_kv = KeyValue {
-        key: key.as_str().to_string(),
-        value,
-        create_revision: before.map_or(revision, |b| b.create_revision),
-        mod_revision: revision,
-        version: before.map_or(1, |b| b.version + 1),
-        lease: 0,
-    };
-    verifiers::Written { meta, meta_kv, fanout }
-}
-
 /// Writes `state` as the current epoch's slot in `txn`, and returns what
 /// the node keeps once the write succeeds (`node.verifiers.keep`).
 fn put_state(node: &Node, g: &str, slot: model::Slot, txn: Txn) -> (Txn, (Vec<u8>, usize)) {
@@ -349,12 +327,11 @@ pub(crate) async fn create(
         disputed_at: None,
     };
     let meta_key = node.groups.key(&model::meta_key(&g));
-    let meta_json = json(&meta);
     let (txn, stored) = put_state(
         node,
         &g,
         model::Slot { epoch: meta.epoch, committer_leaf: u32::MAX, state: v.to_bytes() },
-        Txn::new().when(Compare::Absent(meta_key.clone())).then(Op::put(meta_key.clone(), meta_json.clone())),
+        Txn::new().when(Compare::Absent(meta_key.clone())).then(Op::put(meta_key, json(&meta))),
     );
     let mut txn = txn.then(Op::put(node.groups.key(&model::info_key(&g, meta.epoch)), req.group_info.clone()));
     for r in &meta.roster {
@@ -366,8 +343,9 @@ pub(crate) async fn create(
         return Err(GroupsError::AlreadyExists);
     }
     // No fan-out cursor yet: revision 0 compares as absent.
-    let w = written(&meta_key, None, meta.clone(), meta_json, out.revision, (0, 0));
-    node.verifiers.keep(&g, v, stored, Some(w));
+    let written =
+        verifiers::Written { meta: meta.clone(), meta_revision: out.revision, fanout: (0, 0), contended: false };
+    node.verifiers.keep(&g, v, stored, Some(written));
     tracing::info!(group = %node.rt.redact(&g), members = meta.roster.len(), "group created");
     Ok(to_proto(&g_raw, &meta, vec![], vec![]))
 }
@@ -509,8 +487,14 @@ async fn append(
     if !out.succeeded {
         return Ok(false);
     }
-    if let Some((verifier, stored)) = kept {
-        node.verifiers.keep(g, verifier, stored, None);
+    match kept {
+        // The cursor is not known here (this write adds an entry to
+        // deliver): (0, 0) makes the next commit log its own entry.
+        Some((verifier, stored)) => {
+            let written = verifiers::Written { meta, meta_revision: out.revision, fanout: (0, 0), contended: false };
+            node.verifiers.keep(g, verifier, stored, Some(written));
+        }
+        None => node.verifiers.advance(g, meta_kv.mod_revision, &meta, out.revision),
     }
     spawn_fanout(node, g.to_string());
     Ok(true)

@@ -153,11 +153,11 @@ impl SpineService for Groups {
         rt.register_account_data(Arc::new(data::GroupsData(Arc::downgrade(&node))));
         spine_runtime::add_service!(at, GroupsServer::new(service::GroupsApi(node.clone())));
         let every = Duration::from_secs(config.upkeep_secs.max(1));
-        Runtime::spawn_upkeep(Arc::downgrade(&node), every, "groups", |node: Arc<Node>| async move {
+        Runtime::spawn_upkeep(Arc::downgrade(&node), every, "groups", move |node: Arc<Node>| async move {
             if node.rt.drain.is_cancelled() {
                 return Ok(());
             }
-            delivery::sweep(&node).await
+            delivery::sweep(&node, every).await
         });
         Ok(())
     }

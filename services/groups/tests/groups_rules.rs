@@ -71,19 +71,20 @@ async fn a_verifier_kept_by_one_node_stands_only_for_its_own_slot() {
     assert_eq!(info.epoch, e0 + 6);
 }
 
-/// A node's commit on top of its own last commit to the group reads
-/// nothing of the group: one transaction, conditional on the meta it wrote.
-/// Once another node has written to the group, the next commit on the first
-/// node is tried on what the store holds (and accepted); the one after it
-/// again reads nothing.
+/// A node's commit on top of its own last write to the group (a commit or
+/// a message through it) reads nothing: it bets on what it kept, in one
+/// transaction conditional on the meta's revision. Once another node has
+/// written to the group, the bet is lost once: the commit is tried again on
+/// the store's state and accepted; the next one reads the meta alone, finds
+/// it where this node left it, and the one after bets again.
 #[tokio::test]
-async fn a_commit_on_the_nodes_own_last_epoch_reads_nothing() {
+async fn a_commit_on_the_nodes_own_last_write_reads_nothing() {
     let etcd = spine_testing::EtcdServer::start().await;
     let store = etcd.store().await;
     let tap = spine_testing::StoreTap::new(store.clone());
     // No upkeep pass during the test: it reads every group.
     let mut config = spine_testing::test_config();
-    config.sections.get_mut("groups").unwrap()["upkeep_secs"] = 3600.into();
+    config.edit_section(|s: &mut spine_groups::GroupsConfig| s.upkeep_secs = 3600);
     let env = start_on(tap.clone(), Some(etcd), config).await;
     let node2 = start_on(store, None, spine_testing::test_config()).await;
     let t = env.tenant("t").await;
@@ -103,23 +104,128 @@ async fn a_commit_on_the_nodes_own_last_epoch_reads_nothing() {
         let token = m.token.clone();
         async move { client.send_commit(req(r, &token)).await.map(|r| r.into_inner().epoch) }
     };
-    let reads = tap.count_reads(&format!("/spine/g/{}/", hex::encode(&gid)));
+    // What a commit reads: the group's core records (a range of its `s/`
+    // keys) and its meta (a get). Fan-outs read the cursor and the log,
+    // counted by neither.
+    let prefix = format!("/spine/g/{}/", hex::encode(&gid));
+    let core = format!("{prefix}s/");
+    let (core_reads, core_gets) = (tap.count_reads(&core), tap.count_gets(&core));
+    let meta_gets = tap.count_gets(&format!("{core}meta"));
+    let counts = || {
+        let load = |n: &std::sync::Arc<std::sync::atomic::AtomicUsize>| n.load(std::sync::atomic::Ordering::SeqCst);
+        (load(&core_reads) - load(&core_gets), load(&meta_gets))
+    };
     let e0 = alice.g().epoch();
+    let mut commits_read = (0, 0);
     for i in 1..=3 {
+        let before = counts();
         assert_eq!(commit_on(&env, &mut alice).await.unwrap(), e0 + i);
+        let after = counts();
+        commits_read = (commits_read.0 + after.0 - before.0, commits_read.1 + after.1 - before.1);
         alice.act(|c, g| c.merge_pending(g)).unwrap();
+        // A message through the same node between commits, delivered
+        // (its log entry gone) before the next commit.
+        let m = alice.act(|c, g| c.send(g, b"between")).unwrap();
+        alice
+            .groups(&env)
+            .send_application(req(pb::SendApplicationRequest { group_id: gid.clone(), message: m }, &alice.token))
+            .await
+            .unwrap();
+        let log = format!("{prefix}log/");
+        assert!(
+            spine_testing::eventually(std::time::Duration::from_secs(5), || async {
+                env.rt.store.count(&log).await.unwrap() == 0
+            })
+            .await
+        );
     }
-    assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 0, "commits on the node's own epochs read the group");
-    // Node 2 moves the group on; node 1's kept epoch is now behind.
+    // (core ranges, meta gets) by the commits: none.
+    assert_eq!(commits_read, (0, 0), "commits on the node's own writes read the group");
+    let counts = {
+        let start = counts();
+        move || {
+            let now = counts();
+            (now.0 - start.0, now.1 - start.1)
+        }
+    };
+    // Node 2 moves the group on; node 1's kept state is now behind.
     assert_eq!(commit_on(&node2, &mut alice).await.unwrap(), e0 + 4);
     alice.act(|c, g| c.merge_pending(g)).unwrap();
+    // The bet is lost; the core records are read (one range).
     assert_eq!(commit_on(&env, &mut alice).await.unwrap(), e0 + 5);
     alice.act(|c, g| c.merge_pending(g)).unwrap();
-    let after = reads.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(after > 0, "a commit on top of another node's epoch must read the group");
+    assert_eq!(counts(), (1, 0), "the group's core records, once");
+    // Contended: the meta first, found where node 1 left it.
     assert_eq!(commit_on(&env, &mut alice).await.unwrap(), e0 + 6);
-    assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), after);
-    assert_eq!(group_info(&node2, &alice.token, &gid).await.epoch, e0 + 6);
+    alice.act(|c, g| c.merge_pending(g)).unwrap();
+    assert_eq!(counts(), (1, 1), "the meta alone");
+    // And a bet again.
+    assert_eq!(commit_on(&env, &mut alice).await.unwrap(), e0 + 7);
+    assert_eq!(counts(), (1, 1), "a bet again");
+    assert_eq!(group_info(&node2, &alice.token, &gid).await.epoch, e0 + 7);
+}
+
+/// Upkeep is one pass at a time across the groups nodes, not one per node:
+/// three nodes on etcd ticking every second make about one pass a second
+/// between them (each pass reads the groups space; counted through a tap
+/// on each node's store).
+#[tokio::test]
+async fn upkeep_passes_are_shared_by_the_nodes() {
+    let etcd = spine_testing::EtcdServer::start().await;
+    let store = etcd.store().await;
+    let mut config = spine_testing::test_config();
+    config.edit_section(|s: &mut spine_groups::GroupsConfig| s.upkeep_secs = 1);
+    let taps: Vec<_> = (0..3).map(|_| spine_testing::StoreTap::new(store.clone())).collect();
+    let passes: Vec<_> = taps.iter().map(|t| t.count_reads("/spine/g/")).collect();
+    let mut nodes = vec![start_on(taps[0].clone(), Some(etcd), config.clone()).await];
+    for tap in &taps[1..] {
+        nodes.push(start_on(tap.clone(), None, config.clone()).await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+    let each: Vec<usize> = passes.iter().map(|p| p.load(std::sync::atomic::Ordering::SeqCst)).collect();
+    let total: usize = each.iter().sum();
+    // A pass at most every 0.75 s (the interval less a quarter) in 4.5 s;
+    // one per node and tick would be about 15.
+    assert!((2..=7).contains(&total), "passes per node: {each:?}");
+}
+
+/// A pass works from what its read of the groups space found: a quiet
+/// group (nothing to deliver, no gone device) costs no read of its own,
+/// and a device in two groups is looked up once per pass, not per group.
+#[tokio::test]
+async fn upkeep_reads_a_quiet_group_once_and_each_device_once() {
+    let etcd = spine_testing::EtcdServer::start().await;
+    let tap = spine_testing::StoreTap::new(etcd.store().await);
+    let mut config = spine_testing::test_config();
+    config.edit_section(|s: &mut spine_groups::GroupsConfig| s.upkeep_secs = 1);
+    let env = start_on(tap.clone(), Some(etcd), config).await;
+    let (t, mut m) = group_of(&env, 2, b"quiet-1").await;
+    // A second group of the same two devices.
+    m[0].group = None;
+    create_group(&env, &mut m[0], b"quiet-2", vec![t.id.clone()]).await;
+    m[1].upload(&env, 1).await;
+    let kps = claim(&env, &m[0].token, vec![by_account(&m[1].account)]).await;
+    let add = m[0].act(|c, g| c.add(g, &kps)).unwrap();
+    m[0].send_commit(&env, &add).await.unwrap();
+    let delivered = spine_testing::eventually(std::time::Duration::from_secs(10), || async {
+        env.rt.store.count("/spine/g/").await.unwrap() > 0
+            && env.rt.store.range_all("/spine/g/").await.unwrap().iter().all(|kv| !kv.key.contains("/log/"))
+    })
+    .await;
+    assert!(delivered, "the Welcomes were not delivered");
+    let group_reads: Vec<_> = [b"quiet-1".as_slice(), b"quiet-2"]
+        .iter()
+        .map(|g| tap.count_reads(&format!("/spine/g/{}/", hex::encode(g))))
+        .collect();
+    let passes = tap.count_reads("/spine/g/");
+    let device_reads = tap.count_gets(&format!("/spine/t/{}/devices/", t.id));
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let load = |n: &std::sync::Arc<std::sync::atomic::AtomicUsize>| n.load(std::sync::atomic::Ordering::SeqCst);
+    let (passes, devices) = (load(&passes), load(&device_reads));
+    assert!(passes >= 2, "{passes} upkeep passes in 3.5 s");
+    assert_eq!(group_reads.iter().map(load).sum::<usize>(), 0, "a quiet group was read on its own");
+    // Two devices, once each per pass (two groups would make four).
+    assert!(devices <= 2 * passes, "{devices} device reads in {passes} passes");
 }
 
 /// A commit that reaches no one (a one-member group) stores no log entry:

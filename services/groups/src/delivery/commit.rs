@@ -5,14 +5,16 @@
 
 use super::*;
 
-/// What a commit is tried on: the group's meta, state and fan-out cursor,
-/// read from the store or kept from this node's last commit to the group
-/// ([`verifiers::Written`]).
+/// What a commit is tried on: the group's meta (stored under `meta_key` at
+/// `meta_revision`), state and fan-out cursor; and whether the group is to
+/// be kept as contended once the commit is written.
 struct Base {
     meta: GroupMeta,
-    meta_kv: KeyValue,
+    meta_key: spine_runtime::store::Key,
+    meta_revision: i64,
     verifier: Verifier,
     fanout: (u64, i64),
+    contended: bool,
 }
 
 enum Attempt {
@@ -23,12 +25,23 @@ enum Attempt {
     },
 }
 
+/// How a try found its base.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// Read nothing: a bet on what this node's last write stored.
+    Bet,
+    /// Read the meta, and it was (or was not) where this node left it.
+    Meta { unchanged: bool },
+    /// Read the group's core records.
+    Group,
+}
+
 /// Accepts a commit bundle: verified, for the current epoch, within policy,
 /// and the one that wins the epoch.
 ///
-/// It is tried first on what this node's last commit to the group wrote,
-/// with no read (the transaction holds only if nothing was written since);
-/// if that is not kept, or the attempt fails on it, on what the store holds.
+/// On top of this node's own last write to the group it reads nothing, or
+/// only the meta while the group is contended ([`verifiers`]); otherwise,
+/// or when that bet is lost, it reads the group's core records.
 pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::SendCommitRequest) -> Result<u64> {
     let g = group_id(&req.group_id)?;
     bytes_field("commit", &req.commit)?;
@@ -38,39 +51,66 @@ pub(crate) async fn commit(node: &Node, t: &TenantStore, me: &Device, req: pb::S
         return Err(invalid("welcome", format!("at most {MAX_MESSAGE_BYTES} bytes")));
     }
     let my_key = node.own_key(t, me).await?;
-    let mut kept = node.verifiers.take_written(&g);
-    let mut reads = 0;
-    loop {
-        let (base, from_kept) = match kept.take() {
-            Some((verifier, w)) => {
-                crate::metrics::state("written");
-                (Base { meta: w.meta, meta_kv: w.meta_kv, verifier, fanout: w.fanout }, true)
-            }
-            None if reads == CAS_ATTEMPTS => return Err(GroupsError::Conflict),
+    // Whether another node's write was found in the way: the group is then
+    // contended for the next commit here.
+    let mut crossed = false;
+    for n in 0..CAS_ATTEMPTS {
+        let (how, base) = if n == 0 { kept_base(node, &g).await? } else { (Found::Group, None) };
+        crossed |= how == Found::Meta { unchanged: false };
+        let base = match base {
+            Some(b) => b,
             None => {
-                reads += 1;
                 let Some(l) = load(node, &g).await? else { return Err(GroupsError::NotFound("group")) };
-                (Base { meta: l.meta, meta_kv: l.meta_kv, verifier: l.verifier, fanout: l.fanout }, false)
+                let meta_key = l.meta_kv.stored_key();
+                let (meta_revision, verifier, fanout) = (l.meta_kv.mod_revision, l.verifier, l.fanout);
+                Base { meta: l.meta, meta_key, meta_revision, verifier, fanout, contended: crossed }
             }
         };
         match attempt(node, t, me, &req, &g, &my_key, base).await {
             Ok(Attempt::Accepted(epoch)) => return Ok(epoch),
-            // If it moved the epoch, this commit lost: say so with the
-            // epoch to catch up to.
+            // The kept state was behind the store (another node wrote):
+            // try again on what the store holds. A store error is not
+            // retried: the write may have landed.
+            Ok(Attempt::Lost { .. }) if how == Found::Bet => crossed = true,
+            Err(e) if how == Found::Bet && !matches!(e, GroupsError::Store(_)) => crossed = true,
+            // Another write landed first. If it moved the epoch, this
+            // commit lost: say so with the epoch to catch up to.
             Ok(Attempt::Lost { from_epoch }) => {
+                crossed = true;
                 if let Some((now, _)) = load_meta(node, &g).await?
                     && now.epoch != from_epoch
                 {
                     return Err(GroupsError::WrongEpoch { current: now.epoch });
                 }
             }
-            // The kept state may be behind the store (another node's
-            // commit): what it refused, the store's state decides. A store
-            // error is not retried: the write may have landed.
-            Err(e) if from_kept && !matches!(e, GroupsError::Store(_)) => {}
             Err(e) => return Err(e),
         }
     }
+    Err(GroupsError::Conflict)
+}
+
+/// The base this node kept from its last write to group `g`, if any: a bet
+/// with no read, or, while the group is contended, after reading the meta
+/// and finding it where that write left it.
+async fn kept_base(node: &Node, g: &str) -> Result<(Found, Option<Base>)> {
+    let meta_key = node.groups.key(&model::meta_key(g));
+    let (found, kept) = match node.verifiers.contended(g) {
+        None => return Ok((Found::Group, None)),
+        Some(false) => {
+            let Some((verifier, w)) = node.verifiers.take_written(g, None) else { return Ok((Found::Group, None)) };
+            (Found::Bet, (w.meta, w.meta_revision, verifier, w.fanout))
+        }
+        Some(true) => {
+            let Some((meta, kv)) = load_meta(node, g).await? else { return Err(GroupsError::NotFound("group")) };
+            let Some((verifier, w)) = node.verifiers.take_written(g, Some(kv.mod_revision)) else {
+                return Ok((Found::Meta { unchanged: false }, None));
+            };
+            (Found::Meta { unchanged: true }, (meta, kv.mod_revision, verifier, w.fanout))
+        }
+    };
+    crate::metrics::state("written");
+    let (meta, meta_revision, verifier, fanout) = kept;
+    Ok((found, Some(Base { meta, meta_key, meta_revision, verifier, fanout, contended: false })))
 }
 
 /// One try of `req` on `l`.
@@ -190,7 +230,7 @@ async fn attempt(
     // The slot's revision need not be compared: every write to a slot
     // or a GroupInfo writes the meta too.
     let (mut txn, stored) =
-        put_state(node, g, slot, Txn::new().when(Compare::ModRevision(l.meta_kv.stored_key(), l.meta_kv.mod_revision)));
+        put_state(node, g, slot, Txn::new().when(Compare::ModRevision(l.meta_key.clone(), l.meta_revision)));
     txn = txn.then(Op::put(node.groups.key(&model::info_key(g, meta.epoch)), req.group_info.clone()));
     if removes_gone {
         txn = txn
@@ -213,8 +253,7 @@ async fn attempt(
         txn = txn.then(Op::put(t.key(&model::gm_key(&me.account, &me.device, g)), b"{}".to_vec()));
     }
     meta.next_seq = seq + log.len() as u64;
-    let meta_json = json(&meta);
-    txn = txn.then(Op::put(l.meta_kv.stored_key(), meta_json.clone()));
+    txn = txn.then(Op::put(l.meta_key.clone(), json(&meta)));
     // Nothing to deliver (a one-member group, or only the committer
     // left) and nothing pending: the commit advances the fan-out cursor
     // itself, sparing a fan-out pass, and writes no log entry: it would
@@ -246,8 +285,8 @@ async fn attempt(
     tracing::info!(group = %node.rt.redact(g), epoch = meta.epoch, added = added.len(), removed = removed.len(), "commit accepted");
     let fanout = if nothing_to_deliver { (meta.next_seq - 1, out.revision) } else { l.fanout };
     let epoch = meta.epoch;
-    let w = written(&l.meta_kv.stored_key(), Some(&l.meta_kv), meta, meta_json, out.revision, fanout);
-    node.verifiers.keep(g, l.verifier, stored, Some(w));
+    let written = verifiers::Written { meta, meta_revision: out.revision, fanout, contended: l.contended };
+    node.verifiers.keep(g, l.verifier, stored, Some(written));
     if !nothing_to_deliver {
         spawn_fanout(node, g.to_string());
     }

@@ -12,31 +12,38 @@
 //! verifier back beside the bytes it wrote. Entries go oldest-used first
 //! past the configured budget (`groups.verifier_cache_mib`).
 //!
-//! A commit also keeps what it wrote with the revision it was written at
-//! ([`Written`]): the group's next commit on this node then needs no read
-//! at all. Its transaction compares the meta's revision with the kept one,
-//! and every write to a slot or a GroupInfo writes the meta too, so the
-//! transaction succeeds only if nothing was written to the group since.
-//! A commit it does not succeed for (the transaction lost, or the kept
-//! state refused it) is tried again on what the store holds.
+//! A write through this node (a commit, a creation, a queued proposal, a
+//! message) also keeps the group's meta as it stored it, and the revision
+//! it stored it at ([`Written`]). The group's next commit on this node then
+//! bets that nothing was written since and reads nothing: it is verified on
+//! the kept state and written in one transaction conditional on that
+//! revision. Every write to a slot or a GroupInfo writes the meta too, so
+//! the bet holds exactly when the kept state is the stored one. A lost bet
+//! (another node wrote to the group) costs the commit a second try on what
+//! the store holds, and marks the group contended: its next commit here
+//! reads the meta first (one small read), and bets again only once it finds
+//! the meta where this node left it.
 
 use std::sync::Mutex;
 
 use lru::LruCache;
 use spine_mls::verifier::Verifier;
-use spine_runtime::store::KeyValue;
 
 use crate::model::GroupMeta;
 
-/// What this node's last commit to a group wrote, as stored: the meta (at
-/// the revision the commit's transaction made) and the fan-out cursor.
+/// What this node's last write to a group stored.
+#[derive(Debug, Clone)]
 pub(crate) struct Written {
+    /// The meta as it was stored, at `meta_revision`.
     pub(crate) meta: GroupMeta,
-    pub(crate) meta_kv: KeyValue,
+    pub(crate) meta_revision: i64,
     /// The fan-out cursor (last entry delivered, its revision) as this
     /// node last knew it; a cursor moved since fails only the transactions
     /// that compare it.
     pub(crate) fanout: (u64, i64),
+    /// Another node wrote to the group since this node's write before: the
+    /// next commit reads the meta before trusting the kept state.
+    pub(crate) contended: bool,
 }
 
 struct Entry {
@@ -72,20 +79,43 @@ impl Verifiers {
         inner.entries.pop(g).map(|e| e.verifier)
     }
 
-    /// Group `g`'s verifier and what this node's last commit to it wrote,
-    /// if both are kept: taken out, as by [`Verifiers::take`]. The caller
-    /// must make its write conditional on the meta's kept revision.
-    pub(crate) fn take_written(&self, g: &str) -> Option<(Verifier, Written)> {
+    /// Whether this node's last write to group `g` is kept, and if so
+    /// whether the group is contended.
+    pub(crate) fn contended(&self, g: &str) -> Option<bool> {
+        self.inner.lock().expect("verifier cache lock").entries.peek(g)?.written.as_ref().map(|w| w.contended)
+    }
+
+    /// Group `g`'s verifier and what this node's last write to it stored,
+    /// if that write left the meta at `meta_revision` (or at any revision:
+    /// `None`, a bet the caller's write must be conditional on): taken out,
+    /// as by [`Verifiers::take`].
+    pub(crate) fn take_written(&self, g: &str, meta_revision: Option<i64>) -> Option<(Verifier, Written)> {
         let mut inner = self.inner.lock().expect("verifier cache lock");
-        let weight = inner.entries.peek(g).filter(|e| e.written.is_some())?.weight;
+        let weight = inner
+            .entries
+            .peek(g)
+            .filter(|e| e.written.as_ref().is_some_and(|w| meta_revision.is_none_or(|r| r == w.meta_revision)))?
+            .weight;
         inner.weight -= weight;
         inner.entries.pop(g).and_then(|e| Some((e.verifier, e.written?)))
     }
 
+    /// A message appended through this node moved group `g`'s meta from
+    /// `from_revision` to `meta` at `to_revision`, leaving the slot as it
+    /// was: what is kept of the group follows, if it was at `from_revision`.
+    pub(crate) fn advance(&self, g: &str, from_revision: i64, meta: &GroupMeta, to_revision: i64) {
+        let mut inner = self.inner.lock().expect("verifier cache lock");
+        if let Some(w) =
+            inner.entries.peek_mut(g).and_then(|e| e.written.as_mut()).filter(|w| w.meta_revision == from_revision)
+        {
+            w.meta = meta.clone();
+            w.meta_revision = to_revision;
+        }
+    }
+
     /// Keeps `verifier` as the state of group `g`'s slot stored as
-    /// `stored`, and what the write wrote beside it (a commit's); the
-    /// stored bytes, the unpacked state's length (`state_len`) and the meta
-    /// weigh it.
+    /// `stored`, and what the write stored beside it; the stored bytes, the
+    /// unpacked state's length (`state_len`) and the roster weigh it.
     pub(crate) fn keep(
         &self,
         g: &str,
@@ -93,7 +123,7 @@ impl Verifiers {
         (stored, state_len): (Vec<u8>, usize),
         written: Option<Written>,
     ) {
-        let weight = stored.len() + state_len + written.as_ref().map_or(0, |w| 2 * w.meta_kv.value.len());
+        let weight = stored.len() + state_len + written.as_ref().map_or(0, |w| 256 + 160 * w.meta.roster.len());
         if weight > self.budget / 4 {
             return;
         }
@@ -169,36 +199,41 @@ mod tests {
         assert_eq!(none.weight(), (0, 0));
     }
 
-    /// Only an entry a commit kept with what it wrote is taken without a
-    /// read; taking it either way takes it out.
+    /// An entry kept with what a write stored is taken by that revision,
+    /// or by a bet on any; a message moves it along only from the revision
+    /// it is at; taking it either way takes it out.
     #[test]
-    fn only_what_a_commit_wrote_stands_without_a_read() {
+    fn what_a_write_stored_stands_for_its_revision() {
         let (v, n) = verifier();
         let meta: GroupMeta = serde_json::from_value(serde_json::json!({
             "epoch": 3, "next_seq": 1, "roster": [], "allowed": ["t"], "created_at": 0, "ds_index": 0,
-            "committer": null, "confirmed": false, "disputed_at": null,
         }))
         .unwrap();
-        let kv = KeyValue {
-            key: "/spine/g/g1/s/meta".into(),
-            value: b"{}".to_vec(),
-            create_revision: 1,
-            mod_revision: 7,
-            version: 2,
-            lease: 0,
-        };
-        let written = || Written { meta: meta.clone(), meta_kv: kv.clone(), fanout: (0, 0) };
+        let written = |contended| Some(Written { meta: meta.clone(), meta_revision: 7, fanout: (2, 5), contended });
         let cache = Verifiers::new(1 << 20);
         cache.keep("g1", v, (vec![1], n), None);
-        assert!(cache.take_written("g1").is_none(), "kept without what was written");
+        assert_eq!(cache.contended("g1"), None);
+        assert!(cache.take_written("g1", None).is_none(), "kept without what was written");
         assert!(cache.take("g1", &[1]).is_some(), "still there for a read that finds its bytes");
-        cache.keep("g1", verifier().0, (vec![2], n), Some(written()));
-        let (_, w) = cache.take_written("g1").expect("kept with what was written");
-        assert_eq!((w.meta.epoch, w.meta_kv.mod_revision), (3, 7));
+        cache.keep("g1", verifier().0, (vec![2], n), written(true));
+        assert_eq!((cache.contended("g1"), cache.contended("g2")), (Some(true), None));
+        assert!(cache.take_written("g1", Some(8)).is_none(), "the meta moved on");
+        assert!(cache.take_written("g2", Some(7)).is_none(), "another group");
+        let (_, w) = cache.take_written("g1", Some(7)).unwrap();
+        assert_eq!((w.meta_revision, w.fanout, w.contended), (7, (2, 5), true));
         assert!(cache.take("g1", &[2]).is_none(), "taken out");
-        cache.keep("g1", verifier().0, (vec![2], n), Some(written()));
-        assert!(cache.take("g1", &[2]).is_some());
-        assert!(cache.take_written("g1").is_none(), "taken out");
+        // A message moves it along, from its own revision only.
+        cache.keep("g1", verifier().0, (vec![2], n), written(false));
+        let mut later = meta.clone();
+        later.next_seq = 2;
+        cache.advance("g1", 6, &later, 9);
+        assert!(cache.take_written("g1", Some(9)).is_none(), "moved from a revision it was not at");
+        cache.advance("g1", 7, &later, 9);
+        let (_, w) = cache.take_written("g1", None).unwrap();
+        assert_eq!((w.meta_revision, w.meta.next_seq), (9, 2));
+        cache.keep("g1", verifier().0, (vec![2], n), written(false));
+        assert!(cache.take("g1", &[2]).is_some(), "a read that finds its bytes takes it too");
+        assert!(cache.take_written("g1", None).is_none(), "taken out");
         assert_eq!(cache.weight(), (0, 0));
     }
 }
