@@ -189,7 +189,7 @@ async fn report(node: &Node, t: &TenantStore, account: &str) -> Result<DataRepor
         }
         for kv in node.groups.range_all(&model::legacy_committers_prefix(g)).await? {
             let epoch = node.groups.relative(&kv.key).rsplit('/').next().and_then(|e| e.parse::<u64>().ok());
-            committers.extend(epoch.map(|e| (e, String::from_utf8_lossy(&kv.value).parse().unwrap_or(u32::MAX))));
+            committers.extend(epoch.map(|e| (e, model::legacy_committer_of(&kv.value))));
         }
         committers.sort_unstable();
         committers.dedup();

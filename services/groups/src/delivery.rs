@@ -375,7 +375,7 @@ pub(crate) async fn get(node: &Node, me: &Device, raw: &[u8]) -> Result<pb::Grou
         if committer == u32::MAX
             && let Some(kv) = node.groups.get(&model::legacy_committer_key(&g, epoch)).await?
         {
-            committer = String::from_utf8_lossy(&kv.value).parse().unwrap_or(u32::MAX);
+            committer = model::legacy_committer_of(&kv.value);
         }
         disputes.push(pb::Dispute { epoch, committer_leaf_index: committer, reports });
     }
@@ -494,7 +494,7 @@ async fn append(
             let written = verifiers::Written { meta, meta_revision: out.revision, fanout: (0, 0), contended: false };
             node.verifiers.keep(g, verifier, stored, Some(written));
         }
-        None => node.verifiers.advance(g, meta_kv.mod_revision, &meta, out.revision),
+        None => node.verifiers.advance(g, meta_kv.mod_revision, meta, out.revision),
     }
     spawn_fanout(node, g.to_string());
     Ok(true)

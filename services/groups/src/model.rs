@@ -355,6 +355,12 @@ impl DisputeRecord {
     }
 }
 
+/// The committing leaf a legacy `committers/<epoch>` record names
+/// (`u32::MAX`: none readable).
+pub fn legacy_committer_of(value: &[u8]) -> u32 {
+    String::from_utf8_lossy(value).parse().unwrap_or(u32::MAX)
+}
+
 /// A voided commit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Voided {

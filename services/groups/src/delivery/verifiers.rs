@@ -73,10 +73,7 @@ impl Verifiers {
     /// It is taken out: the caller changes it, and puts it back with
     /// [`Verifiers::keep`] once what it wrote is stored.
     pub(crate) fn take(&self, g: &str, stored: &[u8]) -> Option<Verifier> {
-        let mut inner = self.inner.lock().expect("verifier cache lock");
-        let weight = inner.entries.peek(g).filter(|e| e.stored == stored)?.weight;
-        inner.weight -= weight;
-        inner.entries.pop(g).map(|e| e.verifier)
+        self.take_if(g, |e| e.stored == stored).map(|e| e.verifier)
     }
 
     /// Whether this node's last write to group `g` is kept, and if so
@@ -90,25 +87,27 @@ impl Verifiers {
     /// `None`, a bet the caller's write must be conditional on): taken out,
     /// as by [`Verifiers::take`].
     pub(crate) fn take_written(&self, g: &str, meta_revision: Option<i64>) -> Option<(Verifier, Written)> {
+        self.take_if(g, |e| e.written.as_ref().is_some_and(|w| meta_revision.is_none_or(|r| r == w.meta_revision)))
+            .and_then(|e| Some((e.verifier, e.written?)))
+    }
+
+    /// Group `g`'s entry, taken out if `wanted`.
+    fn take_if(&self, g: &str, wanted: impl FnOnce(&Entry) -> bool) -> Option<Entry> {
         let mut inner = self.inner.lock().expect("verifier cache lock");
-        let weight = inner
-            .entries
-            .peek(g)
-            .filter(|e| e.written.as_ref().is_some_and(|w| meta_revision.is_none_or(|r| r == w.meta_revision)))?
-            .weight;
+        let weight = inner.entries.peek(g).filter(|e| wanted(e))?.weight;
         inner.weight -= weight;
-        inner.entries.pop(g).and_then(|e| Some((e.verifier, e.written?)))
+        inner.entries.pop(g)
     }
 
     /// A message appended through this node moved group `g`'s meta from
     /// `from_revision` to `meta` at `to_revision`, leaving the slot as it
     /// was: what is kept of the group follows, if it was at `from_revision`.
-    pub(crate) fn advance(&self, g: &str, from_revision: i64, meta: &GroupMeta, to_revision: i64) {
+    pub(crate) fn advance(&self, g: &str, from_revision: i64, meta: GroupMeta, to_revision: i64) {
         let mut inner = self.inner.lock().expect("verifier cache lock");
         if let Some(w) =
             inner.entries.peek_mut(g).and_then(|e| e.written.as_mut()).filter(|w| w.meta_revision == from_revision)
         {
-            w.meta = meta.clone();
+            w.meta = meta;
             w.meta_revision = to_revision;
         }
     }
@@ -142,10 +141,7 @@ impl Verifiers {
 
     /// Forgets group `g` (deleted).
     pub(crate) fn forget(&self, g: &str) {
-        let mut inner = self.inner.lock().expect("verifier cache lock");
-        if let Some(e) = inner.entries.pop(g) {
-            inner.weight -= e.weight;
-        }
+        self.take_if(g, |_| true);
     }
 
     #[cfg(test)]
@@ -226,9 +222,9 @@ mod tests {
         cache.keep("g1", verifier().0, (vec![2], n), written(false));
         let mut later = meta.clone();
         later.next_seq = 2;
-        cache.advance("g1", 6, &later, 9);
+        cache.advance("g1", 6, later.clone(), 9);
         assert!(cache.take_written("g1", Some(9)).is_none(), "moved from a revision it was not at");
-        cache.advance("g1", 7, &later, 9);
+        cache.advance("g1", 7, later, 9);
         let (_, w) = cache.take_written("g1", None).unwrap();
         assert_eq!((w.meta_revision, w.meta.next_seq), (9, 2));
         cache.keep("g1", verifier().0, (vec![2], n), written(false));
