@@ -59,19 +59,23 @@ async fn setup(
     callee: &mut Phone,
     callee_acct: &str,
     counts: Option<&crate::counting::Counts>,
-) -> (Duration, Snapshot) {
+) -> (Duration, Snapshot, [Duration; 4]) {
     let before = counts.map(|c| c.snapshot()).unwrap_or_default();
     let t = Instant::now();
     let call = caller.start(account_ref(callee_acct), false).await.unwrap();
+    let t1 = t.elapsed();
     callee.call_where(&call.call_id, |c| state(c) == pb::CallState::Ringing).await;
+    let t2 = t.elapsed();
     callee.answer(&call.call_id).await.unwrap();
+    let t3 = t.elapsed();
     caller.call_where(&call.call_id, |c| state(c) == pb::CallState::Active).await;
     let took = t.elapsed();
+    let steps = [t1, t2 - t1, t3 - t2, took - t3];
     let made = counts.map(|c| c.snapshot()).unwrap_or_default() - before;
     callee.hang_up(&call.call_id).await.unwrap();
     caller.call_where(&call.call_id, |c| state(c) == pb::CallState::Ended).await;
     callee.call_where(&call.call_id, |c| state(c) == pb::CallState::Ended).await;
-    (took, made)
+    (took, made, steps)
 }
 
 struct SetupRun {
@@ -79,6 +83,9 @@ struct SetupRun {
     rate: f64,
     /// Store round trips made by the sequential setups, in all.
     made: Snapshot,
+    /// Each setup's steps, in order: StartCall's reply, the ring reaching
+    /// the callee, Answer's reply, the answer reaching the caller.
+    steps: [Vec<Duration>; 4],
 }
 
 async fn spine(
@@ -101,14 +108,18 @@ async fn spine(
     }
     let mut lat = Vec::with_capacity(calls);
     let mut made = Snapshot::default();
+    let mut steps: [Vec<Duration>; 4] = Default::default();
     {
         let bar = crate::bar((calls + 20) as u64, &format!("calls: {what}"));
         let (caller, callee, b) = &mut pairs[0];
         for i in 0..calls + 20 {
-            let (d, m) = setup(caller, callee, b, counts.as_deref()).await;
+            let (d, m, st) = setup(caller, callee, b, counts.as_deref()).await;
             if i >= 20 {
                 lat.push(d);
                 made = made + m;
+                for (k, x) in st.iter().enumerate() {
+                    steps[k].push(*x);
+                }
             }
             bar.inc(1);
         }
@@ -134,7 +145,7 @@ async fn spine(
     for t in tasks {
         total += t.await?;
     }
-    Ok(SetupRun { lat, rate: total as f64 / start.elapsed().as_secs_f64(), made })
+    Ok(SetupRun { lat, rate: total as f64 / start.elapsed().as_secs_f64(), made, steps })
 }
 
 /// etcd's own round trips on `store`, sequential: (get, txn) latencies.
@@ -219,11 +230,37 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
     s.aims.push(Aim::at_most("setup p50 on etcd / its floor", vs_floor.ratio.unwrap_or(f64::NAN), 1.5));
     s.notes.push(format!(
         "store round trips per setup on etcd, counted: {:.2} reads in {:.2} rounds, {:.2} transactions in {:.2} rounds \
-         (a setup must make 1 read round and 2 transactions)",
+         (a setup must make 1 read round and 2 transactions), writing {:.0} bytes of keys and values",
         per(m.reads),
         per(m.read_rounds),
         per(m.txns),
-        per(m.txn_rounds)
+        per(m.txn_rounds),
+        per(m.written)
+    ));
+    let mean = |d: &[Duration]| d.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / d.len().max(1) as f64;
+    let p50 = |d: &[Duration]| {
+        let mut v = d.to_vec();
+        v.sort();
+        v.get(v.len() / 2).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    for (run, what) in [(&embedded, "embedded store"), (&on_etcd, "etcd")] {
+        let [a, b, c, d] = &run.steps;
+        s.notes.push(format!(
+            "where a setup's time goes, {what} (p50 of each step): StartCall replied {:.3} ms, ring on the callee's \
+             stream {:.3} ms later, Answer replied {:.3} ms later, answer on the caller's stream {:.3} ms later",
+            p50(a),
+            p50(b),
+            p50(c),
+            p50(d)
+        ));
+    }
+    s.notes.push(format!(
+        "a setup on etcd waits on average {:.3} ms for its read round and {:.3} ms for its transactions (the \
+         floor's means: {:.3} and {:.3} ms)",
+        m.reading.as_secs_f64() * 1e3 / calls as f64,
+        m.writing.as_secs_f64() * 1e3 / calls as f64,
+        must_reads * mean(&gets),
+        must_txns * mean(&txns),
     ));
     let us = |d: &[Duration]| d.iter().map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>();
     s.plots.push(Plot::Latency {

@@ -21,7 +21,18 @@ pub struct Counts {
     pub txn_rounds: AtomicU64,
     /// Bytes of keys and values written by transactions.
     pub written: AtomicU64,
-    in_flight: AtomicU64,
+    /// Round trips in flight, and since when one has been.
+    busy: std::sync::Mutex<Busy>,
+}
+
+#[derive(Debug, Default)]
+struct Busy {
+    in_flight: u64,
+    since: Option<(std::time::Instant, bool)>,
+    /// Wall time with at least one round trip in flight: rounds that began
+    /// with a read, and with a transaction.
+    reading: Duration,
+    writing: Duration,
 }
 
 /// Counts at one moment.
@@ -32,6 +43,11 @@ pub struct Snapshot {
     pub read_rounds: u64,
     pub txn_rounds: u64,
     pub written: u64,
+    /// Wall time with at least one round trip in flight, in rounds that
+    /// began with a read.
+    pub reading: Duration,
+    /// The same, in rounds that began with a transaction.
+    pub writing: Duration,
 }
 
 impl std::ops::Add for Snapshot {
@@ -43,6 +59,8 @@ impl std::ops::Add for Snapshot {
             read_rounds: self.read_rounds + o.read_rounds,
             txn_rounds: self.txn_rounds + o.txn_rounds,
             written: self.written + o.written,
+            reading: self.reading + o.reading,
+            writing: self.writing + o.writing,
         }
     }
 }
@@ -56,28 +74,44 @@ impl std::ops::Sub for Snapshot {
             read_rounds: self.read_rounds - o.read_rounds,
             txn_rounds: self.txn_rounds - o.txn_rounds,
             written: self.written - o.written,
+            reading: self.reading - o.reading,
+            writing: self.writing - o.writing,
         }
     }
 }
 
 impl Counts {
     pub fn snapshot(&self) -> Snapshot {
+        let (reading, writing) = {
+            let b = self.lock();
+            (b.reading, b.writing)
+        };
         Snapshot {
             reads: self.reads.load(Ordering::Relaxed),
             txns: self.txns.load(Ordering::Relaxed),
             read_rounds: self.read_rounds.load(Ordering::Relaxed),
             txn_rounds: self.txn_rounds.load(Ordering::Relaxed),
             written: self.written.load(Ordering::Relaxed),
+            reading,
+            writing,
         }
     }
 
     fn start(self: &Arc<Self>, txn: bool) -> InFlight {
         let (n, rounds) = if txn { (&self.txns, &self.txn_rounds) } else { (&self.reads, &self.read_rounds) };
         n.fetch_add(1, Ordering::Relaxed);
-        if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
+        let mut b = self.lock();
+        if b.in_flight == 0 {
             rounds.fetch_add(1, Ordering::Relaxed);
+            b.since = Some((std::time::Instant::now(), txn));
         }
+        b.in_flight += 1;
+        drop(b);
         InFlight(self.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Busy> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -85,7 +119,13 @@ struct InFlight(Arc<Counts>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let mut b = self.0.lock();
+        b.in_flight -= 1;
+        if b.in_flight == 0
+            && let Some((t, txn)) = b.since.take()
+        {
+            *(if txn { &mut b.writing } else { &mut b.reading }) += t.elapsed();
+        }
     }
 }
 
@@ -110,6 +150,10 @@ impl Store for Counting {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let _f = self.counts.start(false);
         self.inner.get(key).await
+    }
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        let _f = self.counts.start(false);
+        self.inner.get_many(keys).await
     }
     async fn range(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<RangePage, StoreError> {
         let _f = self.counts.start(false);
@@ -171,6 +215,14 @@ mod tests {
         drop(r);
         let s = c.snapshot();
         assert_eq!((s.reads, s.read_rounds, s.txns, s.txn_rounds), (4, 2, 1, 1), "{s:?}");
+        // Waiting is timed by the kind of request that opened the round.
+        let before = c.snapshot();
+        let t = c.start(true);
+        let r = c.start(false);
+        std::thread::sleep(Duration::from_millis(20));
+        drop((t, r));
+        let d = c.snapshot() - before;
+        assert!(d.writing >= Duration::from_millis(20) && d.reading.is_zero(), "{d:?}");
         assert_eq!(s - s, Snapshot::default());
     }
 

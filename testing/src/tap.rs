@@ -77,6 +77,12 @@ impl Store for StoreTap {
         self.read(key, false);
         self.inner.get(key).await
     }
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        for k in keys {
+            self.read(k, false);
+        }
+        self.inner.get_many(keys).await
+    }
     async fn range(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<RangePage, StoreError> {
         self.read(prefix, true);
         self.inner.range(prefix, start_after, limit).await

@@ -8,7 +8,7 @@ use spine_proto::identity::v1::{CrossAppReachability, PrivacySettings};
 
 use spine_runtime::ids::TenantId;
 use spine_runtime::secrets::Secrets;
-use spine_runtime::store::{StoreError, SystemStore, TenantStore};
+use spine_runtime::store::{KeyValue, StoreError, SystemStore, TenantStore};
 
 /// Tenant: `accounts/<account>`.
 pub fn account_key(account: &str) -> String {
@@ -132,8 +132,13 @@ pub fn default_settings(account: &str) -> PrivacySettings {
 /// An account's settings (defaults if never changed) and the revision of
 /// the stored record (0 if none).
 pub async fn settings(t: &TenantStore, account: &str) -> Result<(PrivacySettings, i64), StoreError> {
+    settings_of(account, t.get(&settings_key(account)).await?)
+}
+
+/// An account's settings from its stored record, if any.
+fn settings_of(account: &str, stored: Option<KeyValue>) -> Result<(PrivacySettings, i64), StoreError> {
     use prost::Message;
-    match t.get(&settings_key(account)).await? {
+    match stored {
         Some(kv) => {
             let mut s = PrivacySettings::decode(kv.value.as_slice())
                 .map_err(|e| StoreError::Backend(format!("stored settings: {e}")))?;
@@ -169,12 +174,16 @@ pub async fn lists(
     owner: &str,
     who: (&str, &str),
 ) -> Result<bool, StoreError> {
-    let key = if who.0 == t.tenant().as_str() {
+    Ok(t.get(&list_key(secrets, t, list, owner, who)).await?.is_some())
+}
+
+/// The key of `who`'s entry in `owner`'s list (see [`lists`]).
+fn list_key(secrets: &Secrets, t: &TenantStore, list: &str, owner: &str, who: (&str, &str)) -> String {
+    if who.0 == t.tenant().as_str() {
         format!("{list}/{owner}/{}", peer_account(who.1))
     } else {
         person_key(list, owner, &person(secrets, who.0, who.1))
-    };
-    Ok(t.get(&key).await?.is_some())
+    }
 }
 
 /// The tenant-relative prefixes of everything [`consent`] reads about the
@@ -228,14 +237,20 @@ pub async fn consent(
     to: &str,
     who: impl Fn(&PrivacySettings) -> Who,
 ) -> Result<Option<PrivacySettings>, StoreError> {
-    // The reads are independent: one round trip to the store.
-    let account = account_key(to);
-    let (exists, (s, _), blocked, contact) = futures::try_join!(
-        t.get(&account),
-        settings(t, to),
-        lists(secrets, t, "blocks", to, from),
-        lists(secrets, t, "contacts", to, from),
-    )?;
+    // One read of the four records, at one revision.
+    let keys = [
+        account_key(to),
+        settings_key(to),
+        list_key(secrets, t, "blocks", to, from),
+        list_key(secrets, t, "contacts", to, from),
+    ];
+    let [exists, stored, blocked, contact]: [Option<KeyValue>; 4] = t
+        .get_many(&keys.each_ref().map(String::as_str))
+        .await?
+        .try_into()
+        .map_err(|_| StoreError::Backend("a read of four keys did not answer four".into()))?;
+    let s = settings_of(to, stored)?.0;
+    let (blocked, contact) = (blocked.is_some(), contact.is_some());
     if exists.is_none() || blocked {
         return Ok(None);
     }

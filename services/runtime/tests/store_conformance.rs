@@ -38,6 +38,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    get_many_answers_each_key_in_order,
     get_put_delete_and_revisions,
     range_pages_in_key_order_within_prefix,
     txn_compares_choose_the_branch,
@@ -65,6 +66,21 @@ async fn get_put_delete_and_revisions(s: Arc<dyn Store>) {
     let before = s.revision().await.unwrap();
     s.delete(&raw_key("/t/absent")).await.unwrap();
     assert_eq!(s.revision().await.unwrap(), before);
+}
+
+async fn get_many_answers_each_key_in_order(s: Arc<dyn Store>) {
+    s.put(&raw_key("/m/a"), b"1".to_vec()).await.unwrap();
+    let rev = s.put(&raw_key("/m/b"), b"2".to_vec()).await.unwrap();
+    let got = s.get_many(&["/m/b", "/m/absent", "/m/a", "/m/b"]).await.unwrap();
+    let values: Vec<Option<&[u8]>> = got.iter().map(|kv| kv.as_ref().map(|kv| kv.value.as_slice())).collect();
+    assert_eq!(values, [Some(&b"2"[..]), None, Some(&b"1"[..]), Some(&b"2"[..])]);
+    assert_eq!(got[0].as_ref().unwrap().mod_revision, rev);
+    assert_eq!(got[2].as_ref().unwrap().key, "/m/a");
+    assert!(s.get_many(&[]).await.unwrap().is_empty());
+    let many: Vec<String> = (0..=MAX_TXN_OPS).map(|i| format!("/m/{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert!(matches!(s.get_many(&many).await, Err(StoreError::InvalidTxn(_))));
+    assert_eq!(s.get_many(&many[..MAX_TXN_OPS]).await.unwrap().len(), MAX_TXN_OPS);
 }
 
 async fn range_pages_in_key_order_within_prefix(s: Arc<dyn Store>) {

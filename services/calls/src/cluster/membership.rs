@@ -221,6 +221,11 @@ impl Cluster {
                 }
             }
         } else if let Some(id) = rel.strip_prefix(CALLS) {
+            // This node's own writes are in the view already (`observe_own`):
+            // their copies from the watch are not parsed again.
+            if v.calls.get(id).is_some_and(|(_, r)| *r >= rev) {
+                return;
+            }
             self.apply_call(v, id, value.and_then(|b| serde_json::from_slice::<CallRec>(b).ok()), rev);
         }
     }

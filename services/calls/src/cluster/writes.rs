@@ -125,14 +125,18 @@ impl Cluster {
                 json(&rec),
                 lease,
             ));
+            // The pair or group key lives and dies with the call: freed when
+            // it ends, moved to the new home's lease when it moves (on the
+            // same home it holds the call's id on the same lease already).
+            let moved = rec.home != before.home;
             if let Some(aux) = aux_key(&self.secrets, &rec) {
-                txn = txn.then(if rec.state == State::Ended {
-                    Op::delete(sys.key(&aux))
-                } else {
-                    Op::put_leased(sys.key(&aux), rec.id.clone().into_bytes(), lease)
-                });
+                if rec.state == State::Ended {
+                    txn = txn.then(Op::delete(sys.key(&aux)));
+                } else if moved {
+                    txn = txn.then(Op::put_leased(sys.key(&aux), rec.id.clone().into_bytes(), lease));
+                }
             }
-            txn = txn.then_all(in_call_ops(&sys, Some(&before), &rec, lease, rec.home != before.home));
+            txn = txn.then_all(in_call_ops(&sys, Some(&before), &rec, lease, moved));
             let out = sys.txn(txn).await?;
             if !out.succeeded {
                 continue;

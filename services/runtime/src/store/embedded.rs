@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::{
     Compare, EventKind, KeyValue, LeaseId, Op, RangePage, Store, StoreError, Txn, TxnOutcome, WatchEvent, WatchStream,
+    check_many,
 };
 
 /// Events kept for watches that start in the past: at most this many ...
@@ -328,6 +329,12 @@ impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let st = self.inner.state.lock().expect("store lock");
         Ok(st.kv.get(key).map(|e| kv_of(key, e)))
+    }
+
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        check_many(keys)?;
+        let st = self.inner.state.lock().expect("store lock");
+        Ok(keys.iter().map(|k| st.kv.get(*k).map(|e| kv_of(k, e))).collect())
     }
 
     async fn range(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<RangePage, StoreError> {

@@ -33,7 +33,7 @@ use futures::StreamExt;
 
 use super::{
     Compare, EventKind, KeyValue, LeaseId, Op, RangePage, Store, StoreError, Txn, TxnOutcome, WatchEvent, WatchStream,
-    prefix_end,
+    check_many, prefix_end,
 };
 
 mod ops;

@@ -252,11 +252,23 @@ pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
+/// Checks a [`Store::get_many`] request against the limit both backends
+/// enforce, so they fail alike.
+pub(crate) fn check_many(keys: &[&str]) -> Result<(), StoreError> {
+    if keys.len() > MAX_TXN_OPS {
+        return Err(StoreError::InvalidTxn(format!("more than {MAX_TXN_OPS} keys in one read")));
+    }
+    Ok(())
+}
+
 /// The store. Implementations are cheap to share (`Arc<dyn Store>`).
 #[async_trait]
 pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     /// Reads one key.
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+    /// Reads several keys in one round trip, at one revision: one answer
+    /// per key, in the order asked. At most [`MAX_TXN_OPS`] keys.
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<KeyValue>>, StoreError>;
     /// Reads keys under `prefix` in key order, strictly after `start_after`
     /// if given, at most `limit` of them (0: no limit).
     async fn range(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<RangePage, StoreError>;

@@ -95,6 +95,13 @@ macro_rules! rooted_ops {
             pub async fn get(&self, rel: &str) -> Result<Option<KeyValue>, StoreError> {
                 self.0.store.get(self.0.key(rel).as_str()).await
             }
+            /// Reads several keys (relative to this handle's root) in one
+            /// round trip, at one revision: one answer per key, in order.
+            pub async fn get_many(&self, rels: &[&str]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+                let keys: Vec<Key> = rels.iter().map(|r| self.0.key(r)).collect();
+                let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+                self.0.store.get_many(&keys).await
+            }
             pub async fn range(
                 &self,
                 rel_prefix: &str,

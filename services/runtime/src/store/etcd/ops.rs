@@ -43,6 +43,33 @@ impl Store for EtcdStore {
         Ok(resp.kvs().first().map(kv_of))
     }
 
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<KeyValue>>, StoreError> {
+        check_many(keys)?;
+        // A transaction of reads alone: etcd serves it as one linearizable
+        // read, at one revision.
+        let t =
+            etcd::Txn::new().and_then(keys.iter().map(|k| etcd::TxnOp::get(k.as_bytes(), None)).collect::<Vec<_>>());
+        let resp = self
+            .run(|c| {
+                let t = t.clone();
+                async move { c.kv_client().txn(t).await }
+            })
+            .await?;
+        self.saw(resp.header());
+        let out: Vec<Option<KeyValue>> = resp
+            .op_responses()
+            .iter()
+            .map(|r| match r {
+                etcd::TxnOpResponse::Get(g) => Ok(g.kvs().first().map(kv_of)),
+                _ => Err(StoreError::Backend("a read transaction answered with a write".into())),
+            })
+            .collect::<Result<_, _>>()?;
+        if out.len() != keys.len() {
+            return Err(StoreError::Backend(format!("{} keys read, {} answers", keys.len(), out.len())));
+        }
+        Ok(out)
+    }
+
     async fn range(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<RangePage, StoreError> {
         let start: Vec<u8> = match start_after {
             Some(a) if a >= prefix => {
