@@ -4,7 +4,7 @@
 //! tell its own bad input from a server bug:
 //! - bytes that do not decode as the message are INVALID_ARGUMENT, not the
 //!   INTERNAL the stock codec gives;
-//! - it starts encoders small (see below).
+//! - it starts encoders and decoders small (see below).
 //!
 //! A node's own message limit (`limits.max_message_bytes`) is enforced on
 //! the wire before decoding, by `spine_runtime::frames`; tonic's cap
@@ -60,6 +60,13 @@ pub struct SpineDecoder<U>(PhantomData<U>);
 impl<U: Message + Default> Decoder for SpineDecoder<U> {
     type Item = U;
     type Error = Status;
+
+    fn buffer_settings(&self) -> BufferSettings {
+        // A calls session reads through its stream's buffer for as long as
+        // the device is connected, mostly idle: 1 KiB, not tonic's 8 KiB,
+        // grown to fit a larger message as it arrives.
+        BufferSettings::new(1024, 8 * 1024)
+    }
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         U::decode(buf).map(Some).map_err(|e| Status::invalid_argument(format!("malformed protobuf message: {e}")))
