@@ -173,6 +173,30 @@ async fn etcd_round_trips(store: &Arc<dyn Store>, n: usize) -> anyhow::Result<(V
     Ok((gets.split_off(20), txns.split_off(20)))
 }
 
+/// etcd's compare-and-swap on a key a watch follows (as every calls node's
+/// mirror follows the calls records), sequential: not part of the floor,
+/// it tells what the watch adds to a write.
+async fn etcd_watched_cas(store: &Arc<dyn Store>, n: usize) -> anyhow::Result<Vec<Duration>> {
+    use futures::StreamExt;
+    #[allow(clippy::disallowed_methods)]
+    let key = spine_runtime::store::Key::unchecked("/bench/rtw/key".to_string());
+    let mut rev = store.put(&key, vec![1u8; 512]).await?;
+    let mut events = store.watch("/bench/rtw/", 0).await?;
+    let drain = tokio::spawn(async move { while events.next().await.is_some() {} });
+    let mut txns = Vec::with_capacity(n);
+    for _ in 0..n + 20 {
+        let t = Instant::now();
+        let out = store
+            .txn(Txn::new().when(Compare::ModRevision(key.clone(), rev)).then(Op::put(key.clone(), vec![2u8; 512])))
+            .await?;
+        anyhow::ensure!(out.succeeded, "nobody else writes this key");
+        txns.push(t.elapsed());
+        rev = out.revision;
+    }
+    drain.abort();
+    Ok(txns.split_off(20))
+}
+
 pub async fn run(opts: &Options) -> anyhow::Result<Section> {
     let shape = if opts.quick { (100, 8, Duration::from_secs(2)) } else { (300, 16, Duration::from_secs(5)) };
     let (calls, workers, d) = shape;
@@ -200,11 +224,15 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
     let etcd = EtcdServer::start().await;
     let etcd_store = etcd.store().await;
     let (mut gets, mut txns) = etcd_round_trips(&etcd_store, calls).await?;
+    let mut watched = etcd_watched_cas(&etcd_store, calls).await?;
     let counting = Counting::new(etcd_store.clone());
     let counts = counting.counts.clone();
     let mut on_etcd = spine(Arc::new(counting), Some(etcd), Some(counts), shape, "etcd").await?;
     let get_row = Row::baseline("etcd get (linearizable)").latency(Latency::of(&mut gets));
     let txn_row = Row::baseline("etcd compare-and-swap txn").latency(Latency::of(&mut txns));
+    let watched_row = Row::new("etcd compare-and-swap txn, key watched (not in the floor)")
+        .latency(Latency::of(&mut watched))
+        .against(&txn_row, "p50");
     let (get_p50, txn_p50) = (get_row.latency.map_or(0.0, |l| l.p50_us), txn_row.latency.map_or(0.0, |l| l.p50_us));
     let (get_p99, txn_p99) = (get_row.latency.map_or(0.0, |l| l.p99_us), txn_row.latency.map_or(0.0, |l| l.p99_us));
     let raw_p99 = raw_row.latency.map_or(0.0, |l| l.p99_us);
@@ -273,6 +301,6 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
             ("etcd txn".into(), us(&txns)),
         ],
     });
-    s.rows.extend([raw_row, emb_row, vs_raw, get_row, txn_row, floor_row, vs_floor]);
+    s.rows.extend([raw_row, emb_row, vs_raw, get_row, txn_row, watched_row, floor_row, vs_floor]);
     Ok(s)
 }
