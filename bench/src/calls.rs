@@ -20,8 +20,9 @@ use spine_proto::calls::v1::calls_client::CallsClient;
 use spine_runtime::store::{Compare, EmbeddedStore, Op, Store, Txn};
 use spine_testing::EtcdServer;
 
-use crate::counting::{Counting, Snapshot};
 use crate::{Aim, Latency, Options, Plot, Row, Section, Timed};
+use spine_testing::StoreTap;
+use spine_testing::counts::{Counts, Snapshot};
 
 #[path = "../../services/calls/tests/support/mod.rs"]
 mod support;
@@ -58,7 +59,7 @@ async fn setup(
     caller: &mut Phone,
     callee: &mut Phone,
     callee_acct: &str,
-    counts: Option<&crate::counting::Counts>,
+    counts: Option<&Counts>,
 ) -> (Duration, Snapshot, [Duration; 4]) {
     let before = counts.map(|c| c.snapshot()).unwrap_or_default();
     let t = Instant::now();
@@ -91,7 +92,7 @@ struct SetupRun {
 async fn spine(
     store: Arc<dyn Store>,
     etcd: Option<EtcdServer>,
-    counts: Option<Arc<crate::counting::Counts>>,
+    counts: Option<Arc<Counts>>,
     (calls, workers, d): (usize, usize, Duration),
     what: &str,
 ) -> anyhow::Result<SetupRun> {
@@ -225,9 +226,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
     let etcd_store = etcd.store().await;
     let (mut gets, mut txns) = etcd_round_trips(&etcd_store, calls).await?;
     let mut watched = etcd_watched_cas(&etcd_store, calls).await?;
-    let counting = Counting::new(etcd_store.clone());
-    let counts = counting.counts.clone();
-    let mut on_etcd = spine(Arc::new(counting), Some(etcd), Some(counts), shape, "etcd").await?;
+    let tap = StoreTap::new(etcd_store.clone());
+    let counts = tap.counts();
+    let mut on_etcd = spine(tap, Some(etcd), Some(counts), shape, "etcd").await?;
     let get_row = Row::baseline("etcd get (linearizable)").latency(Latency::of(&mut gets));
     let txn_row = Row::baseline("etcd compare-and-swap txn").latency(Latency::of(&mut txns));
     let watched_row = Row::new("etcd compare-and-swap txn, key watched (not in the floor)")

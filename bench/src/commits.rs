@@ -150,7 +150,7 @@ struct Level {
     lat: Vec<Duration>,
     rate: f64,
     cpu: CpuUse,
-    made: crate::counting::Snapshot,
+    made: spine_testing::counts::Snapshot,
     /// Each round's commit rate over its CAS rate.
     round_ratios: Vec<f64>,
 }
@@ -160,7 +160,7 @@ async fn level(
     chains: Vec<Chain>,
     rounds: usize,
     cas_for: Duration,
-    counts: Option<&crate::counting::Counts>,
+    counts: Option<&spine_testing::counts::Counts>,
     etcd_pid: Option<u32>,
 ) -> anyhow::Result<Level> {
     let (workers, per_worker) = (chains.len(), chains.first().map_or(0, |c| c.1.len()));
@@ -253,9 +253,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
     let etcd = spine_testing::EtcdServer::start().await;
     let etcd_store = etcd.store().await;
     let etcd_pid = etcd.pid();
-    let counting = crate::counting::Counting::new(etcd_store.clone());
-    let counts = counting.counts.clone();
-    let env = node_on(Arc::new(counting), Some(etcd), None).await;
+    let tap = spine_testing::StoreTap::new(etcd_store.clone());
+    let counts = tap.counts();
+    let env = node_on(tap, Some(etcd), None).await;
     let (mut cas_curve, mut commit_curve) = (vec![], vec![]);
     let mut plot = vec![];
     for (i, &w) in levels.iter().enumerate() {

@@ -22,7 +22,6 @@
 pub mod calls;
 pub mod cells;
 pub mod commits;
-pub mod counting;
 pub mod etcd;
 pub mod idle;
 pub mod mls;

@@ -15,6 +15,7 @@ mod env;
 pub use env::*;
 mod tap;
 pub use tap::StoreTap;
+pub mod counts;
 mod janus;
 pub use janus::JanusServer;
 

@@ -1,13 +1,13 @@
-//! A store that counts the round trips made through it, by kind, so a
-//! benchmark can say how many store round trips an operation makes.
+//! Round trips to a store, counted by kind ([`Counts`]): what a
+//! [`crate::StoreTap`] counts of every request through it, so a test or a
+//! benchmark can say how many round trips an operation makes and how long
+//! it waited on them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use spine_runtime::store::KeyValue;
-use spine_runtime::store::{LeaseId, Op, RangePage, Store, StoreError, Txn, TxnOutcome, WatchStream};
+use spine_runtime::store::{Op, Txn};
 
 /// Round trips by kind. A *round* is a round trip that started while no
 /// other was in flight: requests sent together (a parallel read of
@@ -97,7 +97,7 @@ impl Counts {
         }
     }
 
-    fn start(self: &Arc<Self>, txn: bool) -> InFlight {
+    pub(crate) fn start(self: &Arc<Self>, txn: bool) -> InFlight {
         let (n, rounds) = if txn { (&self.txns, &self.txn_rounds) } else { (&self.reads, &self.read_rounds) };
         n.fetch_add(1, Ordering::Relaxed);
         let mut b = self.lock();
@@ -115,7 +115,8 @@ impl Counts {
     }
 }
 
-struct InFlight(Arc<Counts>);
+/// A round trip in flight; dropped when it ends.
+pub(crate) struct InFlight(Arc<Counts>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -129,38 +130,9 @@ impl Drop for InFlight {
     }
 }
 
-#[derive(Debug)]
-pub struct Counting {
-    inner: Arc<dyn Store>,
-    pub counts: Arc<Counts>,
-}
-
-impl Counting {
-    pub fn new(inner: Arc<dyn Store>) -> Self {
-        Self { inner, counts: Arc::default() }
-    }
-}
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
-
-#[async_trait]
-impl Store for Counting {
-    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let _f = self.counts.start(false);
-        self.inner.get(key).await
-    }
-    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<KeyValue>>, StoreError> {
-        let _f = self.counts.start(false);
-        self.inner.get_many(keys).await
-    }
-    async fn range(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<RangePage, StoreError> {
-        let _f = self.counts.start(false);
-        self.inner.range(prefix, start_after, limit).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        let _f = self.counts.start(true);
+impl Counts {
+    /// Counts the bytes of keys and values `txn` writes if it succeeds.
+    pub(crate) fn wrote(&self, txn: &Txn) {
         let written: usize = txn
             .success
             .iter()
@@ -169,38 +141,18 @@ impl Store for Counting {
                 Op::Delete(k) | Op::DeletePrefix(k) => k.len(),
             })
             .sum();
-        self.counts.written.fetch_add(written as u64, Ordering::Relaxed);
-        self.inner.txn(txn).await
+        self.written.fetch_add(written as u64, Ordering::Relaxed);
     }
-    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        bump(&self.counts.leases);
-        self.inner.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
-        bump(&self.counts.leases);
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        bump(&self.counts.leases);
-        self.inner.revoke_lease(lease).await
-    }
-    async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchStream, StoreError> {
-        self.inner.watch(prefix, from_revision).await
-    }
-    async fn revision(&self) -> Result<i64, StoreError> {
-        let _f = self.counts.start(false);
-        self.inner.revision().await
-    }
-    async fn count(&self, prefix: &str) -> Result<u64, StoreError> {
-        let _f = self.counts.start(false);
-        self.inner.count(prefix).await
+
+    pub(crate) fn lease(&self) {
+        self.leases.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spine_runtime::store::EmbeddedStore;
+    use spine_runtime::store::{EmbeddedStore, Store};
 
     #[test]
     fn requests_in_flight_together_are_one_round() {
@@ -227,15 +179,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn every_request_through_the_store_is_counted() {
-        let c = Counting::new(Arc::new(EmbeddedStore::in_memory()));
+    async fn every_request_through_a_tap_is_counted() {
+        let c = crate::StoreTap::new(Arc::new(EmbeddedStore::in_memory()));
         #[allow(clippy::disallowed_methods)]
         let k = spine_runtime::store::Key::unchecked("/t/a".to_string());
         c.put(&k, b"1".to_vec()).await.unwrap();
         c.get("/t/a").await.unwrap();
+        c.get_many(&["/t/a", "/t/b"]).await.unwrap();
         c.range("/t/", None, 0).await.unwrap();
         c.count("/t/").await.unwrap();
-        let s = c.counts.snapshot();
-        assert_eq!((s.reads, s.txns), (3, 1));
+        let s = c.counts().snapshot();
+        assert_eq!((s.reads, s.txns, s.written), (4, 1, 5));
     }
 }
