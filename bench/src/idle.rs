@@ -58,10 +58,10 @@ struct Target {
 }
 
 #[derive(Clone)]
-struct Dev {
-    token: String,
+pub(crate) struct Dev {
+    pub(crate) token: String,
     /// The account this device's presence watch is on.
-    watches: String,
+    pub(crate) watches: String,
 }
 
 fn grpc_frame(msg: &impl Message) -> Bytes {
@@ -133,7 +133,7 @@ async fn connect(target: &Target, i: usize, dev: &Dev) -> anyhow::Result<Conn> {
 }
 
 /// A server process, killed when dropped.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     log: PathBuf,
 }
@@ -159,7 +159,7 @@ impl Drop for Server {
 }
 
 impl Server {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -169,7 +169,7 @@ impl Server {
         log[log.ceil_char_boundary(start)..].to_string()
     }
 
-    async fn start(mut cmd: Command, addr: SocketAddr, log: PathBuf) -> anyhow::Result<Self> {
+    pub(crate) async fn start(mut cmd: Command, addr: SocketAddr, log: PathBuf) -> anyhow::Result<Self> {
         // SPINE_* variables are config: the benchmark's own must not leak in.
         for (k, _) in std::env::vars() {
             if k.starts_with("SPINE_") {
@@ -194,24 +194,24 @@ impl Server {
     }
 }
 
-fn free_addr() -> SocketAddr {
+pub(crate) fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], spine_testing::free_port()))
 }
 
-struct Files {
+pub(crate) struct Files {
     dir: tempfile::TempDir,
     cert_der: rustls::pki_types::CertificateDer<'static>,
 }
 
 impl Files {
-    fn new() -> anyhow::Result<Self> {
+    pub(crate) fn new() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])?;
         std::fs::write(dir.path().join("cert.pem"), ck.cert.pem())?;
         std::fs::write(dir.path().join("key.pem"), ck.key_pair.serialize_pem())?;
         Ok(Self { cert_der: ck.cert.der().clone(), dir })
     }
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
     fn client_tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
@@ -227,8 +227,16 @@ impl Files {
 }
 
 /// The node's config: the deployment defaults, with keys sealed, rate
-/// limits out of the way of a burst of registrations, and TLS if asked.
-fn node_config(files: &Files, etcd: &str, listen: SocketAddr, tls: bool) -> anyhow::Result<PathBuf> {
+/// limits out of the way of a burst of registrations, and TLS if asked;
+/// then `edit`, and written to `name` in `files`.
+pub(crate) fn node_config(
+    files: &Files,
+    etcd: &str,
+    listen: SocketAddr,
+    tls: bool,
+    name: &str,
+    edit: impl FnOnce(&mut spine_runtime::config::Config),
+) -> anyhow::Result<PathBuf> {
     let mut c = spine_testing::test_config();
     c.listen = listen;
     c.store.backend = spine_runtime::config::Backend::Etcd;
@@ -243,14 +251,15 @@ fn node_config(files: &Files, etcd: &str, listen: SocketAddr, tls: bool) -> anyh
             peer_name: Some("localhost".into()),
         });
     }
-    let path = files.path(if tls { "node-tls.toml" } else { "node.toml" });
+    edit(&mut c);
+    let path = files.path(name);
     std::fs::write(&path, toml::to_string(&c)?)?;
     Ok(path)
 }
 
 /// Registers `n` devices (an account each, presence visible to everyone),
 /// each watching the next one's account.
-async fn register(endpoint: &str, operator: &str, n: usize) -> anyhow::Result<Vec<Dev>> {
+pub(crate) async fn register(endpoint: &str, operator: &str, n: usize) -> anyhow::Result<Vec<Dev>> {
     let ch = tonic::transport::Endpoint::from_shared(endpoint.to_string())?.connect().await?;
     // The node answers once its signing keys are published; the request id
     // makes the retries one tenant.
@@ -455,7 +464,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Result<Section, String>> {
         let log = files.path(&format!("{}-{}.log", kind.replace(' ', "-"), if tls { "tls" } else { "plain" }));
         let mut cmd = Command::new(&exe);
         if kind == "spine" {
-            cmd.arg("serve").arg("--config").arg(node_config(&files, etcd.endpoint(), addr, tls)?);
+            let name = if tls { "node-tls.toml" } else { "node.toml" };
+            cmd.arg("serve").arg("--config").arg(node_config(&files, etcd.endpoint(), addr, tls, name, |_| {})?);
         } else {
             cmd.arg("bench-raw-server").arg("--listen").arg(addr.to_string());
             if tls {

@@ -35,17 +35,18 @@ async fn channels(endpoint: &str) -> anyhow::Result<Vec<Channel>> {
 }
 
 /// Opens `streams` watches (target i % TARGETS), waits for each one's
-/// first update, and counts deliveries: the resident-set growth.
+/// first update, and counts deliveries: the resident-set growth of the
+/// process `pid` (None: this one).
 async fn open(
     chans: &[Channel],
     streams: usize,
     token: &str,
     target: impl Fn(usize) -> pb::Target,
     delivered: Arc<AtomicU64>,
-    what: &str,
+    (what, pid): (&str, Option<u32>),
 ) -> anyhow::Result<u64> {
     let bar = crate::bar(streams as u64, what);
-    let before = rss_bytes(None);
+    let before = rss_bytes(pid);
     for s in 0..streams {
         let mut client = PresenceClient::new(chans[s % chans.len()].clone());
         let mut stream =
@@ -69,7 +70,54 @@ async fn open(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    Ok(rss_bytes(None).saturating_sub(before))
+    Ok(rss_bytes(pid).saturating_sub(before))
+}
+
+fn account(a: &str) -> pb::Target {
+    pb::Target { target: Some(pb::target::Target::AccountId(a.to_string())) }
+}
+
+/// Memory per idle watch of each server alone, in KiB: the raw server and a
+/// Spine node (identity and presence, on an etcd of its own), each in a
+/// process of its own as the idle-device benchmark runs them, the watches
+/// opened from this process.
+async fn servers_alone(exe: &std::path::Path, streams: usize) -> anyhow::Result<(f64, f64)> {
+    use crate::idle::{Files, Server, free_addr};
+    let kib = |b: u64| b as f64 / streams as f64 / 1024.0;
+    let files = Files::new()?;
+    let addr = free_addr();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("bench-raw-server").arg("--listen").arg(addr.to_string());
+    let raw = Server::start(cmd, addr, files.path("raw-presence.log")).await?;
+    let chans = channels(&format!("http://{addr}")).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let what = ("presence: raw server alone", Some(raw.pid()));
+    let raw_mem = open(&chans, streams, "x", |i| account(&i.to_string()), Arc::default(), what).await?;
+    drop((chans, raw));
+
+    let etcd = spine_testing::EtcdServer::start().await;
+    let sys = spine_runtime::store::SystemStore::new(etcd.store().await);
+    let operator = spine_identity::bootstrap_operator_in(&sys, "bench").await?;
+    let addr = free_addr();
+    let config = crate::idle::node_config(&files, etcd.endpoint(), addr, false, "presence.toml", |c| {
+        c.services = vec!["identity".into(), "presence".into()];
+        // One device holds every stream, as in the rows above (a count
+        // TOML can hold).
+        c.edit_section(|p: &mut spine_presence::PresenceConfig| p.max_watches_per_device = 1_000_000);
+    })?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("serve").arg("--config").arg(config);
+    let node = Server::start(cmd, addr, files.path("spine-presence.log")).await?;
+    let endpoint = format!("http://{addr}");
+    // Device i watches device i + 1's account: device 0 watches, the next
+    // TARGETS are watched.
+    let devs = crate::idle::register(&endpoint, &operator, TARGETS + 1).await?;
+    let chans = channels(&endpoint).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let what = ("presence: Spine node alone", Some(node.pid()));
+    let spine_mem = open(&chans, streams, &devs[0].token, |i| account(&devs[i].watches), Arc::default(), what).await?;
+    drop((chans, node));
+    Ok((kib(raw_mem), kib(spine_mem)))
 }
 
 type Publish = Box<dyn Fn(usize, usize) -> Pin<Box<dyn Future<Output = ()> + Send>>>;
@@ -112,8 +160,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
         "Presence fan-out and idle watch streams, beside raw tonic streaming",
         format!(
             "{streams} watch streams over {CONNECTIONS} connections on {TARGETS} targets, one node on the embedded \
-             store; {n} rounds, each changing every target once (median). Memory: resident-set growth of this \
-             process (client and server alike) per stream."
+             store; {n} rounds, each changing every target once (median). Memory: resident-set growth per \
+             stream, of this process (client and server alike), then of each server alone in a process of its \
+             own (the Spine node on its own etcd)."
         ),
     );
 
@@ -121,15 +170,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
     let addr = crate::raw::spawn(TARGETS).await;
     let chans = channels(&format!("http://{addr}")).await?;
     let delivered = Arc::new(AtomicU64::new(0));
-    let raw_mem = open(
-        &chans,
-        streams,
-        "x",
-        |i| pb::Target { target: Some(pb::target::Target::AccountId(i.to_string())) },
-        delivered.clone(),
-        "presence: raw watches",
-    )
-    .await?;
+    let raw_mem =
+        open(&chans, streams, "x", |i| account(&i.to_string()), delivered.clone(), ("presence: raw watches", None))
+            .await?;
     let raw_chans = chans.clone();
     let raw_rate = rounds(
         n,
@@ -183,9 +226,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
         &chans,
         streams,
         &watcher.token,
-        |i| pb::Target { target: Some(pb::target::Target::AccountId(accounts[i].clone())) },
+        |i| account(&accounts[i]),
         delivered.clone(),
-        "presence: spine watches",
+        ("presence: spine watches", None),
     )
     .await?;
     let spine_chans = chans.clone();
@@ -212,12 +255,37 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
     )
     .await?;
 
+    drop((chans, env));
+
     let kib = |b: u64| b as f64 / streams as f64 / 1024.0;
     let base = Row::baseline("raw tonic streaming").rate(raw_rate, "deliveries/s").value(kib(raw_mem), "KiB/stream");
     let rate = Row::new("Spine presence: deliveries").rate(spine_rate, "deliveries/s").against(&base, "rate");
-    let mem = Row::new("Spine presence: idle watch").value(kib(spine_mem), "KiB/stream").against(&base, "value");
+    let mem = Row::new("Spine presence: idle watch, client and server in one process")
+        .value(kib(spine_mem), "KiB/stream")
+        .against(&base, "value");
     s.aims.push(Aim::at_least("presence deliveries, Spine / raw", rate.ratio.unwrap_or(0.0), 0.5));
-    s.aims.push(Aim::at_most("memory per idle watch stream, Spine / raw", mem.ratio.unwrap_or(f64::NAN), 1.5));
-    s.rows.extend([base, rate, mem]);
+    s.rows.extend([base, rate, mem.clone()]);
+    match &opts.spine_exe {
+        Some(exe) => {
+            let (raw_alone, spine_alone) = servers_alone(exe, streams).await?;
+            let base = Row::baseline("raw tonic server alone: idle watch").value(raw_alone, "KiB/stream");
+            let alone =
+                Row::new("Spine node alone: idle watch").value(spine_alone, "KiB/stream").against(&base, "value");
+            s.aims.push(Aim::at_most(
+                "memory per idle watch stream, Spine / raw, servers alone",
+                alone.ratio.unwrap_or(f64::NAN),
+                1.5,
+            ));
+            s.rows.extend([base, alone]);
+        }
+        None => {
+            s.notes.push("the servers alone need the spine executable (run it as `spine bench`)".into());
+            s.aims.push(Aim::at_most(
+                "memory per idle watch stream, Spine / raw, client and server in one process",
+                mem.ratio.unwrap_or(f64::NAN),
+                1.5,
+            ));
+        }
+    }
     Ok(s)
 }

@@ -44,7 +44,7 @@ impl Node {
             // Counted once, where the device sent it.
             self.limits.check(crate::config::CallsRate::Signals, &me.tenant, &me.account, 1.0)?;
         }
-        let (rec, _) = self.call_for(id, me, forwarded).await?;
+        let (rec, rev) = self.call_for(id, me, forwarded).await?;
         if rec.state == State::Ended {
             return Err(precondition("CALL_ENDED", "the call has ended"));
         }
@@ -64,6 +64,12 @@ impl Node {
                 && let Some(callee) = rec.callee()
                 && callee.who != mine
             {
+                // The callee's devices are the sessions the mirror knows:
+                // every one opened before the call was written, once the
+                // watch has come that far.
+                if !self.cluster.caught_up(rev, Duration::from_secs(2)).await {
+                    tracing::debug!("signal: the mirror's watch is behind the call; sending to the sessions it knows");
+                }
                 for (d, ..) in self.cluster.sessions_of(&callee.who) {
                     targets.push(DevKey {
                         tenant: callee.who.tenant.clone(),

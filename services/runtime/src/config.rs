@@ -243,7 +243,10 @@ impl Config {
 
     /// Replaces a service's section (tools and tests that build configs).
     pub fn set_section<S: Section>(&mut self, section: &S) {
-        let v = serde_json::to_value(section).expect("sections serialize");
+        let mut v = serde_json::to_value(section).expect("sections serialize");
+        // Unset options are left out (they read back as unset), so the
+        // config still writes as TOML, which has no null.
+        drop_nulls(&mut v);
         self.sections.insert(S::NAME.to_string(), v);
     }
 
@@ -274,6 +277,18 @@ impl Config {
             fig = fig.merge(Toml::file_exact(f));
         }
         fig.merge(Env::prefixed("SPINE_").split("__")).merge(Serialized::defaults(flags)).extract().map_err(Box::new)
+    }
+}
+
+/// Removes the null members of every object in `v`, at any depth.
+fn drop_nulls(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.retain(|_, x| !x.is_null());
+            m.values_mut().for_each(drop_nulls);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(drop_nulls),
+        _ => {}
     }
 }
 
@@ -324,11 +339,12 @@ mod tests {
     struct Demo {
         ttl_secs: u64,
         region: String,
+        advertise: Option<String>,
     }
 
     impl Default for Demo {
         fn default() -> Self {
-            Self { ttl_secs: 5, region: "default".into() }
+            Self { ttl_secs: 5, region: "default".into(), advertise: None }
         }
     }
 
@@ -343,11 +359,18 @@ mod tests {
             jail.set_env("SPINE_DEMO__TTL_SECS", "9");
             let path = jail.directory().join("spine.toml");
             let mut c = Config::load(Config::default(), Some(&path), Flags::default()).unwrap();
-            assert_eq!(c.section::<Demo>().unwrap(), Demo { ttl_secs: 9, region: "eu".into() });
+            assert_eq!(c.section::<Demo>().unwrap(), Demo { ttl_secs: 9, region: "eu".into(), advertise: None });
             assert!(c.check_sections(&["demo"]).is_ok());
             assert!(c.check_sections(&["other"]).unwrap_err().contains("`demo`"));
             c.edit_section(|d: &mut Demo| d.ttl_secs = 1);
             assert_eq!(c.section::<Demo>().unwrap().ttl_secs, 1);
+            // An edited section with an unset option still writes as TOML
+            // and reads back the same.
+            jail.create_file("written.toml", &toml::to_string(&c).expect("the config writes as TOML"))?;
+            jail.clear_env();
+            let back = Config::load(Config::default(), Some(&jail.directory().join("written.toml")), Flags::default())
+                .unwrap();
+            assert_eq!(back.section::<Demo>().unwrap(), Demo { ttl_secs: 1, region: "eu".into(), advertise: None });
             assert_eq!(Config::default().section::<Demo>().unwrap(), Demo::default());
 
             jail.create_file("bad.toml", "[demo]\nregoin = \"eu\"\n")?;

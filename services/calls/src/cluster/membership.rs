@@ -165,6 +165,7 @@ impl Cluster {
                 self.apply(&mut v, sys.relative(&kv.key), Some(&kv.value), kv.mod_revision);
             }
         }
+        self.watched.send_replace(rev);
         self.ready.send_replace(true);
         while let Some(ev) = events.next().await {
             let ev = ev?;
@@ -175,6 +176,11 @@ impl Cluster {
                 let value = (ev.kind == EventKind::Put).then_some(ev.value.as_slice());
                 self.apply(&mut v, &rel, value, ev.revision);
             }
+            self.watched.send_if_modified(|r| {
+                let newer = ev.revision > *r;
+                *r = (*r).max(ev.revision);
+                newer
+            });
             if node_gone {
                 self.adopt_orphans().await;
             }
@@ -269,5 +275,18 @@ impl Cluster {
     pub async fn wait_ready(&self) {
         let mut r = self.ready.subscribe();
         let _ = r.wait_for(|x| *x).await;
+    }
+
+    /// Waits, at most `within`, until the mirror's watch has taken in the
+    /// store up to `rev`, so what it holds of sessions and nodes is at least
+    /// as new as a record written at `rev`: a call this node wrote is in its
+    /// mirror at once (`observe_own`), the sessions its watch brings may
+    /// still be on their way. Whether it got there.
+    pub async fn caught_up(&self, rev: i64, within: Duration) -> bool {
+        let mut w = self.watched.subscribe();
+        if *w.borrow_and_update() >= rev {
+            return true;
+        }
+        matches!(tokio::time::timeout(within, w.wait_for(|r| *r >= rev)).await, Ok(Ok(_)))
     }
 }

@@ -65,6 +65,9 @@ pub struct Cluster {
     state_lease: Mutex<LeaseId>,
     view: Mutex<View>,
     ready: watch::Sender<bool>,
+    /// The store revision the mirror's watch has taken in (this node's own
+    /// writes, taken in at once, do not move it).
+    watched: watch::Sender<i64>,
     peers: spine_runtime::server::PeerChannels,
     /// The deployment's secrets (pair keys, forwarding proofs).
     pub secrets: spine_runtime::secrets::Secrets,
@@ -102,6 +105,7 @@ impl Cluster {
             state_lease: Mutex::new(state),
             view: Mutex::new(View::default()),
             ready: watch::channel(false).0,
+            watched: watch::channel(0).0,
             peers: Default::default(),
             secrets: rt.secrets().await?.clone(),
             clock,
