@@ -15,6 +15,36 @@ use spine_testing::req;
 use support::*;
 use tonic::Code;
 
+/// The caller's node writes a call and has it in its mirror at once, but
+/// learns of the callee's sessions on other nodes by its watch: an offer
+/// sent to the ringing callee must reach a session that watch has not
+/// brought yet. Node 0's watch is made deaf before Bob connects on node 1,
+/// and comes back (as after a lost connection) while Alice's offer waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_offer_reaches_a_ringing_session_the_callers_node_has_not_seen_yet() {
+    let etcd = spine_testing::EtcdServer::start().await;
+    let store = etcd.store().await;
+    let tap = spine_testing::StoreTap::new(store.clone());
+    let (n, _) = nodes_on_each(vec![tap.clone(), store], Some(etcd), None, |_, _| {}).await;
+    let t = n[0].tenant("messenger").await;
+    let alice_acct = n[0].account(&t).await;
+    let bob_acct = n[0].account(&t).await;
+    everyone_can_call(&n[0], &t, &bob_acct).await;
+    let mut alice = Phone::connect(&n[0], n[0].device_of(&t, &alice_acct).await).await;
+    tap.deafen();
+    let mut bob = Phone::connect(&n[1], n[0].device_of(&t, &bob_acct).await).await;
+    let call = alice.start(account_ref(&bob_acct), false).await.unwrap();
+    bob.call_where(&call.call_id, |c| state(c) == pb::CallState::Ringing).await;
+    let heal = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tap.cut();
+    });
+    let offer = b"v=0 (opaque offer)".to_vec();
+    alice.send_signal(&call.call_id, "", offer.clone()).await;
+    assert_eq!(bob.signal().await.payload, offer);
+    heal.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_to_one_across_nodes() {
     let n = nodes(Backend::Etcd, 2, |_, _| {}).await;

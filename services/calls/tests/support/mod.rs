@@ -71,19 +71,31 @@ async fn nodes_with(
 /// `n` nodes on a given store (the first holding `etcd`, if any).
 pub async fn nodes_on(
     store: std::sync::Arc<dyn Store>,
-    mut etcd: Option<EtcdServer>,
+    etcd: Option<EtcdServer>,
     n: usize,
     clock: Option<std::sync::Arc<dyn spine_calls::Clock>>,
     tweak: impl Fn(usize, &mut Config),
 ) -> (Vec<Env>, Vec<spine_calls::CallsView>) {
+    nodes_on_each(vec![store; n], etcd, clock, tweak).await
+}
+
+/// A node on each of `stores` (handles to one store, such as a
+/// `StoreTap` for one node), the first holding `etcd`, if any.
+pub async fn nodes_on_each(
+    stores: Vec<std::sync::Arc<dyn Store>>,
+    mut etcd: Option<EtcdServer>,
+    clock: Option<std::sync::Arc<dyn spine_calls::Clock>>,
+    tweak: impl Fn(usize, &mut Config),
+) -> (Vec<Env>, Vec<spine_calls::CallsView>) {
+    let n = stores.len();
     let views = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let rings = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut out = Vec::new();
-    for i in 0..n {
+    for (i, store) in stores.into_iter().enumerate() {
         let mut c = config();
         tweak(i, &mut c);
         let (v, r, clock) = (views.clone(), rings.clone(), clock.clone());
-        let env = spine_testing::start_on_with(store.clone(), etcd.take(), c, |rt, mut routes, addr| async move {
+        let env = spine_testing::start_on_with(store, etcd.take(), c, |rt, mut routes, addr| async move {
             let mut names = spine_runtime::service::install::<spine_groups::Groups>(&rt, &mut routes, String::new())
                 .await
                 .map(|(n, ())| n)
