@@ -150,11 +150,26 @@ async fn spine(
 }
 
 /// etcd's own round trips on `store`, sequential: (get, txn) latencies.
-async fn etcd_round_trips(store: &Arc<dyn Store>, n: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+/// With `watched`, a watch follows the key meanwhile, as every calls
+/// node's mirror follows the calls records: not part of the floor, it
+/// tells what a watch adds to a write.
+async fn etcd_round_trips(
+    store: &Arc<dyn Store>,
+    n: usize,
+    watched: bool,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    use futures::StreamExt;
     // The raw baseline: etcd's own operations, outside any silo.
+    let prefix = if watched { "/bench/rtw/" } else { "/bench/rt/" };
     #[allow(clippy::disallowed_methods)]
-    let key = spine_runtime::store::Key::unchecked("/bench/rt/key".to_string());
+    let key = spine_runtime::store::Key::unchecked(format!("{prefix}key"));
     store.put(&key, vec![1u8; 512]).await?;
+    let drain = if watched {
+        let mut events = store.watch(prefix, 0).await?;
+        Some(tokio::spawn(async move { while events.next().await.is_some() {} }))
+    } else {
+        None
+    };
     let (mut gets, mut txns) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n + 20 {
         let t = Instant::now();
@@ -171,31 +186,10 @@ async fn etcd_round_trips(store: &Arc<dyn Store>, n: usize) -> anyhow::Result<(V
         anyhow::ensure!(out.succeeded, "nobody else writes this key");
         txns.push(t.elapsed());
     }
-    Ok((gets.split_off(20), txns.split_off(20)))
-}
-
-/// etcd's compare-and-swap on a key a watch follows (as every calls node's
-/// mirror follows the calls records), sequential: not part of the floor,
-/// it tells what the watch adds to a write.
-async fn etcd_watched_cas(store: &Arc<dyn Store>, n: usize) -> anyhow::Result<Vec<Duration>> {
-    use futures::StreamExt;
-    #[allow(clippy::disallowed_methods)]
-    let key = spine_runtime::store::Key::unchecked("/bench/rtw/key".to_string());
-    let mut rev = store.put(&key, vec![1u8; 512]).await?;
-    let mut events = store.watch("/bench/rtw/", 0).await?;
-    let drain = tokio::spawn(async move { while events.next().await.is_some() {} });
-    let mut txns = Vec::with_capacity(n);
-    for _ in 0..n + 20 {
-        let t = Instant::now();
-        let out = store
-            .txn(Txn::new().when(Compare::ModRevision(key.clone(), rev)).then(Op::put(key.clone(), vec![2u8; 512])))
-            .await?;
-        anyhow::ensure!(out.succeeded, "nobody else writes this key");
-        txns.push(t.elapsed());
-        rev = out.revision;
+    if let Some(d) = drain {
+        d.abort();
     }
-    drain.abort();
-    Ok(txns.split_off(20))
+    Ok((gets.split_off(20), txns.split_off(20)))
 }
 
 pub async fn run(opts: &Options) -> anyhow::Result<Section> {
@@ -224,8 +218,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
 
     let etcd = EtcdServer::start().await;
     let etcd_store = etcd.store().await;
-    let (mut gets, mut txns) = etcd_round_trips(&etcd_store, calls).await?;
-    let mut watched = etcd_watched_cas(&etcd_store, calls).await?;
+    let (mut gets, mut txns) = etcd_round_trips(&etcd_store, calls, false).await?;
+    let (_, mut watched) = etcd_round_trips(&etcd_store, calls, true).await?;
     let tap = StoreTap::new(etcd_store.clone());
     let counts = tap.counts();
     let mut on_etcd = spine(tap, Some(etcd), Some(counts), shape, "etcd").await?;
@@ -267,11 +261,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Section> {
         per(m.written)
     ));
     let mean = |d: &[Duration]| d.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / d.len().max(1) as f64;
-    let p50 = |d: &[Duration]| {
-        let mut v = d.to_vec();
-        v.sort();
-        v.get(v.len() / 2).map_or(0.0, |d| d.as_secs_f64() * 1e3)
-    };
+    let p50 = |d: &[Duration]| Latency::of(&mut d.to_vec()).map_or(0.0, |l| l.p50_us / 1e3);
     for (run, what) in [(&embedded, "embedded store"), (&on_etcd, "etcd")] {
         let [a, b, c, d] = &run.steps;
         s.notes.push(format!(

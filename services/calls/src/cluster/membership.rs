@@ -227,21 +227,19 @@ impl Cluster {
                 }
             }
         } else if let Some(id) = rel.strip_prefix(CALLS) {
-            // This node's own writes are in the view already (`observe_own`):
-            // their copies from the watch are not parsed again.
-            if v.calls.get(id).is_some_and(|(_, r)| *r >= rev) {
-                return;
-            }
-            self.apply_call(v, id, value.and_then(|b| serde_json::from_slice::<CallRec>(b).ok()), rev);
+            self.apply_call(v, id, || value.and_then(|b| serde_json::from_slice::<CallRec>(b).ok()), rev);
         }
     }
 
     /// Applies one stored change of a call (`rec` None: deleted) at `rev`:
-    /// from the watch, or from this node's own committed write.
-    pub(crate) fn apply_call(&self, v: &mut View, id: &str, rec: Option<CallRec>, rev: i64) {
+    /// from the watch, or from this node's own committed write. `rec` is
+    /// only made (parsed) if the view has not taken in `rev` already, as it
+    /// has this node's own writes when the watch brings them back.
+    pub(crate) fn apply_call(&self, v: &mut View, id: &str, rec: impl FnOnce() -> Option<CallRec>, rev: i64) {
         if v.calls.get(id).is_some_and(|(_, r)| *r >= rev) {
             return;
         }
+        let rec = rec();
         v.calls_rev = v.calls_rev.max(rev);
         match rec {
             Some(rec) => {

@@ -67,7 +67,7 @@ impl Cluster {
         if v.calls_rev >= rev {
             return;
         }
-        self.apply_call(&mut v, &rec.id, Some(rec.clone()), rev);
+        self.apply_call(&mut v, &rec.id, || Some(rec.clone()), rev);
     }
 
     /// Frees a pair or group key left by a call that is gone or ended.
